@@ -1,0 +1,44 @@
+# `make run` and `make test` set everything up from nothing: a .venv filled from requirements.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: venv run test lint format bench bench-store bench-quick notebook clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)  ## train the demo model, record it and draw its figures (ARGS="--dataset digits" …)
+	$(BIN)/python main.py $(ARGS)
+
+test: $(STAMP) lint  ## lint, then the whole test suite
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+$(VENV)/.bench: $(STAMP) requirements-bench.txt
+	$(BIN)/python -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+bench: $(VENV)/.bench  ## recording overhead against plain training and TensorBoard
+	$(BIN)/python benchmarks/overhead.py $(ARGS)
+
+bench-store: $(STAMP)  ## store write throughput and query latency at 100M rows (QUICK=1 for a small run)
+	$(BIN)/python benchmarks/store.py $(if $(QUICK),--quick,) $(ARGS)
+
+clean:
+	rm -rf $(VENV) results/*/ .pytest_cache .ruff_cache

@@ -1,0 +1,137 @@
+"""Which modules of a model are recorded, and how a module's output maps to neurons.
+
+A *layer* is a module whose output is recorded; its key is ``L_`` + the module's qualified name.
+Linear-like outputs ``(batch, ..., features)`` give one neuron per feature (every middle position
+an observation); convolution-like outputs ``(batch, channels, *spatial)`` one neuron per channel,
+its value per sample the mean over spatial positions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .signature import layer_key
+
+#: Modules whose 3-D output is (batch, channels, length) rather than (batch, steps, features).
+CHANNEL_FIRST_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._LPPoolNd,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+)
+#: Non-leaf modules that compute their output without calling their children's forward.
+OPAQUE_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+#: Modules whose ``weight`` rows are not per output neuron.
+NO_NEURON_WEIGHTS: tuple[type[nn.Module], ...] = (
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.modules.conv._ConvTransposeNd,
+)
+
+
+def select_layers(model: nn.Module, patterns: Sequence[str] | str | None = None) -> dict[str, nn.Module]:
+    """Map layer keys to the modules to record.
+
+    By default every leaf module (and opaque ones such as ``MultiheadAttention``); with
+    ``patterns``, the modules whose qualified name (or ``L_`` key) matches a name or glob.
+    A pattern that matches nothing raises ``ValueError`` listing the module names.
+    """
+    named = [(name, m) for name, m in model.named_modules() if name]
+    if not named:
+        return {"L_model": model}
+    if patterns is None:
+        inside_opaque = {
+            f"{name}.{sub}"
+            for name, m in named
+            if isinstance(m, OPAQUE_TYPES)
+            for sub, _ in m.named_modules()
+            if sub
+        }
+        chosen = [
+            (name, m)
+            for name, m in named
+            if name not in inside_opaque
+            and (isinstance(m, OPAQUE_TYPES) or not any(True for _ in m.children()))
+        ]
+        return {layer_key(name): m for name, m in chosen}
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen_names: list[str] = []
+    for pattern in patterns:
+        hits = [
+            name
+            for name, _ in named
+            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(layer_key(name), pattern)
+        ]
+        if not hits:
+            names = ", ".join(name for name, _ in named)
+            raise ValueError(f"layers pattern {pattern!r} matches no module; module names: {names}")
+        chosen_names += [h for h in hits if h not in chosen_names]
+    modules = dict(named)
+    order = [name for name, _ in named if name in chosen_names]
+    return {layer_key(name): modules[name] for name in order}
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """How one layer's output tensor becomes (observations, neurons) rows."""
+
+    neurons: int
+    channel_first: bool
+    batch_dim: int
+
+    def rows_per_sample(self, output: Tensor) -> int:
+        """Observations each sample contributes (sequence steps for linear-like outputs)."""
+        if self.channel_first or output.dim() <= 2:
+            return 1
+        return output.numel() // (output.shape[self.batch_dim] * self.neurons)
+
+
+def output_layout(
+    module: nn.Module, output: Tensor, previous: OutputLayout | None, previous_shape
+) -> OutputLayout:
+    """Decide neurons and orientation of ``module``'s ``output``.
+
+    ≥4-D outputs are channel-first; 3-D ones are when the module is convolution-like, or when it
+    merely transforms (same shape) a channel-first output just before it, e.g. a ReLU after Conv1d.
+    """
+    batch_first = getattr(module, "batch_first", True)
+    batch_dim = 1 if (batch_first is False and output.dim() >= 3) else 0
+    if output.dim() >= 4:
+        channel_first = True
+    elif output.dim() == 3:
+        channel_first = isinstance(module, CHANNEL_FIRST_TYPES) or (
+            previous is not None and previous.channel_first and tuple(output.shape) == previous_shape
+        )
+    else:
+        channel_first = False
+    if output.dim() <= 1:
+        neurons = 1
+    else:
+        neurons = output.shape[1] if channel_first else output.shape[-1]
+    return OutputLayout(neurons=neurons, channel_first=channel_first, batch_dim=batch_dim)
+
+
+def neuron_weights(module: nn.Module, neurons: int) -> tuple[Tensor | None, Tensor | None]:
+    """The module's (weight, bias) parameters when their rows belong to its output neurons."""
+    if isinstance(module, NO_NEURON_WEIGHTS):
+        return None, None
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    weight = (
+        weight if isinstance(weight, Tensor) and weight.dim() >= 1 and weight.shape[0] == neurons else None
+    )
+    bias = bias if isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == neurons else None
+    return weight, bias

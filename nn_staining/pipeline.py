@@ -1,0 +1,154 @@
+"""The default pipeline behind ``main.py``: train a demo model on a bundled data set while recording it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import load_dataset
+from .models import build_model
+from .recorder import NetworkTrace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a pipeline run (``python main.py --help`` lists them)."""
+
+    dataset: str = "breast_cancer"
+    model: str = "simple"
+    epochs: int = 30
+    hidden: int = 64
+    lr: float = 1e-3
+    batch_size: int = 32
+    seed: int = 0
+    epoch_intervals: int | list[int] | None = None
+    keep_batches: bool = False
+    record_eval: bool = False
+    output_dir: str = "results"
+    run_name: str | None = None
+    figures: bool = True
+
+    @property
+    def store(self) -> Path:
+        return Path(self.output_dir) / (self.run_name or self.dataset)
+
+
+@dataclass
+class EpochResult:
+    """Loss and accuracies of one epoch, handed to the progress callback."""
+
+    epoch: int
+    loss: float
+    train_acc: float
+    test_acc: float
+    test_loss: float
+    recorded: bool
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    store: Path
+    history: list[EpochResult] = field(default_factory=list)
+    confusion: np.ndarray | None = None
+
+
+def run_pipeline(config: RunConfig, on_epoch: Callable[[EpochResult], None] | None = None) -> RunResult:
+    """Train ``config.model`` on ``config.dataset``, recording it into ``config.store``."""
+    torch.manual_seed(config.seed)
+    data = load_dataset(config.dataset, seed=config.seed)
+    x_train, x_test = data.x_train, data.x_test
+    if config.model == "cnn":
+        if data.image_shape is None:
+            raise ValueError(
+                f"model 'cnn' needs an image data set; {config.dataset!r} is tabular (use digits)"
+            )
+        x_train, x_test = x_train.reshape(-1, *data.image_shape), x_test.reshape(-1, *data.image_shape)
+    model = build_model(config.model, data.num_features, data.num_classes, config.hidden)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(config.seed)
+    result = RunResult(config, config.store)
+    trace = NetworkTrace(
+        model,
+        config.store,
+        epoch_intervals=config.epoch_intervals,
+        drop_batches=not config.keep_batches,
+        num_classes=data.num_classes,
+        total_epochs=config.epochs,
+        record_eval=config.record_eval,
+        class_names=data.class_names,
+        overwrite=True,
+        config={"pipeline": _config_dict(config)},
+    )
+    with trace:
+        for epoch in range(config.epochs):
+            trace.start_epoch(epoch)
+            model.train()
+            order = torch.randperm(len(x_train), generator=generator)
+            total_loss, correct = 0.0, 0
+            for start in range(0, len(order), config.batch_size):
+                idx = order[start : start + config.batch_size]
+                xb, yb = x_train[idx], data.y_train[idx]
+                trace.set_targets(yb)
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                total_loss += loss.detach() * len(idx)
+                correct += (logits.argmax(1) == yb).sum()
+            test_loss, test_acc, predictions = _evaluate(model, x_test, data.y_test, loss_fn, trace)
+            trace.end_epoch()
+            epoch_result = EpochResult(
+                epoch,
+                float(total_loss) / len(order),
+                float(correct) / len(order),
+                test_acc,
+                test_loss,
+                trace.is_recorded(epoch),
+            )
+            trace.log_metrics(
+                epoch,
+                loss=epoch_result.loss,
+                train_acc=epoch_result.train_acc,
+                test_loss=test_loss,
+                test_acc=test_acc,
+            )
+            result.history.append(epoch_result)
+            if on_epoch is not None:
+                on_epoch(epoch_result)
+        result.confusion = _confusion(predictions, data.y_test.numpy(), data.num_classes)
+        trace.log_metrics(None, test_confusion=result.confusion, dataset=config.dataset)
+    return result
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, trace: NetworkTrace):
+    """Held-out loss, accuracy and predictions (eval mode: recorded only with record_eval)."""
+    model.eval()
+    with torch.no_grad():
+        trace.set_targets(y)
+        logits = model(x)
+    model.train()
+    predictions = logits.argmax(1)
+    return float(loss_fn(logits, y)), float((predictions == y).float().mean()), predictions.numpy()
+
+
+def _confusion(predictions: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def _config_dict(config: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(config).items()}

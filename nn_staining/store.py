@@ -1,0 +1,322 @@
+"""The trace on disk: a hive-partitioned Parquet dataset plus ``meta.json``.
+
+Layout (``epoch`` lives only in the directory name, as pyarrow's ``write_dataset`` does)::
+
+    <store>/meta.json
+    <store>/<table>/epoch=<e>/part-0.parquet      train rows
+    <store>/<table>/epoch=<e>/eval-0.parquet      eval rows (record_eval=True)
+
+Every part is written under a dot-prefixed temporary name and renamed into place, the
+``neurons`` part last and ``meta.json`` after it, so readers (which trust ``meta.json``) see
+exactly the completed epochs. Rows are ordered by layer (in ``meta.json`` order) then neuron,
+so a reader turns a signature into row ranges and reads only the row groups that hold them.
+No torch here: the recorder hands over numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "nn_staining.trace"
+FORMAT_VERSION = 1
+TABLES = ("neurons", "classes", "inputs", "batches")
+PHASES = ("train", "eval")
+#: Rows per Parquet row group: a query reads whole row groups, so smaller is more selective.
+ROW_GROUP_ROWS = 4096
+
+_LAYER = pa.dictionary(pa.int32(), pa.string())
+_F32 = pa.float32()
+_KEY_FIELDS = [pa.field("phase", pa.string()), pa.field("layer", _LAYER)]
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "neurons": pa.schema(
+        _KEY_FIELDS
+        + [
+            pa.field("neuron", pa.int32()),
+            pa.field("act_count", pa.int64()),
+            pa.field("act_mean", _F32),
+            pa.field("act_std", _F32),
+            pa.field("act_min", _F32),
+            pa.field("act_max", _F32),
+            pa.field("act_active_frac", _F32),
+            pa.field("act_nan_count", pa.int64()),
+            pa.field("bias", _F32),
+            pa.field("weight_norm", _F32),
+            pa.field("weight_mean", _F32),
+            pa.field("weight_delta_norm", _F32),
+            pa.field("grad_norm", _F32),
+            pa.field("weights", pa.list_(_F32)),
+        ]
+    ),
+    "classes": pa.schema(
+        _KEY_FIELDS
+        + [
+            pa.field("neuron", pa.int32()),
+            pa.field("class", pa.int32()),
+            pa.field("act_count", pa.int64()),
+            pa.field("act_mean", _F32),
+        ]
+    ),
+    "inputs": pa.schema(
+        _KEY_FIELDS
+        + [
+            pa.field("feature", pa.int32()),
+            pa.field("class", pa.int32()),
+            pa.field("count", pa.int64()),
+            pa.field("mean", _F32),
+        ]
+    ),
+    "batches": pa.schema(
+        _KEY_FIELDS
+        + [
+            pa.field("batch", pa.int32()),
+            pa.field("neuron", pa.int32()),
+            pa.field("act_count", pa.int64()),
+            pa.field("act_mean", _F32),
+            pa.field("act_std", _F32),
+            pa.field("act_min", _F32),
+            pa.field("act_max", _F32),
+        ]
+    ),
+}
+
+#: The index columns of each table (besides ``epoch``) and its cell-level key.
+INDEX_COLUMNS = {
+    "neurons": ["layer", "neuron"],
+    "classes": ["layer", "neuron", "class"],
+    "inputs": ["layer", "feature", "class"],
+    "batches": ["batch", "layer", "neuron"],
+}
+
+
+class NotATraceError(ValueError):
+    """The path exists but holds no nn_staining trace."""
+
+
+# -- writing ---------------------------------------------------------------------------------
+def part_name(phase: str) -> str:
+    """File name of one epoch's part for ``phase``: ``part-0.parquet`` (train) or ``eval-0.parquet``."""
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r} is not one of {', '.join(PHASES)}")
+    return "part-0.parquet" if phase == "train" else "eval-0.parquet"
+
+
+def part_path(root: str | os.PathLike, table: str, epoch: int, phase: str = "train") -> Path:
+    """Where ``table``'s rows of ``epoch`` and ``phase`` live."""
+    return Path(root) / table / f"epoch={epoch}" / part_name(phase)
+
+
+def build_table(table: str, columns: dict[str, Any], layers: Sequence[str]) -> pa.Table:
+    """An Arrow table of ``table``'s schema from whole numpy columns.
+
+    ``columns["layer"]`` holds int32 codes into ``layers`` (the trace-wide dictionary);
+    ``columns["weights"]``, when present, is ``(offsets, values, missing)``; absent columns are null.
+    """
+    schema = SCHEMAS[table]
+    n = len(columns["layer"])
+    arrays = []
+    for f in schema:
+        value = columns.get(f.name)
+        if f.name == "layer":
+            codes = pa.array(np.asarray(value, dtype=np.int32))
+            arrays.append(pa.DictionaryArray.from_arrays(codes, pa.array(list(layers), pa.string())))
+        elif f.name == "phase":
+            arrays.append(
+                pa.DictionaryArray.from_arrays(
+                    pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string())
+                ).cast(pa.string())
+            )
+        elif value is None:
+            arrays.append(pa.nulls(n, f.type))
+        elif f.name == "weights":
+            offsets, values, missing = value
+            arrays.append(
+                pa.ListArray.from_arrays(
+                    pa.array(np.asarray(offsets, np.int32)),
+                    pa.array(np.asarray(values, np.float32)),
+                    mask=pa.array(missing) if missing.any() else None,
+                )
+            )
+        else:
+            arrays.append(_column(value, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _column(values: Any, type_: pa.DataType) -> pa.Array:
+    """A numpy column as Arrow; NaN stays NaN in floats, a masked array's mask becomes null."""
+    mask = np.ma.getmaskarray(values) if np.ma.isMaskedArray(values) else None
+    data = np.ma.getdata(values).astype(type_.to_pandas_dtype(), copy=False)
+    return pa.array(data, type=type_, mask=mask if mask is not None and mask.any() else None)
+
+
+def _atomic_write_table(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(
+        table,
+        tmp,
+        row_group_size=ROW_GROUP_ROWS,
+        compression="zstd",
+        compression_level=1,
+        use_dictionary=["phase", "layer"],
+    )
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON under a temporary name, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False))
+    os.replace(tmp, path)
+
+
+class TraceWriter:
+    """Creates a store and writes one epoch's tables at a time, crash-safely."""
+
+    def __init__(self, root: str | os.PathLike, overwrite: bool = False) -> None:
+        self.root = Path(root)
+        meta = self.root / "meta.json"
+        if meta.exists() or any((self.root / t).exists() for t in TABLES):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{str(self.root)!r} already holds a trace; pass overwrite=True to replace it "
+                    "or choose another store path"
+                )
+            for name in TABLES:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+            meta.unlink(missing_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write_epoch(self, epoch: int, phase: str, tables: dict[str, pa.Table]) -> int:
+        """Write each table's part for (epoch, phase), ``neurons`` last; returns bytes written."""
+        ordered = sorted(tables, key=lambda name: name == "neurons")
+        written = 0
+        for name in ordered:
+            path = part_path(self.root, name, epoch, phase)
+            _atomic_write_table(tables[name], path)
+            written += path.stat().st_size
+        return written
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Atomically replace ``meta.json``."""
+        write_json_atomic(self.root / "meta.json", meta)
+
+
+# -- reading ---------------------------------------------------------------------------------
+def read_meta(root: str | os.PathLike) -> dict[str, Any]:
+    """The store's ``meta.json``; a clear error when ``root`` is not a trace."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"no trace at {str(root)!r}: the path does not exist")
+    meta_path = root / "meta.json"
+    if not root.is_dir() or not meta_path.exists():
+        raise NotATraceError(
+            f"{str(root)!r} is not an nn_staining trace: expected a folder with meta.json and "
+            f"{', '.join(t + '/' for t in TABLES[:2])}… as written by NetworkTrace"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise NotATraceError(f"{str(meta_path)!r} is not valid JSON: {exc}") from exc
+    if meta.get("format") != FORMAT_NAME:
+        raise NotATraceError(
+            f"{str(meta_path)!r} is not an nn_staining trace (format {meta.get('format')!r})"
+        )
+    return meta
+
+
+def read_part(
+    path: Path,
+    columns: Sequence[str] | None,
+    row_ranges: Sequence[tuple[int, int]] | None,
+    expected_rows: int | None = None,
+    fallback_filter: pc.Expression | None = None,
+) -> pa.Table:
+    """Read ``columns`` of the rows in ``row_ranges`` from one part, touching only their row groups.
+
+    When the file does not hold ``expected_rows`` rows (a layer missing that epoch), the row
+    ranges are not trusted and ``fallback_filter`` selects the rows instead.
+    """
+    pf = pq.ParquetFile(path)
+    md = pf.metadata
+    if row_ranges is None:
+        if fallback_filter is None:
+            return pf.read(columns=columns)
+        needed = list(columns) + [c for c in _filter_columns(fallback_filter) if c not in columns]
+        return pf.read(columns=needed).filter(fallback_filter).select(list(columns))
+    if expected_rows is not None and md.num_rows != expected_rows:
+        needed = list(columns) + [c for c in _filter_columns(fallback_filter) if c not in columns]
+        table = pf.read(columns=needed)
+        return table.filter(fallback_filter).select(list(columns))
+    starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+    pieces = []
+    for lo, hi in row_ranges:
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi, side="left"))
+        groups = list(range(first, last))
+        if not groups:
+            continue
+        chunk = pf.read_row_groups(groups, columns=columns)
+        pieces.append(chunk.slice(lo - starts[first], hi - lo))
+    if not pieces:
+        return pf.schema_arrow.empty_table().select(list(columns))
+    return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _filter_columns(expr: pc.Expression | None) -> list[str]:
+    if expr is None:
+        return []
+    text = str(expr)
+    return [c for c in ("layer", "neuron", "feature", "class", "batch") if c in text]
+
+
+def read_epochs(
+    root: str | os.PathLike,
+    table: str,
+    epochs: Iterable[int],
+    phase: str,
+    columns: Sequence[str],
+    row_ranges: Sequence[tuple[int, int]] | None = None,
+    expected_rows: int | None = None,
+    fallback_filter: pc.Expression | None = None,
+) -> pa.Table:
+    """Concatenate the selected rows of ``table`` over ``epochs``, with an int32 ``epoch`` column first."""
+    epochs = list(epochs)
+    paths = [part_path(root, table, e, phase) for e in epochs]
+
+    def one(i: int) -> pa.Table:
+        if not paths[i].exists():
+            return SCHEMAS[table].empty_table().select(list(columns))
+        part = read_part(paths[i], columns, row_ranges, expected_rows, fallback_filter)
+        epoch = pa.array(np.full(part.num_rows, epochs[i], dtype=np.int32))
+        return part.add_column(0, "epoch", epoch)
+
+    if len(paths) > 4:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+            parts = list(pool.map(one, range(len(paths))))
+    else:
+        parts = [one(i) for i in range(len(paths))]
+    parts = [p for p in parts if "epoch" in p.column_names]
+    if not parts:
+        empty = SCHEMAS[table].empty_table().select(list(columns))
+        return empty.add_column(0, "epoch", pa.array([], pa.int32()))
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
+def store_size(root: str | os.PathLike) -> int:
+    """Bytes on disk of every file of the store."""
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())

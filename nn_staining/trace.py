@@ -1,0 +1,346 @@
+"""A loaded trace: nested ``E_/L_/n_`` views, signature queries and DataFrames.
+
+Nothing is read at load time but ``meta.json``; each query turns its signature into the epoch
+partitions and row ranges it needs and reads only those row groups and columns.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .signature import IndexSelection, Signature, epoch_key, is_glob, neuron_key, parse_key, parse_signature
+from .store import INDEX_COLUMNS, PHASES, SCHEMAS, read_epochs, read_meta, store_size
+
+#: Columns returned when none are asked for (``weights`` is a list per neuron: ask for it).
+DEFAULT_COLUMNS = {
+    table: [f.name for f in schema if f.name not in ("phase", "weights")] for table, schema in SCHEMAS.items()
+}
+
+
+def load_trace(path: str | os.PathLike, phase: str = "train") -> Trace:
+    """Open the trace at ``path`` (only ``meta.json`` is read now) for one ``phase``."""
+    return Trace(path, phase=phase)
+
+
+class Trace(Mapping):
+    """A recorded trace; ``t["E_3"]["L_hidden_1"]["n_20"]`` or ``t["E_3/L_hidden_1/n_20"]``."""
+
+    def __init__(self, path: str | os.PathLike, phase: str = "train") -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase {phase!r} is not one of {', '.join(PHASES)}")
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.phase = phase
+        self._layers = {info["key"]: info for info in self.meta["layers"]}
+
+    # -- what is recorded ------------------------------------------------------------------------
+    @property
+    def epochs(self) -> list[int]:
+        """The completed, recorded epochs of this phase."""
+        return list(self.meta["epochs"].get(self.phase, []))
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer keys in model order, e.g. ``["L_input", "L_hidden_1", "L_output"]``."""
+        return list(self._layers)
+
+    def layer_info(self, layer: str) -> dict[str, Any]:
+        """The layer's entry in ``meta.json`` (module type, neuron count, parameter shapes…)."""
+        return self._layers[self._check_layer(layer)]
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.meta.get("num_classes")
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.meta.get("class_names")
+        return list(names) if names else [str(c) for c in range(self.num_classes or 0)]
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """Per-epoch training metrics given to ``NetworkTrace.log_metrics`` (index: epoch)."""
+        rows = {int(e): v for e, v in self.meta.get("metrics", {}).items() if e != "run"}
+        if not rows:
+            return pd.DataFrame(index=pd.Index([], name="epoch"))
+        frame = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+        frame.index.name = "epoch"
+        return frame
+
+    @property
+    def run_metrics(self) -> dict[str, Any]:
+        """Run-level metrics given to ``log_metrics`` without an epoch (e.g. the final confusion matrix)."""
+        return dict(self.meta.get("metrics", {}).get("run", {}))
+
+    def size_bytes(self) -> int:
+        """Bytes the store takes on disk."""
+        return store_size(self.path)
+
+    def __repr__(self) -> str:
+        return (
+            f"Trace({str(self.path)!r}, phase={self.phase!r}, epochs={_short(self.epochs)}, "
+            f"layers={self.layers})"
+        )
+
+    # -- Mapping over epochs ---------------------------------------------------------------------
+    def __iter__(self) -> Iterator[str]:
+        return (epoch_key(e) for e in self.epochs)
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]  # noqa: B018
+        except (KeyError, ValueError, TypeError):
+            return False
+        return True
+
+    def __getitem__(self, signature: str) -> Any:
+        """A cell's metrics (dict), an epoch or layer view (mapping), or a DataFrame for wildcards."""
+        sig = parse_signature(signature)
+        epochs = self._epochs(sig)
+        if not sig.epochs.is_single:
+            return self.query(sig)
+        epoch = epochs[0]
+        if sig.layer is None:
+            return EpochView(self, epoch)
+        if is_glob(sig.layer):
+            return self.query(sig)
+        layer = self._check_layer(sig.layer)
+        if sig.neurons is None:
+            return LayerView(self, epoch, layer)
+        if not sig.neurons.is_single:
+            return self.query(sig)
+        neuron = sig.neurons.values[0]
+        return LayerView(self, epoch, layer)[neuron_key(neuron)]
+
+    # -- queries ---------------------------------------------------------------------------------
+    def query(
+        self, signature: str | Signature, columns: Sequence[str] | None = None, table: str = "neurons"
+    ) -> pd.DataFrame:
+        """The rows a signature selects, indexed by (epoch, layer, neuron[, class]).
+
+        ``table`` is ``neurons`` (default), ``classes``, ``inputs`` (indexed by feature) or
+        ``batches``; ``columns`` picks metrics (``weights`` must be asked for).
+        """
+        sig = parse_signature(signature) if isinstance(signature, str) else signature
+        if table not in SCHEMAS:
+            raise ValueError(f"table {table!r} is not one of {', '.join(SCHEMAS)}")
+        epochs = self._epochs(sig)
+        layers = self._select_layers(sig)
+        columns = self._columns(table, columns)
+        ranges, expected, filt = self._row_ranges(table, layers, sig.neurons)
+        read_columns = list(dict.fromkeys(INDEX_COLUMNS[table] + columns))
+        data = read_epochs(self.path, table, epochs, self.phase, read_columns, ranges, expected, filt)
+        return _to_frame(data, table, columns)
+
+    def to_dataframe(self, columns: Sequence[str] | None = None, table: str = "neurons") -> pd.DataFrame:
+        """The whole table (every epoch, layer and neuron) as a MultiIndex DataFrame."""
+        return self.query("E_*/L_*", columns=columns, table=table)
+
+    def classes(self, signature: str = "E_*/L_*", columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Per-class statistics, indexed by (epoch, layer, neuron, class)."""
+        return self.query(signature, columns=columns, table="classes")
+
+    def inputs(self, signature: str = "E_*/L_*") -> pd.DataFrame:
+        """Class-conditional input means of ``nn.Linear`` layers, indexed by (epoch, layer, feature, class)."""
+        return self.query(signature, table="inputs")
+
+    def batches(self, signature: str = "E_*/L_*", columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Per-batch statistics (recorded with ``drop_batches=False``)."""
+        return self.query(signature, columns=columns, table="batches")
+
+    def weights(self, epoch: int, layer: str) -> np.ndarray:
+        """The layer's incoming weight matrix (neurons, inputs) at ``epoch``."""
+        layer = self._check_layer(layer)
+        frame = self.query(f"E_{epoch}/{layer}", columns=["weights"])
+        if frame.empty or frame["weights"].isna().all():
+            raise KeyError(f"layer {layer!r} has no recorded weights at epoch {epoch}")
+        return np.stack(frame["weights"].to_numpy())
+
+    def to_dict(self, signature: str = "E_*/L_*", columns: Sequence[str] | None = None) -> dict[str, Any]:
+        """The nested ``{"E_3": {"L_x": {"n_0": {metric: value}}}}`` dict of a selection."""
+        frame = self.query(signature, columns=columns)
+        out: dict[str, Any] = {}
+        for (epoch, layer, neuron), row in zip(frame.index, frame.to_dict("records")):
+            out.setdefault(epoch_key(epoch), {}).setdefault(layer, {})[neuron_key(neuron)] = _plain(row)
+        return out
+
+    # -- signature → what to read ----------------------------------------------------------------
+    def _epochs(self, sig: Signature) -> list[int]:
+        chosen = sig.epochs.select(self.epochs)
+        if not chosen:
+            raise KeyError(
+                f"epoch {sig.epochs} not in trace ({self.phase}); recorded epochs: {_short(self.epochs)}"
+            )
+        return chosen
+
+    def _check_layer(self, layer: str) -> str:
+        key = layer if layer.startswith("L_") else f"L_{layer}"
+        if key not in self._layers:
+            raise KeyError(f"layer {layer!r} not in trace; layers: {', '.join(self.layers)}")
+        return key
+
+    def _select_layers(self, sig: Signature) -> list[str]:
+        if sig.layer is None:
+            return self.layers
+        if not is_glob(sig.layer):
+            return [self._check_layer(sig.layer)]
+        hits = [k for k in self.layers if sig.layer_matches(k)]
+        if not hits:
+            raise KeyError(f"layer pattern {sig.layer!r} matches no layer; layers: {', '.join(self.layers)}")
+        return hits
+
+    def _columns(self, table: str, columns: Sequence[str] | None) -> list[str]:
+        if columns is None:
+            return [c for c in DEFAULT_COLUMNS[table] if c not in INDEX_COLUMNS[table]]
+        if isinstance(columns, str):
+            columns = [columns]
+        valid = [f.name for f in SCHEMAS[table] if f.name not in INDEX_COLUMNS[table]]
+        bad = [c for c in columns if c not in valid]
+        if bad:
+            raise KeyError(f"column {bad[0]!r} not in the {table} table; columns: {', '.join(valid)}")
+        return list(columns)
+
+    def _row_ranges(
+        self, table: str, layers: list[str], neurons: IndexSelection | None
+    ) -> tuple[list[tuple[int, int]] | None, int | None, pc.Expression | None]:
+        """Row ranges of (layers, neurons) in a part, the part's expected row count and a fallback filter."""
+        filt = pc.field("layer").isin(layers)
+        if table == "batches":
+            if neurons is not None and not neurons.is_all:
+                filt = filt & pc.field("neuron").isin(self._neuron_ids(layers, neurons))
+            return None, None, filt
+        classes = self.num_classes or 0
+        if table == "inputs":
+            return self._input_ranges(layers, classes)
+        per_row = classes if table == "classes" else 1
+        ranges = []
+        ids: set[int] = set()
+        for key in layers:
+            info = self._layers[key]
+            base, n = info["row_offset"], info["neurons"]
+            chosen = list(range(n)) if neurons is None or neurons.is_all else neurons.select(range(n))
+            if neurons is not None and not chosen:
+                raise KeyError(f"neuron {neurons} not in layer {key!r}; neurons: n_0 … n_{n - 1}")
+            ids.update(chosen)
+            ranges += [((base + a) * per_row, (base + b) * per_row) for a, b in _runs(chosen)]
+        if neurons is not None and not neurons.is_all:
+            filt = filt & pc.field("neuron").isin(sorted(ids))
+        return ranges, self.meta["num_neurons"] * per_row, filt
+
+    def _input_ranges(self, layers: list[str], classes: int):
+        with_inputs = [k for k in layers if self._layers[k].get("input_offset") is not None]
+        total = sum(
+            info["in_features"] for info in self.meta["layers"] if info.get("input_offset") is not None
+        )
+        ranges = []
+        for key in with_inputs:
+            info = self._layers[key]
+            start = info["input_offset"] * classes
+            ranges.append((start, start + info["in_features"] * classes))
+        return ranges, total * classes, pc.field("layer").isin(with_inputs)
+
+    def _neuron_ids(self, layers: list[str], neurons: IndexSelection) -> list[int]:
+        return sorted({n for k in layers for n in neurons.select(range(self._layers[k]["neurons"]))})
+
+
+class EpochView(Mapping):
+    """The layers of one epoch: ``t["E_3"]["L_hidden_1"]``."""
+
+    def __init__(self, trace: Trace, epoch: int) -> None:
+        self.trace, self.epoch = trace, epoch
+
+    def __getitem__(self, layer: str) -> LayerView:
+        return LayerView(self.trace, self.epoch, self.trace._check_layer(layer))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.trace.layers)
+
+    def __len__(self) -> int:
+        return len(self.trace.layers)
+
+    def to_dataframe(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        return self.trace.query(f"E_{self.epoch}", columns=columns)
+
+    def __repr__(self) -> str:
+        return f"EpochView(E_{self.epoch}, layers={self.trace.layers})"
+
+
+class LayerView(Mapping):
+    """The neurons of one layer at one epoch: ``t["E_3"]["L_hidden_1"]["n_20"]`` is a metric dict."""
+
+    def __init__(self, trace: Trace, epoch: int, layer: str) -> None:
+        self.trace, self.epoch, self.layer = trace, epoch, layer
+        self.size = trace._layers[layer]["neurons"]
+
+    def __getitem__(self, neuron: str | int) -> dict[str, Any]:
+        index = neuron if isinstance(neuron, int) else parse_key("n_", neuron)
+        if not 0 <= index < self.size:
+            raise KeyError(f"neuron {neuron!r} not in layer {self.layer!r}; neurons: n_0 … n_{self.size - 1}")
+        columns = DEFAULT_COLUMNS["neurons"][2:] + ["weights"]
+        frame = self.trace.query(f"E_{self.epoch}/{self.layer}/n_{index}", columns=columns)
+        row = _plain(frame.iloc[0].to_dict())
+        if self.trace.num_classes:
+            classes = self.trace.query(f"E_{self.epoch}/{self.layer}/n_{index}", table="classes")
+            row["class_mean"] = {
+                int(c): float(v) for c, v in zip(classes.index.get_level_values("class"), classes["act_mean"])
+            }
+        return row
+
+    def __iter__(self) -> Iterator[str]:
+        return (neuron_key(i) for i in range(self.size))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def to_dataframe(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        return self.trace.query(f"E_{self.epoch}/{self.layer}", columns=columns)
+
+    def __repr__(self) -> str:
+        return f"LayerView(E_{self.epoch}/{self.layer}, neurons={self.size})"
+
+
+def _to_frame(data: pa.Table, table: str, columns: list[str]) -> pd.DataFrame:
+    index = ["epoch"] + INDEX_COLUMNS[table]
+    frame = data.to_pandas(types_mapper=None, ignore_metadata=True)
+    if "layer" in frame:
+        frame["layer"] = frame["layer"].astype(str)
+    frame = frame.set_index(index)
+    return frame[columns]
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted ints as half-open (start, stop) pairs."""
+    runs: list[tuple[int, int]] = []
+    for v in values:
+        if runs and runs[-1][1] == v:
+            runs[-1] = (runs[-1][0], v + 1)
+        else:
+            runs.append((v, v + 1))
+    return runs
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """numpy scalars to Python numbers; a weights array stays an array."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def _short(values: list[int]) -> str:
+    if len(values) <= 12:
+        return str(values)
+    return f"[{', '.join(map(str, values[:5]))}, …, {', '.join(map(str, values[-3:]))}] ({len(values)})"

@@ -1,0 +1,391 @@
+"""Tests for nn_staining.signature: examples, error cases, brute-force and property checks."""
+
+import string
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # until the package is installed
+
+from nn_staining.signature import (
+    GRAMMAR,
+    IndexSelection,
+    Signature,
+    epoch_key,
+    format_signature,
+    is_glob,
+    layer_key,
+    neuron_key,
+    parse_key,
+    parse_signature,
+)
+
+ALL = IndexSelection()
+
+
+def one(v: int) -> IndexSelection:
+    return IndexSelection(values=(v,))
+
+
+# --- examples -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("E_30/L_hidden_1/n_20", Signature(one(30), "L_hidden_1", one(20))),
+        ("E_*/L_hidden_1/n_20", Signature(ALL, "L_hidden_1", one(20))),
+        ("E_10:20/L_*", Signature(IndexSelection(start=10, stop=20), "L_*")),
+        (
+            "E_3/L_features.0/n_1,4,7",
+            Signature(one(3), "L_features.0", IndexSelection(values=(1, 4, 7))),
+        ),
+        ("E_3/L_hidden_*", Signature(one(3), "L_hidden_*")),
+        ("E_3", Signature(one(3))),
+        ("E_*", Signature(ALL)),
+        ("E_0:1", Signature(IndexSelection(start=0, stop=1))),
+        ("E_5/L_encoder.layers.0.self_attn", Signature(one(5), "L_encoder.layers.0.self_attn")),
+        ("E_5/L_block[0-3].fc?/n_*", Signature(one(5), "L_block[0-3].fc?", ALL)),
+        ("  E_30/L_hidden_1/n_20\n", Signature(one(30), "L_hidden_1", one(20))),
+        ("E_007/L_a/n_00", Signature(one(7), "L_a", one(0))),
+    ],
+)
+def test_parse_examples(text: str, expected: Signature) -> None:
+    assert parse_signature(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "E_30/L_hidden_1/n_20",
+        "E_*/L_hidden_1/n_20",
+        "E_10:20/L_*",
+        "E_3/L_features.0/n_1,4,7",
+        "E_3/L_hidden_*",
+        "E_3",
+    ],
+)
+def test_canonical_examples_format_back(text: str) -> None:
+    assert str(parse_signature(text)) == text
+
+
+@pytest.mark.parametrize(
+    ("legacy", "slash"),
+    [
+        ("E_30-L_hidden_1-n_20", "E_30/L_hidden_1/n_20"),
+        ("E_30-L_hidden_1", "E_30/L_hidden_1"),
+        ("E_*-L_hidden_1-n_20", "E_*/L_hidden_1/n_20"),
+        ("E_10:20-L_*", "E_10:20/L_*"),
+        ("E_3-L_features.0-n_1,4,7", "E_3/L_features.0/n_1,4,7"),
+        ("E_3-L_hidden_*", "E_3/L_hidden_*"),
+    ],
+)
+def test_legacy_dash_form_equals_slash_form(legacy: str, slash: str) -> None:
+    assert parse_signature(legacy) == parse_signature(slash)
+    assert str(parse_signature(legacy)) == slash
+
+
+def test_values_are_sorted_and_unique() -> None:
+    assert parse_signature("E_3/L_a/n_7,1,4,1").neurons == IndexSelection(values=(1, 4, 7))
+    assert str(IndexSelection(values=(7, 1, 4))) == "1,4,7"
+    assert IndexSelection(values=(2, 2)).is_single
+
+
+def test_selection_properties() -> None:
+    assert ALL.is_all and not ALL.is_single and str(ALL) == "*"
+    assert one(3).is_single and not one(3).is_all and str(one(3)) == "3"
+    rng = IndexSelection(start=2, stop=5)
+    assert not rng.is_all and not rng.is_single and str(rng) == "2:5"
+    assert IndexSelection(start=2, stop=3).is_single is False
+    assert str(IndexSelection(values=(1, 4, 7))) == "1,4,7"
+
+
+def test_is_cell() -> None:
+    assert parse_signature("E_30/L_hidden_1/n_20").is_cell
+    assert parse_signature("E_30-L_hidden_1-n_20").is_cell
+    for text in ["E_*/L_hidden_1/n_20", "E_30/L_hidden_*/n_20", "E_30/L_hidden_1/n_1,2"]:
+        assert not parse_signature(text).is_cell, text
+    for text in ["E_30/L_hidden_1", "E_30", "E_30/L_h/n_0:2", "E_3:4/L_h/n_0"]:
+        assert not parse_signature(text).is_cell, text
+
+
+def test_layer_matches() -> None:
+    assert parse_signature("E_1/L_hidden_*").layer_matches("L_hidden_1")
+    assert not parse_signature("E_1/L_hidden_*").layer_matches("L_output")
+    assert parse_signature("E_1/L_*").layer_matches("L_encoder.layers.0.self_attn")
+    assert parse_signature("E_1/L_features.?").layer_matches("L_features.0")
+    assert not parse_signature("E_1/L_Hidden_1").layer_matches("L_hidden_1")
+    assert parse_signature("E_1/L_hidden_1").layer_matches("L_hidden_1")
+    assert parse_signature("E_1").layer_matches("L_anything")
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "L_a/n_3",
+        "3/L_a",
+        "e_3/L_a",
+        "E_/L_a",
+        "E_x/L_a",
+        "E_1.5",
+        "E_-1",
+        "E_3/L_a/n_-2",
+        "E_-1:3",
+        "E_2:2",
+        "E_5:3",
+        "E_1:",
+        "E_:3",
+        "E_1:2:3",
+        "E_1,",
+        "E_,1",
+        "E_1,,2",
+        "E_ 3",
+        "E_\u0663",
+        "E_\u00b2",
+        "E_" + "9" * 5000,
+        "E_1/",
+        "E_1/L_a/",
+        "E_1//n_3",
+        "E_1/L_",
+        "E_1/n_3",
+        "E_1-n_3",
+        "E_1/L_a/n_2/x",
+        "E_1/L_a/n_x",
+        "E_1/L_a/N_2",
+        "E_1/L_a b",
+        "E_1/hidden_1",
+        "E_1-",
+        "E_1-L_a-n_2-",
+        "E_1-L_a-n_x",
+    ],
+)
+def test_malformed_raises_value_error_quoting_input(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_signature(text)
+    message = str(info.value)
+    assert message.startswith(f"malformed signature {text!r}: ")
+    assert GRAMMAR in message
+
+
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        ("E_x/L_a", "epoch part 'E_x' is not a selection"),
+        ("L_a", "epoch part 'L_a' does not start with 'E_'"),
+        ("E_1/n_3", "neuron part 'n_3' needs a layer"),
+        ("E_1/L_a/n_2/x", "4 parts"),
+        ("E_1/L_a/", "trailing '/'"),
+        ("E_2:2", "epoch part 'E_2:2' is an empty range"),
+        ("E_1:2:3", "epoch part 'E_1:2:3' is not a selection"),
+        ("E_1/L_a/n_5:3", "neuron part 'n_5:3' is an empty range"),
+    ],
+)
+def test_error_says_which_part(text: str, detail: str) -> None:
+    with pytest.raises(ValueError, match="malformed signature") as info:
+        parse_signature(text)
+    assert detail in str(info.value)
+
+
+def test_example_error_message() -> None:
+    with pytest.raises(ValueError) as info:
+        parse_signature("E_x/L_a")
+    message = str(info.value)
+    assert message.startswith("malformed signature 'E_x/L_a': ")
+    assert "expected E_<sel>[/L_<name>[/n_<sel>]] where <sel> is *, 3, 2:5 or 1,4,7" in message
+
+
+@pytest.mark.parametrize("value", [None, 3, b"E_1", ["E_1"]])
+def test_non_string_raises_type_error(value: object) -> None:
+    with pytest.raises(TypeError):
+        parse_signature(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"start": 3, "stop": 3},
+        {"start": 5, "stop": 3},
+        {"start": 1},
+        {"stop": 4},
+        {"start": -1, "stop": 2},
+        {"values": ()},
+        {"values": (-1,)},
+        {"start": 1, "stop": 2, "values": (1,)},
+    ],
+)
+def test_invalid_index_selection(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        IndexSelection(**kwargs)
+
+
+def test_invalid_signature_construction() -> None:
+    with pytest.raises(ValueError):
+        Signature(one(1), None, one(2))
+    with pytest.raises(ValueError):
+        Signature(one(1), "hidden_1")
+    with pytest.raises(ValueError):
+        Signature(one(1), "L_")
+    with pytest.raises(TypeError):
+        Signature("E_1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        IndexSelection(values=(True,))
+
+
+# --- formatting and keys --------------------------------------------------------------------
+
+
+def test_format_signature() -> None:
+    assert format_signature(30, "hidden_1", 20) == "E_30/L_hidden_1/n_20"
+    assert format_signature(30, "L_hidden_1", 20) == "E_30/L_hidden_1/n_20"
+    assert format_signature("*", "hidden_1", 20) == "E_*/L_hidden_1/n_20"
+    assert format_signature("10:20", "*") == "E_10:20/L_*"
+    assert format_signature(3, "features.0", "1,4,7") == "E_3/L_features.0/n_1,4,7"
+    assert format_signature(IndexSelection(start=2, stop=5)) == "E_2:5"
+    assert format_signature(3, "hidden_*", IndexSelection()) == "E_3/L_hidden_*/n_*"
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ((-1,), ValueError),
+        (("x",), ValueError),
+        (("5:3",), ValueError),
+        ((1, None, 2), ValueError),
+        ((1, ""), ValueError),
+        ((1, "a/b"), ValueError),
+        ((1, "a", -2), ValueError),
+        ((1.5,), TypeError),
+        ((True,), TypeError),
+    ],
+)
+def test_format_signature_errors(args: tuple, error: type) -> None:
+    with pytest.raises(error):
+        format_signature(*args)
+
+
+def test_keys() -> None:
+    assert layer_key("hidden_1") == "L_hidden_1"
+    assert layer_key("L_hidden_1") == "L_hidden_1"
+    assert layer_key("features.0") == "L_features.0"
+    assert epoch_key(3) == "E_3"
+    assert neuron_key(20) == "n_20"
+    assert parse_key("E_", "E_3") == 3
+    assert parse_key("n_", "n_20") == 20
+    assert parse_key("E_", epoch_key(12)) == 12
+
+
+@pytest.mark.parametrize(("prefix", "key"), [("E_", "n_3"), ("E_", "E_"), ("E_", "E_-1"), ("n_", "n_x")])
+def test_parse_key_errors_quote_key(prefix: str, key: str) -> None:
+    with pytest.raises(ValueError, match=repr(key)):
+        parse_key(prefix, key)
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.0])
+def test_epoch_and_neuron_key_reject_bad_values(bad: object) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        epoch_key(bad)  # type: ignore[arg-type]
+    with pytest.raises((TypeError, ValueError)):
+        neuron_key(bad)  # type: ignore[arg-type]
+
+
+def test_is_glob() -> None:
+    assert is_glob("L_hidden_*") and is_glob("L_fc?") and is_glob("L_block[0-3]")
+    assert not is_glob("L_hidden_1") and not is_glob("L_features.0")
+
+
+# --- brute force and properties -------------------------------------------------------------
+
+indices = st.integers(min_value=0, max_value=60)
+ranges = st.builds(
+    lambda start, length: IndexSelection(start=start, stop=start + length),
+    indices,
+    st.integers(min_value=1, max_value=30),
+)
+value_lists = st.lists(indices, min_size=1, max_size=6).map(lambda vs: IndexSelection(values=tuple(vs)))
+selections = st.one_of(st.just(IndexSelection()), ranges, value_lists)
+
+module_names = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,8}(\.[A-Za-z0-9_]{1,5}){0,3}\Z")
+glob_names = st.text(alphabet=string.ascii_letters + string.digits + "_.*?[]", min_size=1, max_size=12)
+odd_names = st.text(min_size=1, max_size=12).filter(
+    lambda s: "/" not in s and not any(c.isspace() for c in s) and s != "L_"
+)
+layer_names = st.one_of(module_names, glob_names, odd_names)
+
+
+def brute_force(selection: IndexSelection, value: int) -> bool:
+    if selection.values is not None:
+        return value in set(selection.values)
+    if selection.start is not None and selection.stop is not None:
+        return value in range(selection.start, selection.stop)
+    return value >= 0
+
+
+@given(selections, st.lists(st.integers(min_value=-5, max_value=100), max_size=40))
+def test_select_and_contains_match_brute_force(selection: IndexSelection, available: list) -> None:
+    for value in available:
+        assert selection.contains(value) == brute_force(selection, value)
+    expected = sorted({v for v in available if brute_force(selection, v)})
+    assert selection.select(available) == expected
+    assert selection.select(iter(available)) == expected
+
+
+@given(selections)
+def test_selection_str_parses_back(selection: IndexSelection) -> None:
+    assert parse_signature(f"E_{selection}").epochs == selection
+
+
+@given(selections, st.none() | layer_names, st.none() | selections)
+def test_format_parse_format_is_identity(
+    epochs: IndexSelection, layer: str | None, neurons: IndexSelection | None
+) -> None:
+    if layer is None:
+        neurons = None
+    text = format_signature(epochs, layer, neurons)
+    signature = parse_signature(text)
+    assert signature == Signature(epochs, None if layer is None else layer_key(layer), neurons)
+    assert str(signature) == text
+    assert format_signature(signature.epochs, signature.layer, signature.neurons) == text
+    assert format_signature(str(epochs), layer, None if neurons is None else str(neurons)) == text
+
+
+@given(selections, module_names, st.none() | selections)
+def test_legacy_form_of_formatted_signature(
+    epochs: IndexSelection, layer: str, neurons: IndexSelection | None
+) -> None:
+    text = format_signature(epochs, layer, neurons)
+    assert parse_signature(text.replace("/", "-")) == parse_signature(text)
+
+
+def _check_parse(text: str) -> None:
+    try:
+        signature = parse_signature(text)
+    except ValueError as error:
+        assert f"malformed signature {text!r}" in str(error)
+    else:
+        assert parse_signature(str(signature)) == signature
+
+
+@given(st.text())
+def test_parse_arbitrary_text_only_raises_value_error(text: str) -> None:
+    _check_parse(text)
+
+
+@given(st.text(alphabet="EL_n/-:,*0123456789 .[]?x\t", max_size=20))
+def test_parse_grammar_like_text_only_raises_value_error(text: str) -> None:
+    _check_parse(text)
+
+
+@given(layer_names)
+def test_layer_key_is_idempotent(name: str) -> None:
+    key = layer_key(name)
+    assert key.startswith("L_")
+    assert layer_key(key) == key
+    assert key == (name if name.startswith("L_") else "L_" + name)
