@@ -92,6 +92,10 @@ class OutputLayout:
     channel_first: bool
     batch_dim: int
 
+    def spatial_dims(self, output: Tensor) -> tuple[int, ...]:
+        """The dimensions a channel-first output is averaged over."""
+        return tuple(range(2, output.dim()))
+
     def rows_per_sample(self, output: Tensor) -> int:
         """Observations each sample contributes (sequence steps for linear-like outputs)."""
         if self.channel_first or output.dim() <= 2:

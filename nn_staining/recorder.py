@@ -14,6 +14,7 @@ import os
 import platform
 import weakref
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 
 from . import __version__
 from .layers import OutputLayout, neuron_weights, output_layout, select_layers
-from .stats import PhaseStats
-from .store import FORMAT_NAME, FORMAT_VERSION, ROW_GROUP_ROWS, TraceWriter, build_table
+from .stats import ChunkPool, PhaseStats
+from .store import FORMAT_NAME, FORMAT_VERSION, ROW_GROUP_ROWS, TraceWriter
+from .tables import epoch_tables
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class NetworkTrace:
         record_weights: bool = True,
         class_names: Sequence[str] | None = None,
         overwrite: bool = False,
+        background: bool = True,
         config: dict[str, Any] | None = None,
     ) -> None:
         if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
@@ -105,6 +108,10 @@ class NetworkTrace:
         self._last_output: tuple[weakref.ref, str] | None = None
         self._previous_weights: dict[str, np.ndarray] = {}
         self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
+        self._started: set[int] = set()
+        self._pool = ChunkPool(size=3 if record_eval else 2)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="nn_staining") if background else None
+        self._jobs: list[Future] = []
         self._metrics: dict[str, dict[str, Any]] = {}
         self._bytes_written = 0
 
@@ -116,13 +123,29 @@ class NetworkTrace:
         self.close()
 
     def close(self) -> None:
-        """Remove every hook; an epoch left open is discarded (never half-written)."""
+        """Remove every hook and finish writing; an epoch left open is discarded (never half-written)."""
         self._detach()
         if self._epoch is not None:
             log.warning("epoch %d was started but not ended; it is not written", self._epoch)
         self._epoch = None
         self._phases = {}
         self._targets = None
+        try:
+            self.flush()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def flush(self) -> None:
+        """Wait until every ended epoch is on disk; re-raises an error met while writing one."""
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job.result()
+
+    def _raise_finished_errors(self) -> None:
+        while self._jobs and self._jobs[0].done():
+            self._jobs.pop(0).result()
 
     @property
     def layers(self) -> list[str]:
@@ -148,16 +171,18 @@ class NetworkTrace:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         epoch = int(epoch)
-        if epoch in self._recorded["train"] or epoch in self._recorded["eval"]:
+        if epoch in self._started:
             raise ValueError(f"epoch {epoch} is already recorded in {self.store!r}")
         self._epoch = epoch
         self._targets = None
         if not self.is_recorded(epoch):
             return
-        classes = self.num_classes or 0
-        self._phases = {"train": PhaseStats(classes, keep_batches=not self.drop_batches)}
-        if self.record_eval:
-            self._phases["eval"] = PhaseStats(classes, keep_batches=not self.drop_batches)
+        self._started.add(epoch)
+        phases = ("train", "eval") if self.record_eval else ("train",)
+        self._phases = {
+            phase: PhaseStats(self.num_classes or 0, not self.drop_batches, self._pool, self._executor)
+            for phase in phases
+        }
         self._attach()
 
     @contextlib.contextmanager
@@ -202,41 +227,66 @@ class NetworkTrace:
         self._targets = targets
 
     def end_epoch(self) -> None:
-        """Reduce the epoch, snapshot weights and biases and write the epoch's Parquet parts."""
+        """Reduce the epoch, snapshot weights and biases, and write the epoch's Parquet parts.
+
+        Labels outside ``num_classes`` raise ``ValueError`` here, after the epoch is handed to the
+        writer. Writing runs on a worker thread; :meth:`flush` or :meth:`close` waits for it.
+        """
         if self._epoch is None:
             raise RuntimeError(
                 "end_epoch() called without start_epoch(); call trace.start_epoch(epoch) first"
             )
-        epoch, phases = self._epoch, self._phases
+        epoch, phases = self._epoch, {p: s for p, s in self._phases.items() if s.has_rows}
         self._detach()
         self._epoch, self._phases, self._targets = None, {}, None
+        self._raise_finished_errors()
         if not phases:
             return
-        invalid = []
-        weights = self._weights_snapshot() if any(s.moments for s in phases.values()) else {}
-        for phase, stats in phases.items():
-            if not stats.moments:
-                continue
-            outputs, inputs = stats.finish()
-            tables = self._epoch_tables(phase, outputs, inputs, weights)
+        label_ranges = {phase: stats.label_range() for phase, stats in phases.items()}
+        results = {phase: stats.finish() for phase, stats in phases.items()}
+        weights = self._weights_snapshot()
+        job = self._submit(self._write_epoch, epoch, results, weights, self._ordered_layers())
+        self._jobs.append(job)
+        for phase, bounds in label_ranges.items():
+            if bounds is not None and (bounds[0] < 0 or bounds[1] >= self.num_classes):
+                raise ValueError(
+                    f"epoch {epoch} ({phase}): set_targets was given labels from {bounds[0]} to {bounds[1]}, "
+                    f"outside the classes 0..{self.num_classes - 1} (num_classes={self.num_classes}); those "
+                    "samples are missing from the per-class statistics. The epoch was still written; "
+                    "pass the right num_classes="
+                )
+
+    def _submit(self, fn, *args: Any) -> Future:
+        if self._executor is None:
+            future: Future = Future()
+            future.set_result(fn(*args))
+            return future
+        return self._executor.submit(fn, *args)
+
+    def _write_epoch(
+        self, epoch: int, results: dict[str, Future], weights: dict, dictionary: list[str]
+    ) -> None:
+        """Build and write the epoch's tables, then ``meta.json`` (runs on the writer thread)."""
+        weights = {
+            key: {name: None if t is None else t.numpy() for name, t in entry.items()}
+            for key, entry in weights.items()
+        }
+        for phase, future in results.items():
+            outputs, inputs = future.result()
+            tables = epoch_tables(
+                phase,
+                dictionary,
+                outputs,
+                inputs,
+                weights,
+                self._previous_weights,
+                self.num_classes or 0,
+                self.record_weights,
+            )
             self._bytes_written += self._writer.write_epoch(epoch, phase, tables)
             self._recorded[phase].append(epoch)
-            if stats.invalid_labels is not None:
-                invalid.append((phase, int(stats.invalid_labels)))
-        if weights:
-            self._previous_weights = {k: w["weights"] for k, w in weights.items()}
+        self._previous_weights = {k: w["weights"] for k, w in weights.items() if w["weights"] is not None}
         self._writer.write_meta(self._meta())
-        never = [k for k in self._modules if k not in self._layouts]
-        if never and epoch == min(self._recorded["train"] + self._recorded["eval"] or [epoch]):
-            log.info("selected modules that produced no tensor output: %s", ", ".join(never))
-        bad = [(p, n) for p, n in invalid if n]
-        if bad:
-            phase, n = bad[0]
-            raise ValueError(
-                f"epoch {epoch} ({phase}): {n} labels given to set_targets lie outside the classes "
-                f"0..{self.num_classes - 1} (num_classes={self.num_classes}); those samples are missing "
-                "from the per-class statistics. The epoch was written; pass the right num_classes="
-            )
 
     def log_metrics(self, epoch: int | None = None, **values: Any) -> None:
         """Keep training metrics (loss, accuracy, a confusion matrix…) in ``meta.json`` beside the trace.
@@ -245,6 +295,10 @@ class NetworkTrace:
         """
         key = "run" if epoch is None else str(int(epoch))
         self._metrics.setdefault(key, {}).update({k: _jsonable(v) for k, v in values.items()})
+        if self._started:
+            self._jobs.append(self._submit(self._write_meta_if_recorded))
+
+    def _write_meta_if_recorded(self) -> None:
         if self._recorded["train"] or self._recorded["eval"]:
             self._writer.write_meta(self._meta())
 
@@ -253,7 +307,6 @@ class NetworkTrace:
         if self._handles:
             return
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
-        self._handles.append(self.model.register_forward_hook(self._on_forward_end))
         for key, module in self._modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(key)))
 
@@ -264,30 +317,31 @@ class NetworkTrace:
         self._last_output = None
 
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
-        phase = "train" if module.training else "eval"
-        stats = self._phases.get(phase)
+        """A new batch: hand its labels (set_targets) to the phase's statistics; they serve one pass."""
+        stats = self._phases.get("train" if module.training else "eval")
         if stats is not None:
             stats.start_batch(self._targets)
-
-    def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         self._targets = None
         self._last_output = None
 
     def _make_hook(self, key: str):
+        """The forward hook of layer ``key``: copy its output (and a Linear's input) into the buffers."""
         linear = isinstance(self._modules[key], nn.Linear)
+        layouts = self._layouts
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             stats = self._phases.get("train" if module.training else "eval")
             if stats is None:
                 return
-            out = output[0] if isinstance(output, (tuple, list)) and output else output
-            if not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() == 0:
+            out = output if isinstance(output, Tensor) else _first_tensor(output)
+            if out is None or not out.is_floating_point() or out.dim() == 0:
                 return
             out = out.detach()
-            layout = self._layouts.get(key) or self._discover(key, module, out)
-            self._check_batch(key, stats, out, layout)
+            layout = layouts.get(key) or self._discover(key, module, out)
+            if stats._pending_labels is not None:
+                self._check_batch(key, stats, out, layout)
             if layout.channel_first:
-                stats.add_mean(key, out, tuple(range(2, out.dim())))
+                stats.add_mean(key, out, layout.spatial_dims(out))
             elif layout.batch_dim == 0:
                 stats.add(key, out.reshape(-1, layout.neurons))
             else:
@@ -299,16 +353,24 @@ class NetworkTrace:
         return hook
 
     def _record_inputs(self, key: str, stats: PhaseStats, inputs: Tensor) -> None:
-        stats.add(key, inputs.detach().reshape(-1, inputs.shape[-1]), inputs=True)
+        """Class-conditional input means for pathways; reuses the previous layer's output when it is the input."""
+        source = None
+        if self._last_output is not None and self._last_output[0]() is inputs:
+            source = self._last_output[1]
+            if self._layouts[source].channel_first or self._layouts[source].batch_dim != 0:
+                source = None
+        mode = stats.input_source(key, source)
+        if mode == "copy":
+            stats.add(key, inputs.detach().reshape(-1, inputs.shape[-1]), inputs=True)
 
     def _check_batch(self, key: str, stats: PhaseStats, out: Tensor, layout: OutputLayout) -> None:
-        labels = stats.batch_size_of_labels()
-        if labels is None or self._targets is None:
+        labels = stats.pending_labels()
+        if labels is None:
             return
         batch = out.shape[layout.batch_dim] if out.dim() > 1 else out.shape[0]
         if batch != labels:
             self._targets = None
-            stats.start_batch(None)
+            stats.drop_labels()
             raise ValueError(
                 f"set_targets got {labels} labels but layer {key!r} saw a batch of {batch} samples; "
                 "call set_targets(y) with the labels of the batch passed to the model"
@@ -342,151 +404,25 @@ class NetworkTrace:
     def _ordered_layers(self) -> list[str]:
         return [k for k in self._modules if k in self._layouts]
 
-    def _weights_snapshot(self) -> dict[str, dict[str, np.ndarray | None]]:
-        """Host copies of each recorded layer's per-neuron weights, bias and gradient norms."""
+    def _weights_snapshot(self) -> dict[str, dict[str, Tensor | None]]:
+        """Host copies of each recorded layer's per-neuron weights, bias and weight-gradient norms."""
         snapshot = {}
-        for key in self._ordered_layers():
-            layout = self._layouts[key]
-            weight, bias = neuron_weights(self._modules[key], layout.neurons)
-            if weight is None and bias is None:
-                continue
-            entry: dict[str, np.ndarray | None] = {"weights": None, "bias": None, "grad_norm": None}
-            with torch.no_grad():
+        with torch.no_grad():
+            for key in self._ordered_layers():
+                neurons = self._layouts[key].neurons
+                weight, bias = neuron_weights(self._modules[key], neurons)
+                if weight is None and bias is None:
+                    continue
+                entry: dict[str, Tensor | None] = {"weights": None, "bias": None, "grad_norm": None}
                 if weight is not None:
-                    w = weight.detach().reshape(layout.neurons, -1).to("cpu", torch.float32)
-                    entry["weights"] = w.numpy().copy()
+                    entry["weights"] = _host_copy(weight.reshape(neurons, -1))
                     if weight.grad is not None:
-                        g = weight.grad.detach().reshape(layout.neurons, -1).to(torch.float32)
-                        entry["grad_norm"] = torch.linalg.vector_norm(g, dim=1).cpu().numpy()
+                        grad = weight.grad.detach().reshape(neurons, -1).to(torch.float32)
+                        entry["grad_norm"] = _host_copy(torch.linalg.vector_norm(grad, dim=1))
                 if bias is not None:
-                    entry["bias"] = bias.detach().to("cpu", torch.float32).numpy().copy()
-            snapshot[key] = entry
+                    entry["bias"] = _host_copy(bias)
+                snapshot[key] = entry
         return snapshot
-
-    def _epoch_tables(self, phase: str, outputs: dict, inputs: dict, weights: dict) -> dict:
-        """Build the epoch's Arrow tables (neurons, classes, inputs, batches) column by column."""
-        dictionary = self._ordered_layers()
-        order = [k for k in dictionary if k in outputs]
-        code = {k: i for i, k in enumerate(dictionary)}
-        sizes = [self._layouts[k].neurons for k in order]
-        cat = np.concatenate
-        neurons: dict[str, Any] = {
-            "phase": phase,
-            "layer": np.repeat([code[k] for k in order], sizes).astype(np.int32),
-            "neuron": cat([np.arange(n, dtype=np.int32) for n in sizes]),
-        }
-        for column in (
-            "act_count",
-            "act_mean",
-            "act_std",
-            "act_min",
-            "act_max",
-            "act_active_frac",
-            "act_nan_count",
-        ):
-            neurons[column] = cat([outputs[k][column] for k in order])
-        neurons.update(self._weight_columns(order, sizes, weights))
-        tables = {"neurons": build_table("neurons", neurons, dictionary)}
-        if self.num_classes and any("class_mean" in outputs[k] for k in order):
-            tables["classes"] = build_table(
-                "classes", self._class_columns(phase, order, sizes, outputs, code), dictionary
-            )
-            if inputs:
-                tables["inputs"] = build_table("inputs", self._input_columns(phase, inputs, code), dictionary)
-        if not self.drop_batches and any("batches" in outputs[k] for k in order):
-            tables["batches"] = build_table(
-                "batches", self._batch_columns(phase, order, outputs, code), dictionary
-            )
-        return tables
-
-    def _weight_columns(self, order: list[str], sizes: list[int], weights: dict) -> dict[str, Any]:
-        def column(fn, dtype=np.float32) -> np.ma.MaskedArray:
-            parts = []
-            for key, n in zip(order, sizes):
-                value = fn(key, weights.get(key)) if key in weights else None
-                parts.append(np.ma.masked_all(n, dtype) if value is None else np.ma.asarray(value, dtype))
-            return np.ma.concatenate(parts)
-
-        def w(key, entry):
-            return entry["weights"]
-
-        def stat(reduce):
-            return lambda key, e: None if e["weights"] is None else reduce(e["weights"])
-
-        def delta(key, e):
-            prev = self._previous_weights.get(key)
-            if e["weights"] is None or prev is None or prev.shape != e["weights"].shape:
-                return None
-            return np.linalg.norm(e["weights"] - prev, axis=1)
-
-        columns: dict[str, Any] = {
-            "bias": column(lambda k, e: e["bias"]),
-            "weight_norm": column(stat(lambda a: np.linalg.norm(a, axis=1))),
-            "weight_mean": column(stat(lambda a: a.mean(axis=1))),
-            "weight_delta_norm": column(delta),
-            "grad_norm": column(lambda k, e: e["grad_norm"]),
-        }
-        if self.record_weights and any(weights.get(k, {}).get("weights") is not None for k in order):
-            lengths, values, missing = [], [], []
-            for key, n in zip(order, sizes):
-                wk = weights.get(key, {}).get("weights")
-                lengths.append(np.full(n, 0 if wk is None else wk.shape[1], dtype=np.int64))
-                missing.append(np.full(n, wk is None))
-                if wk is not None:
-                    values.append(wk.reshape(-1))
-            offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
-            columns["weights"] = (offsets, np.concatenate(values), np.concatenate(missing))
-        return columns
-
-    def _class_columns(self, phase, order, sizes, outputs, code) -> dict[str, Any]:
-        c = self.num_classes
-        cat = np.concatenate
-        return {
-            "phase": phase,
-            "layer": np.repeat([code[k] for k in order], [n * c for n in sizes]).astype(np.int32),
-            "neuron": cat([np.repeat(np.arange(n, dtype=np.int32), c) for n in sizes]),
-            "class": np.tile(np.arange(c, dtype=np.int32), sum(sizes)),
-            "act_count": cat([np.tile(outputs[k]["class_count"], n) for k, n in zip(order, sizes)]),
-            "act_mean": cat([outputs[k]["class_mean"].T.reshape(-1) for k in order]),
-        }
-
-    def _input_columns(self, phase, inputs, code) -> dict[str, Any]:
-        c = self.num_classes
-        keys = [k for k in self._ordered_layers() if k in inputs]
-        widths = [inputs[k]["class_mean"].shape[1] for k in keys]
-        cat = np.concatenate
-        return {
-            "phase": phase,
-            "layer": np.repeat([code[k] for k in keys], [w * c for w in widths]).astype(np.int32),
-            "feature": cat([np.repeat(np.arange(w, dtype=np.int32), c) for w in widths]),
-            "class": np.tile(np.arange(c, dtype=np.int32), sum(widths)),
-            "count": cat([np.tile(inputs[k]["class_count"], w) for k, w in zip(keys, widths)]),
-            "mean": cat([inputs[k]["class_mean"].T.reshape(-1) for k in keys]),
-        }
-
-    def _batch_columns(self, phase, order, outputs, code) -> dict[str, Any]:
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in ("layer", "batch", "neuron", "stats")}
-        for key in order:
-            stats = outputs[key].get("batches")
-            if stats is None:
-                continue
-            nb, f = stats.shape[1], stats.shape[2]
-            parts["layer"].append(np.full(nb * f, code[key], dtype=np.int32))
-            parts["batch"].append(np.repeat(np.arange(nb, dtype=np.int32), f))
-            parts["neuron"].append(np.tile(np.arange(f, dtype=np.int32), nb))
-            parts["stats"].append(stats.reshape(5, -1))
-        stats = np.concatenate(parts["stats"], axis=1)
-        return {
-            "phase": phase,
-            "layer": np.concatenate(parts["layer"]),
-            "batch": np.concatenate(parts["batch"]),
-            "neuron": np.concatenate(parts["neuron"]),
-            "act_count": stats[0].astype(np.int64),
-            "act_mean": stats[1],
-            "act_std": stats[2],
-            "act_min": stats[3],
-            "act_max": stats[4],
-        }
 
     def _meta(self) -> dict[str, Any]:
         layers, offset = [], 0
@@ -534,6 +470,7 @@ class NetworkTrace:
         """The trace written so far (the completed epochs), as :func:`nn_staining.load_trace` gives it."""
         from .trace import load_trace
 
+        self.flush()
         return load_trace(self.store)
 
     def __getitem__(self, signature: str):
@@ -542,6 +479,18 @@ class NetworkTrace:
 
 
 Network_Trace = NetworkTrace
+
+
+def _first_tensor(output: Any) -> Tensor | None:
+    """The first tensor of a tuple output (LSTM, attention), else None."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
+
+
+def _host_copy(tensor: Tensor) -> Tensor:
+    """A float32 CPU copy that later training steps cannot change."""
+    return tensor.detach().to("cpu", torch.float32, copy=True)
 
 
 def _jsonable(value: Any) -> Any:

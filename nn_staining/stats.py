@@ -1,29 +1,41 @@
 """On-device per-neuron accumulators for one phase of one recorded epoch.
 
 Hooks only copy each batch's activations into a preallocated device buffer (one kernel per
-layer); the reductions run once per chunk of batches, fused into a few large tensor operations
-(one-hot matrix products for the per-class sums), and accumulate in float64 around a per-neuron
-shift so that ``act_std`` keeps its precision over long epochs. The host sees the results once,
-in :meth:`PhaseStats.finish`.
+layer). The buffers of a run of batches form a :class:`Chunk`; a full chunk is reduced in a few
+large tensor operations (a one-hot matrix product gives every per-class sum at once) and folded
+into float64 running sums taken around a per-neuron shift, so ``act_std`` keeps its precision
+over long epochs. On the CPU the reduction runs on a worker thread while training goes on; two
+chunks alternate, so memory stays bounded. The host sees the statistics once per epoch.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-#: Device memory the chunk buffers of one phase may take before they are reduced.
-DEFAULT_BUFFER_BYTES = 64 * 2**20
+#: Device memory one chunk's buffers may take before they are reduced.
+DEFAULT_CHUNK_BYTES = 32 * 2**20
 #: At most this many batches are buffered before a reduction.
 MAX_BATCHES_PER_CHUNK = 64
+
+Results = tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]
 
 
 @dataclass
 class Moments:
-    """Running float64 sums of one layer's neurons (and per class), kept on the device."""
+    """Running sums of one layer's neurons (and per class), kept on the device.
+
+    Sums are of ``x - shift`` (``shift`` is the neuron's mean over the first chunk), taken in
+    float32 within a chunk and accumulated across chunks in float64:
+    ``mean = shift + S1 / n`` and ``std = sqrt(S2 / n - (S1 / n)^2)`` (population).
+    """
 
     num_features: int
     num_classes: int
@@ -37,7 +49,7 @@ class Moments:
     minimum: torch.Tensor = field(init=False)
     maximum: torch.Tensor = field(init=False)
     active: torch.Tensor = field(init=False)
-    nan: torch.Tensor = field(init=False)
+    nonfinite: torch.Tensor = field(init=False)
     class_count: torch.Tensor = field(init=False)
     class_sum: torch.Tensor = field(init=False)
     batches: list[tuple[int, torch.Tensor]] = field(default_factory=list)
@@ -49,40 +61,58 @@ class Moments:
         self.sum_sq = torch.zeros(f, dtype=f64, device=dev)
         self.minimum = torch.full((f,), math.inf, dtype=torch.float32, device=dev)
         self.maximum = torch.full((f,), -math.inf, dtype=torch.float32, device=dev)
-        self.active = torch.zeros(f, dtype=torch.int64, device=dev)
-        self.nan = torch.zeros(f, dtype=torch.int64, device=dev)
+        self.active = torch.zeros(f, dtype=f64, device=dev)
+        self.nonfinite = torch.zeros(f, dtype=f64, device=dev)
         self.class_count = torch.zeros(c, dtype=f64, device=dev)
         self.class_sum = torch.zeros(c, f, dtype=f64, device=dev)
 
     def update(
         self,
         rows: torch.Tensor,
-        one_hot: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
         segments: list[tuple[int, int]] | None = None,
+        scratch: Scratch | None = None,
     ) -> None:
         """Fold a chunk of observations ``rows`` (n, features) into the sums.
 
-        ``one_hot`` is the (classes, n) float32 class-membership matrix (None without labels);
-        ``segments`` are (batch index, row count) runs, needed only for per-batch statistics.
+        ``labels`` (n,) int64 gives each row's class, ``num_classes`` for rows without a valid
+        label (None without labels); ``segments`` are (batch, rows) runs for per-batch rows;
+        ``scratch`` holds reusable temporaries (fresh multi-MB allocations cost page faults).
         """
+        scratch = scratch or Scratch()
         if self.shift is None:
             self.shift = torch.nan_to_num(rows.mean(0), nan=0.0, posinf=0.0, neginf=0.0)
-        centred = rows - self.shift
+        centred = torch.sub(rows, self.shift, out=scratch.take(0, rows.shape, rows.device))
         self.count += rows.shape[0]
-        if one_hot is not None:
-            self.class_count += one_hot.sum(1, dtype=torch.float64)
-            self.class_sum += (one_hot @ centred).to(torch.float64)
+        total = self._class_sums(centred, labels) if labels is not None else None
         if self.class_only:
             return
-        self.sum += centred.sum(0, dtype=torch.float64)
-        self.sum_sq += (centred * centred).sum(0, dtype=torch.float64)
-        low, high = torch.aminmax(rows, dim=0)
-        torch.minimum(self.minimum, low, out=self.minimum)
-        torch.maximum(self.maximum, high, out=self.maximum)
-        self.active += (rows > 0).sum(0)
-        self.nan += torch.isnan(rows).sum(0)
+        self.sum += centred.sum(0) if total is None else total
+        work = scratch.take(1, rows.shape, rows.device)
+        self.sum_sq += torch.mul(centred, centred, out=work).sum(0)
+        torch.minimum(self.minimum, rows.amin(0), out=self.minimum)
+        torch.maximum(self.maximum, rows.amax(0), out=self.maximum)
+        if rows.is_cuda or not bool(torch.isfinite(self.sum).all()):
+            # exact boolean counts; on the CPU only once a NaN or Inf has been seen
+            self.active += (rows > 0).sum(0)
+            self.nonfinite += (~torch.isfinite(rows)).sum(0)
+        else:
+            self.active += torch.sign(rows, out=work).clamp_(min=0).sum(0)
         if self.keep_batches and segments:
             self._update_batches(rows, segments)
+
+    def _class_sums(self, centred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Add per-class sums and counts; returns the chunk's total (all rows, labelled or not)."""
+        c = self.num_classes
+        if centred.is_cuda:
+            one_hot = (torch.arange(c + 1, device=centred.device).unsqueeze(1) == labels).to(centred.dtype)
+            sums = one_hot @ centred
+        else:
+            sums = torch.zeros(c + 1, centred.shape[1], dtype=centred.dtype, device=centred.device)
+            sums.index_add_(0, labels, centred)
+        self.class_sum += sums[:c]
+        self.class_count += torch.bincount(labels, minlength=c + 1)[:c]
+        return sums.sum(0)
 
     def _update_batches(self, rows: torch.Tensor, segments: list[tuple[int, int]]) -> None:
         """Per-batch count, mean, std, min and max of the chunk, stacked as (5, batches, features)."""
@@ -104,8 +134,7 @@ class Moments:
         var = torch.zeros_like(count).index_add_(0, seg_index, dev * dev) / count
         low = torch.full_like(count, math.inf).scatter_reduce(0, index, rows64, "amin")
         high = torch.full_like(count, -math.inf).scatter_reduce(0, index, rows64, "amax")
-        stacked = torch.stack([count, mean, var.sqrt(), low, high])
-        self.batches.append((unique[0], stacked))
+        self.batches.append((unique[0], torch.stack([count, mean, var.sqrt(), low, high])))
 
     def result(self) -> dict[str, np.ndarray]:
         """The epoch's statistics as host numpy arrays (one device-to-host transfer per tensor)."""
@@ -114,9 +143,9 @@ class Moments:
         out: dict[str, np.ndarray] = {}
         if self.num_classes:
             counts = self.class_count.unsqueeze(1)
-            class_mean = torch.where(counts > 0, self.class_sum / counts.clamp_min(1) + shift, torch.nan)
-            out["class_count"] = self.class_count.to(torch.int64).cpu().numpy()
-            out["class_mean"] = class_mean.cpu().numpy()
+            mean = torch.where(counts > 0, self.class_sum / counts.clamp_min(1) + shift, math.nan)
+            out["class_count"] = self.class_count.round().to(torch.int64).cpu().numpy()
+            out["class_mean"] = mean.cpu().numpy()
         if self.class_only:
             return out
         mean_centred = self.sum / n
@@ -127,13 +156,29 @@ class Moments:
             "act_std": var.sqrt().cpu().numpy(),
             "act_min": self.minimum.cpu().numpy(),
             "act_max": self.maximum.cpu().numpy(),
-            "act_active_frac": (self.active.to(torch.float64) / n).cpu().numpy(),
-            "act_nan_count": self.nan.cpu().numpy(),
+            "act_active_frac": (self.active / n).cpu().numpy(),
+            "act_nan_count": self.nonfinite.round().to(torch.int64).cpu().numpy(),
         }
         if self.batches:
-            out["batch_first"] = np.array([b for b, _ in self.batches], dtype=np.int64)
             out["batches"] = torch.cat([t for _, t in self.batches], dim=1).cpu().numpy()
         return out
+
+
+class Scratch:
+    """Reusable float32 temporaries for the reductions, grown on demand and kept."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, torch.Tensor] = {}
+
+    def take(
+        self, slot: int, shape: torch.Size | tuple[int, ...], device: torch.device | None = None
+    ) -> torch.Tensor:
+        """A tensor of ``shape`` backed by slot ``slot``'s storage (its contents are garbage)."""
+        numel = math.prod(shape)
+        held = self._slots.get(slot)
+        if held is None or held.numel() < numel or (device is not None and held.device != device):
+            held = self._slots[slot] = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
+        return held[:numel].view(shape)
 
 
 @dataclass
@@ -141,177 +186,294 @@ class _Buffer:
     """A layer's preallocated rows buffer and the (batch, rows) runs it holds."""
 
     rows: torch.Tensor
+    capacity: int
     fill: int = 0
     segments: list[tuple[int, int]] = field(default_factory=list)
 
 
-class PhaseStats:
-    """Accumulates every layer of one phase (train or eval) of one epoch, sharing one label buffer.
+class Chunk:
+    """Device buffers for a run of batches: each layer's rows and the batches' labels."""
 
-    Call :meth:`start_batch` once per forward pass, :meth:`add` from each layer's hook, and
-    :meth:`finish` at the end of the epoch.
+    def __init__(self) -> None:
+        self.outputs: dict[str, _Buffer] = {}
+        self.inputs: dict[str, _Buffer] = {}
+        self.labels: torch.Tensor | None = None
+        self.label_fill = 0
+        self.label_runs: dict[int, tuple[int, int]] = {}
+        self.batches = 0
+
+    def buffers(self) -> list[tuple[str, bool, _Buffer]]:
+        """Every (layer, is_input, buffer) of the chunk."""
+        return [(k, False, b) for k, b in self.outputs.items()] + [
+            (k, True, b) for k, b in self.inputs.items()
+        ]
+
+    def clear(self) -> None:
+        for _, _, buf in self.buffers():
+            buf.fill = 0
+            buf.segments = []
+        self.label_fill = 0
+        self.label_runs = {}
+        self.batches = 0
+
+
+class ChunkPool:
+    """Two chunks that alternate: one fills while the other is reduced; buffers persist across epochs."""
+
+    def __init__(self, size: int = 2, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.max_batches: int | None = None
+        self.scratch = Scratch()
+        self._free = [Chunk() for _ in range(size)]
+        self._busy: deque[tuple[Chunk, Future]] = deque()
+
+    def acquire(self) -> Chunk:
+        """A cleared chunk; waits for the oldest reduction when both are in use (re-raising its error)."""
+        if not self._free:
+            chunk, job = self._busy.popleft()
+            try:
+                job.result()
+            finally:
+                chunk.clear()
+                self._free.append(chunk)
+        return self._free.pop()
+
+    def release(self, chunk: Chunk, job: Future | None = None) -> None:
+        """Return ``chunk``; with ``job`` it becomes free once that reduction has run."""
+        if job is None:
+            chunk.clear()
+            self._free.append(chunk)
+        else:
+            self._busy.append((chunk, job))
+
+    def size_chunks(self, chunk: Chunk) -> None:
+        """After the first batch: buffer as many batches as ``chunk_bytes`` allows."""
+        per_batch = sum(b.fill * b.rows.shape[1] * 4 for _, _, b in chunk.buffers())
+        k = self.chunk_bytes // max(per_batch, 1)
+        self.max_batches = int(max(1, min(MAX_BATCHES_PER_CHUNK, k)))
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+class PhaseStats:
+    """Accumulates every layer of one phase (train or eval) of one epoch.
+
+    Call :meth:`start_batch` once per forward pass, :meth:`add` / :meth:`add_mean` from each
+    layer's hook, then :meth:`finish`. With an ``executor`` (CPU tensors only), chunk reductions
+    and the final transfer run on its worker thread; otherwise they run inline (on CUDA they are
+    asynchronous kernel launches anyway).
     """
 
     def __init__(
         self,
         num_classes: int,
         keep_batches: bool = False,
-        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        pool: ChunkPool | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.num_classes = num_classes
         self.keep_batches = keep_batches
-        self.buffer_bytes = buffer_bytes
+        self.pool = pool or ChunkPool()
+        self.executor = executor
         self.moments: dict[str, Moments] = {}
         self.inputs: dict[str, Moments] = {}
-        self._buffers: dict[tuple[str, bool], _Buffer] = {}
-        self._labels: torch.Tensor | None = None
-        self._label_fill = 0
-        self._label_runs: dict[int, tuple[int, int]] = {}
+        self.aliases: dict[str, str | None] = {}
+        self._inconsistent: set[str] = set()
+        self._chunk: Chunk | None = None
         self._pending_labels: torch.Tensor | None = None
         self._batch = -1
-        self._chunk_batches = 0
-        self._max_chunk_batches = MAX_BATCHES_PER_CHUNK
-        self._sized = False
-        self.invalid_labels: torch.Tensor | None = None
+        self._label_low: torch.Tensor | None = None
+        self._label_high: torch.Tensor | None = None
+        self._device: torch.device | None = None
+        self.has_rows = False
 
-    # -- per batch -------------------------------------------------------------------------
+    # -- per batch -------------------------------------------------------------------------------
     def start_batch(self, labels: torch.Tensor | None) -> None:
         """Begin a forward pass; ``labels`` (batch,) int64 on any device, or None."""
-        if self._chunk_batches and not self._sized:
-            self._size_chunks()
-        if self._chunk_batches >= self._max_chunk_batches:
-            self.flush()
+        chunk = self._chunk
+        if chunk is None:
+            chunk = self._chunk = self.pool.acquire()
+        elif chunk.batches:
+            if self.pool.max_batches is None:
+                self.pool.size_chunks(chunk)
+            if chunk.batches >= self.pool.max_batches:
+                self._submit()
+                chunk = self._chunk = self.pool.acquire()
         self._batch += 1
-        self._chunk_batches += 1
+        chunk.batches += 1
         self._pending_labels = labels
 
-    def batch_size_of_labels(self) -> int | None:
-        """The number of labels given for the current batch, or None."""
+    def drop_labels(self) -> None:
+        """Forget the labels given for the current batch (they did not fit it)."""
+        self._pending_labels = None
+
+    def pending_labels(self) -> int | None:
+        """The number of labels given for the current batch and not yet stored, or None."""
         return None if self._pending_labels is None else self._pending_labels.shape[0]
 
     def add(self, layer: str, rows: torch.Tensor, *, inputs: bool = False) -> None:
-        """Copy one batch of a layer's observations (n, features) into its buffer."""
-        key = (layer, inputs)
-        buf = self._buffers.get(key)
+        """Copy one batch of a layer's observations (n, features) into its buffer (the hot path)."""
         n = rows.shape[0]
-        if buf is None:
-            buf = self._new_buffer(key, rows)
-        elif buf.fill + n > buf.rows.shape[0]:
-            self._grow(buf, buf.fill + n)
+        buf = (self._chunk.inputs if inputs else self._chunk.outputs).get(layer)
+        if buf is None or buf.fill + n > buf.capacity:
+            buf = self._make_room(layer, inputs, n, rows.shape[1], rows.device)
         buf.rows[buf.fill : buf.fill + n].copy_(rows)
-        self._note_rows(buf, n)
+        buf.fill += n
+        buf.segments.append((self._batch, n))
+        self.has_rows = True
+        if self._pending_labels is not None:
+            self._store_labels(rows.device)
 
     def add_mean(self, layer: str, values: torch.Tensor, dims: tuple[int, ...]) -> None:
         """Like :meth:`add` for the mean of ``values`` over ``dims`` (convolution channels)."""
-        n, f = values.shape[0], values.shape[1]
-        key = (layer, False)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._new_buffer(key, values.new_empty((n, f), dtype=torch.float32))
-        elif buf.fill + n > buf.rows.shape[0]:
-            self._grow(buf, buf.fill + n)
+        n = values.shape[0]
+        buf = self._chunk.outputs.get(layer)
+        if buf is None or buf.fill + n > buf.capacity:
+            buf = self._make_room(layer, False, n, values.shape[1], values.device)
         target = buf.rows[buf.fill : buf.fill + n]
         if values.dtype == torch.float32:
             torch.mean(values, dim=dims, out=target)
         else:
             target.copy_(values.mean(dim=dims))
-        self._note_rows(buf, n)
-
-    def _note_rows(self, buf: _Buffer, n: int) -> None:
         buf.fill += n
-        if buf.segments and buf.segments[-1][0] == self._batch:
-            b, m = buf.segments[-1]
-            buf.segments[-1] = (b, m + n)
-        else:
-            buf.segments.append((self._batch, n))
+        buf.segments.append((self._batch, n))
+        self.has_rows = True
         if self._pending_labels is not None:
-            self._store_labels(buf.rows.device)
+            self._store_labels(values.device)
+
+    def input_source(self, layer: str, source: str | None) -> str:
+        """How to record ``layer``'s input this batch, given that it is ``source``'s output (or None).
+
+        Returns ``"alias"`` (reuse ``source``'s statistics, no copy), ``"copy"``, or ``"skip"`` for
+        a layer whose input was aliased in some batches and not in others: it gets no input
+        statistics this epoch rather than a mix.
+        """
+        if layer in self._inconsistent:
+            return "skip"
+        known = self.aliases.get(layer, "?")
+        if known == "?":
+            self.aliases[layer] = source
+            return "copy" if source is None else "alias"
+        if known == source:
+            return "copy" if source is None else "alias"
+        self._inconsistent.add(layer)
+        self.aliases.pop(layer, None)
+        self.inputs.pop(layer, None)
+        return "skip"
+
+    def _make_room(self, layer: str, inputs: bool, n: int, f: int, device: torch.device) -> _Buffer:
+        """A layer's buffer with room for ``n`` more rows: new (first batch) or grown."""
+        table = self._chunk.inputs if inputs else self._chunk.outputs
+        buf = table.get(layer)
+        if buf is None or buf.rows.device != device or buf.rows.shape[1] != f:
+            capacity = n * (self.pool.max_batches or 4)
+            rows = torch.empty(capacity, f, dtype=torch.float32, device=device)
+            buf = table[layer] = _Buffer(rows, capacity)
+        else:
+            capacity = max(buf.fill + n, 2 * buf.capacity)
+            grown = buf.rows.new_empty((capacity, f))
+            grown[: buf.fill].copy_(buf.rows[: buf.fill])
+            buf.rows, buf.capacity = grown, capacity
+        return buf
 
     def _store_labels(self, device: torch.device) -> None:
         labels, self._pending_labels = self._pending_labels, None
-        n = labels.shape[0]
-        if self._labels is None or self._labels.device != device:
-            self._labels = torch.empty(max(4 * n, 1024), dtype=torch.int64, device=device)
-            self._label_fill = 0
-        if self._label_fill + n > self._labels.shape[0]:
-            grown = torch.empty(2 * (self._label_fill + n), dtype=torch.int64, device=device)
-            grown[: self._label_fill].copy_(self._labels[: self._label_fill])
-            self._labels = grown
-        self._labels[self._label_fill : self._label_fill + n].copy_(labels, non_blocking=True)
-        self._label_runs[self._batch] = (self._label_fill, n)
-        self._label_fill += n
+        chunk, n = self._chunk, labels.shape[0]
+        if chunk.labels is None or chunk.labels.device != device:
+            chunk.labels = torch.empty(
+                max(n * (self.pool.max_batches or 4), 256), dtype=torch.int64, device=device
+            )
+        elif chunk.label_fill + n > chunk.labels.shape[0]:
+            grown = torch.empty(2 * (chunk.label_fill + n), dtype=torch.int64, device=device)
+            grown[: chunk.label_fill].copy_(chunk.labels[: chunk.label_fill])
+            chunk.labels = grown
+        chunk.labels[chunk.label_fill : chunk.label_fill + n].copy_(labels, non_blocking=True)
+        chunk.label_runs[self._batch] = (chunk.label_fill, n)
+        chunk.label_fill += n
 
-    def _new_buffer(self, key: tuple[str, bool], rows: torch.Tensor) -> _Buffer:
-        n, f = rows.shape
-        capacity = n * (self._max_chunk_batches if self._sized else 4)
-        buf = _Buffer(torch.empty(max(capacity, n), f, dtype=torch.float32, device=rows.device))
-        self._buffers[key] = buf
-        layer, inputs = key
-        table = self.inputs if inputs else self.moments
-        if layer not in table:
-            keep = self.keep_batches and not inputs
-            table[layer] = Moments(f, self.num_classes, rows.device, keep, class_only=inputs)
-        return buf
+    # -- reductions ------------------------------------------------------------------------------
+    def _submit(self) -> None:
+        """Hand the current chunk to the reducer (the worker thread on the CPU)."""
+        chunk, self._chunk = self._chunk, None
+        if chunk is None:
+            return
+        for _, _, buf in chunk.buffers():
+            self._device = buf.rows.device
+            break
+        if chunk.label_fill and self.num_classes:
+            low, high = torch.aminmax(chunk.labels[: chunk.label_fill])
+            if self._label_low is None:
+                self._label_low, self._label_high = low, high
+            else:
+                self._label_low = torch.minimum(self._label_low, low)
+                self._label_high = torch.maximum(self._label_high, high)
+        job = self._run(self._reduce, chunk)
+        self.pool.release(chunk, job)
 
-    def _grow(self, buf: _Buffer, needed: int) -> None:
-        grown = buf.rows.new_empty((max(needed, 2 * buf.rows.shape[0]), buf.rows.shape[1]))
-        grown[: buf.fill].copy_(buf.rows[: buf.fill])
-        buf.rows = grown
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Future:
+        on_cpu = self._device is None or self._device.type == "cpu"
+        if self.executor is not None and on_cpu:
+            return self.executor.submit(fn, *args)
+        return _done(fn(*args))
 
-    def _size_chunks(self) -> None:
-        """After the first batch: buffer as many batches as the memory budget allows."""
-        per_batch = sum(b.fill * b.rows.shape[1] * 4 for b in self._buffers.values())
-        k = self.buffer_bytes // max(per_batch, 1)
-        self._max_chunk_batches = int(max(1, min(MAX_BATCHES_PER_CHUNK, k)))
-        self._sized = True
-
-    # -- reductions --------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Reduce every buffered chunk into the running sums and empty the buffers."""
-        one_hots: dict[tuple, torch.Tensor] = {}
-        for (layer, inputs), buf in self._buffers.items():
-            if buf.fill == 0:
+    def _reduce(self, chunk: Chunk) -> None:
+        row_labels: dict[tuple, torch.Tensor] = {}
+        for layer, inputs, buf in chunk.buffers():
+            if buf.fill == 0 or (inputs and layer in self._inconsistent):
                 continue
-            rows = buf.rows[: buf.fill]
-            one_hot = None
+            table = self.inputs if inputs else self.moments
+            moments = table.get(layer)
+            if moments is None:
+                keep = self.keep_batches and not inputs
+                f, device = buf.rows.shape[1], buf.rows.device
+                moments = table[layer] = Moments(f, self.num_classes, device, keep, class_only=inputs)
+            labels = None
             if self.num_classes:
                 runs = tuple(buf.segments)
-                if runs not in one_hots:
-                    one_hots[runs] = self._one_hot(buf.segments, rows.device)
-                one_hot = one_hots[runs]
-            moments = self.inputs[layer] if inputs else self.moments[layer]
-            moments.update(rows, one_hot, buf.segments)
-            buf.fill = 0
-            buf.segments = []
-        if self._label_fill:
-            self._count_invalid_labels(self._labels[: self._label_fill])
-        self._label_fill = 0
-        self._label_runs = {}
-        self._chunk_batches = 0
+                if runs not in row_labels:
+                    row_labels[runs] = self._row_labels(chunk, buf.segments, buf.rows.device)
+                labels = row_labels[runs]
+            moments.update(buf.rows[: buf.fill], labels, buf.segments, self.pool.scratch)
 
-    def _one_hot(self, segments: list[tuple[int, int]], device: torch.device) -> torch.Tensor | None:
-        """The (classes, rows) membership matrix of a chunk; rows without labels belong to none."""
+    def _row_labels(
+        self, chunk: Chunk, segments: list[tuple[int, int]], device: torch.device
+    ) -> torch.Tensor:
+        """Each buffered row's class; ``num_classes`` marks rows without a valid label."""
         parts = []
         for batch, n in segments:
-            run = self._label_runs.get(batch)
+            run = chunk.label_runs.get(batch)
             if run is None:
-                parts.append(torch.full((n,), -1, dtype=torch.int64, device=device))
+                parts.append(torch.full((n,), self.num_classes, dtype=torch.int64, device=device))
                 continue
             start, size = run
-            labels = self._labels[start : start + size]
+            labels = chunk.labels[start : start + size]
             parts.append(labels if n == size else labels.repeat_interleave(n // size))
         labels = parts[0] if len(parts) == 1 else torch.cat(parts)
-        classes = torch.arange(self.num_classes, device=device).unsqueeze(1)
-        return (classes == labels.unsqueeze(0)).to(torch.float32)
+        invalid = (labels < 0) | (labels >= self.num_classes)
+        return labels.masked_fill(invalid, self.num_classes)
 
-    def _count_invalid_labels(self, labels: torch.Tensor) -> None:
-        """Count labels outside [0, num_classes) on the device; checked once at the epoch's end."""
-        bad = ((labels < 0) | (labels >= self.num_classes)).sum()
-        self.invalid_labels = bad if self.invalid_labels is None else self.invalid_labels + bad
+    def label_range(self) -> tuple[int, int] | None:
+        """(min, max) of every label given this epoch, or None; one host sync, at the epoch's end."""
+        self._submit()
+        if self._label_low is None:
+            return None
+        low, high = torch.stack([self._label_low, self._label_high]).tolist()
+        return int(low), int(high)
 
-    def finish(self) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
-        """Flush and return (per-layer output statistics, per-layer input class means) on the host."""
-        self.flush()
+    def finish(self) -> Future:
+        """Reduce what is left; a future of (per-layer output statistics, per-layer input class means)."""
+        self._submit()
+        return self._run(self._results)
+
+    def _results(self) -> Results:
         outputs = {layer: m.result() for layer, m in self.moments.items()}
         inputs = {layer: m.result() for layer, m in self.inputs.items()}
+        for layer, source in self.aliases.items():
+            if source in outputs and "class_mean" in outputs[source] and layer not in self._inconsistent:
+                src = outputs[source]
+                inputs[layer] = {"class_count": src["class_count"], "class_mean": src["class_mean"]}
         return outputs, inputs

@@ -123,8 +123,9 @@ def part_path(root: str | os.PathLike, table: str, epoch: int, phase: str = "tra
 def build_table(table: str, columns: dict[str, Any], layers: Sequence[str]) -> pa.Table:
     """An Arrow table of ``table``'s schema from whole numpy columns.
 
-    ``columns["layer"]`` holds int32 codes into ``layers`` (the trace-wide dictionary);
-    ``columns["weights"]``, when present, is ``(offsets, values, missing)``; absent columns are null.
+    ``columns["layer"]`` holds int32 codes into ``layers`` (the trace-wide dictionary); a
+    ``(values, missing)`` pair gives a column with nulls; ``columns["weights"]``, when present,
+    is ``(offsets, values, missing)``; absent columns are null.
     """
     schema = SCHEMAS[table]
     n = len(columns["layer"])
@@ -157,14 +158,18 @@ def build_table(table: str, columns: dict[str, Any], layers: Sequence[str]) -> p
 
 
 def _column(values: Any, type_: pa.DataType) -> pa.Array:
-    """A numpy column as Arrow; NaN stays NaN in floats, a masked array's mask becomes null."""
-    mask = np.ma.getmaskarray(values) if np.ma.isMaskedArray(values) else None
-    data = np.ma.getdata(values).astype(type_.to_pandas_dtype(), copy=False)
-    return pa.array(data, type=type_, mask=mask if mask is not None and mask.any() else None)
+    """A numpy column as Arrow; ``(values, missing)`` marks nulls (NaN stays NaN in floats)."""
+    mask = None
+    if isinstance(values, tuple):
+        values, mask = values
+        mask = mask if mask.any() else None
+    data = np.asarray(values).astype(type_.to_pandas_dtype(), copy=False)
+    return pa.array(data, type=type_, mask=mask)
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(
         table,
@@ -180,7 +185,7 @@ def _atomic_write_table(table: pa.Table, path: Path) -> None:
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as JSON under a temporary name, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False))
+    tmp.write_text(json.dumps(payload))
     os.replace(tmp, path)
 
 

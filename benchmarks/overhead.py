@@ -1,0 +1,202 @@
+"""Recording overhead: plain training vs nn_staining vs the TensorBoard practice, alternated in one run.
+
+    python benchmarks/overhead.py                # the three workloads, median of 3
+    python benchmarks/overhead.py --repeats 5 --workloads digits --device cuda
+
+nn_staining records everything: every neurons column, per-class statistics (10 classes), input
+class means for pathways, a weights snapshot and every epoch. "skip" is nn_staining attached
+with no epoch selected for recording (the cost of a non-recorded epoch). "tensorboard" writes
+``add_histogram`` of every parameter and every layer's last-batch activation once per epoch.
+Ratios are against "plain" measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nn_staining import NetworkTrace  # noqa: E402
+
+
+@dataclass
+class Workload:
+    name: str
+    build: Callable[[], nn.Module]
+    x: torch.Tensor
+    y: torch.Tensor
+    epochs: int
+    batch_size: int = 128
+
+
+def digits_mlp() -> Workload:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor((d.data - d.data.mean(0)) / (d.data.std(0) + 1e-6), dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.int64)
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    return Workload("digits MLP 64-128-128-10, 20 epochs", build, x, y, epochs=20)
+
+
+def wide_mlp() -> Workload:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16384, 784, generator=g)
+    y = torch.randint(0, 10, (16384,), generator=g)
+
+    def build() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
+
+    return Workload("wide MLP 784-1024-1024-10, 2 epochs", build, x, y, epochs=2)
+
+
+def cnn() -> Workload:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (4096,), generator=g)
+
+    def build() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(9216, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        )
+
+    return Workload("CNN conv32-conv64-pool-fc128-fc10, 2 epochs", build, x, y, epochs=2)
+
+
+WORKLOADS = {"digits": digits_mlp, "wide": wide_mlp, "cnn": cnn}
+MODES = ("plain", "nn_staining", "skip", "tensorboard")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train(w: Workload, mode: str, device: torch.device, store: str, sync_debug: bool = False) -> float:
+    """Train ``w`` once in ``mode``; returns wall seconds (model build and data transfer excluded)."""
+    torch.manual_seed(0)
+    model = w.build().to(device)
+    x, y = w.x.to(device), w.y.to(device)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    n = len(x)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
+    trace = None
+    writer = None
+    if mode in ("nn_staining", "skip"):
+        intervals = None if mode == "nn_staining" else [10**9]
+        trace = NetworkTrace(model, store, epoch_intervals=intervals, num_classes=10, overwrite=True)
+    elif mode == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(store)
+        last: dict[str, torch.Tensor] = {}
+        for name, module in model.named_modules():
+            if name:
+                module.register_forward_hook(lambda m, a, o, name=name: last.__setitem__(name, o.detach()))
+    guard = torch.cuda.set_sync_debug_mode if (sync_debug and device.type == "cuda") else None
+    sync(device)
+    start = time.perf_counter()
+    with trace if trace is not None else contextlib.nullcontext():
+        for epoch in range(w.epochs):
+            if trace is not None:
+                trace.start_epoch(epoch)
+            if guard:
+                guard("error")
+            for i in range(0, n, w.batch_size):
+                idx = order[i : i + w.batch_size]
+                xb, yb = x[idx], y[idx]
+                if trace is not None:
+                    trace.set_targets(yb)
+                loss = loss_fn(model(xb), yb)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+            if guard:
+                guard("default")
+            if trace is not None:
+                trace.end_epoch()
+            if writer is not None:
+                for name, p in model.named_parameters():
+                    writer.add_histogram(f"param/{name}", p.detach(), epoch)
+                for name, act in last.items():
+                    writer.add_histogram(f"act/{name}", act, epoch)
+    if writer is not None:
+        writer.close()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workloads", default="digits,wide,cnn", help="comma list of: " + ", ".join(WORKLOADS))
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of: " + ", ".join(MODES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sync-debug", action="store_true", help="CUDA: raise on any host sync inside the batch loop")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    modes = args.modes.split(",")
+    if "plain" not in modes:
+        modes.insert(0, "plain")
+    if "tensorboard" in modes:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            print("tensorboard not installed (make bench installs it); skipping that column", file=sys.stderr)
+            modes.remove("tensorboard")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.workloads.split(","):
+            w = WORKLOADS[key]()
+            train(w, "plain", device, os.path.join(tmp, "warm"))  # warm-up (allocator, kernels)
+            times: dict[str, list[float]] = {m: [] for m in modes}
+            for r in range(args.repeats):
+                for m in modes:
+                    times[m].append(train(w, m, device, os.path.join(tmp, f"{key}-{m}-{r}"), args.sync_debug))
+            med = {m: statistics.median(t) for m, t in times.items()}
+            rows.append((w.name, med))
+            cells = "  ".join(f"{m} {med[m]:.3f}s ({med[m] / med['plain']:.3f}x)" for m in modes)
+            print(f"{w.name}: {cells}", flush=True)
+    print()
+    header = "| workload | " + " | ".join(f"{m} s" for m in modes) + " | " + " | ".join(f"{m} ×" for m in modes[1:]) + " |"
+    print(header)
+    print("|" + " --- |" * (1 + 2 * len(modes) - 1))
+    for name, med in rows:
+        secs = " | ".join(f"{med[m]:.3f}" for m in modes)
+        ratios = " | ".join(f"{med[m] / med['plain']:.3f}" for m in modes[1:])
+        print(f"| {name} | {secs} | {ratios} |")
+    print(f"\nmedian of {args.repeats} alternated repetitions; numpy {np.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
