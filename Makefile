@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test lint format bench bench-store bench-quick notebook clean
+.PHONY: venv run test lint format bench bench-store notebook clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,6 @@ bench-store: $(STAMP)  ## store write throughput and query latency at 100M rows 
 
 clean:
 	rm -rf $(VENV) results/*/ .pytest_cache .ruff_cache
+
+notebook: $(STAMP)  ## run analysis.ipynb top to bottom, headless (outputs are not saved)
+	$(BIN)/python -m nn_staining.notebook analysis.ipynb

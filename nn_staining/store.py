@@ -36,7 +36,7 @@ FORMAT_VERSION = 1
 TABLES = ("neurons", "classes", "inputs", "batches")
 PHASES = ("train", "eval")
 #: Rows per Parquet row group: a query reads whole row groups, so smaller is more selective.
-ROW_GROUP_ROWS = 4096
+ROW_GROUP_ROWS = 16384
 
 _LAYER = pa.dictionary(pa.int32(), pa.string())
 _F32 = pa.float32()
@@ -167,24 +167,30 @@ def _column(values: Any, type_: pa.DataType) -> pa.Array:
     return pa.array(data, type=type_, mask=mask)
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
+def _temporary(path: Path) -> Path:
+    """The dot-prefixed name a part is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(
         table,
-        tmp,
+        path,
         row_group_size=ROW_GROUP_ROWS,
-        compression="zstd",
-        compression_level=1,
+        compression="snappy",
         use_dictionary=["phase", "layer"],
+        # statistics only where engines prune on them: a small footer keeps each file quick to open
+        write_statistics=[
+            c for c in ("layer", "neuron", "feature", "class", "batch") if c in table.column_names
+        ],
     )
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as JSON under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temporary(path)
     tmp.write_text(json.dumps(payload))
     os.replace(tmp, path)
 
@@ -207,12 +213,20 @@ class TraceWriter:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def write_epoch(self, epoch: int, phase: str, tables: dict[str, pa.Table]) -> int:
-        """Write each table's part for (epoch, phase), ``neurons`` last; returns bytes written."""
+        """Write every table's part for (epoch, phase) under temporary names, then rename them
+        into place, ``neurons`` last; a failure leaves no part of the epoch. Returns bytes written."""
         ordered = sorted(tables, key=lambda name: name == "neurons")
+        paths = [part_path(self.root, name, epoch, phase) for name in ordered]
+        try:
+            for name, path in zip(ordered, paths):
+                _write_table(tables[name], _temporary(path))
+        except BaseException:
+            for path in paths:
+                _temporary(path).unlink(missing_ok=True)
+            raise
         written = 0
-        for name in ordered:
-            path = part_path(self.root, name, epoch, phase)
-            _atomic_write_table(tables[name], path)
+        for path in paths:
+            os.replace(_temporary(path), path)
             written += path.stat().st_size
         return written
 
@@ -275,8 +289,11 @@ def read_part(
         groups = list(range(first, last))
         if not groups:
             continue
-        chunk = pf.read_row_groups(groups, columns=columns)
-        pieces.append(chunk.slice(lo - starts[first], hi - lo))
+        chunk = pf.read_row_groups(groups, columns=columns, use_threads=False)
+        piece = chunk.slice(lo - starts[first], hi - lo)
+        if piece.num_rows * 2 < chunk.num_rows:
+            piece = piece.take(np.arange(piece.num_rows))  # a copy, so the row groups can be freed
+        pieces.append(piece)
     if not pieces:
         return pf.schema_arrow.empty_table().select(list(columns))
     return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
@@ -311,7 +328,7 @@ def read_epochs(
         return part.add_column(0, "epoch", epoch)
 
     if len(paths) > 4:
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+        with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 2))) as pool:
             parts = list(pool.map(one, range(len(paths))))
     else:
         parts = [one(i) for i in range(len(paths))]

@@ -229,11 +229,15 @@ class Trace(Mapping):
         for key in layers:
             info = self._layers[key]
             base, n = info["row_offset"], info["neurons"]
-            chosen = list(range(n)) if neurons is None or neurons.is_all else neurons.select(range(n))
-            if neurons is not None and not chosen:
-                raise KeyError(f"neuron {neurons} not in layer {key!r}; neurons: n_0 … n_{n - 1}")
-            ids.update(chosen)
-            ranges += [((base + a) * per_row, (base + b) * per_row) for a, b in _runs(chosen)]
+            runs = _neuron_runs(neurons, n)
+            if not runs:
+                continue
+            if neurons is not None and not neurons.is_all:
+                ids.update(i for a, b in runs for i in range(a, b))
+            ranges += [((base + a) * per_row, (base + b) * per_row) for a, b in runs]
+        if not ranges:
+            sizes = ", ".join(f"{k}: n_0 … n_{self._layers[k]['neurons'] - 1}" for k in layers)
+            raise KeyError(f"neuron {neurons} not in {', '.join(layers)}; neurons: {sizes}")
         if neurons is not None and not neurons.is_all:
             filt = filt & pc.field("neuron").isin(sorted(ids))
         return ranges, self.meta["num_neurons"] * per_row, filt
@@ -251,7 +255,8 @@ class Trace(Mapping):
         return ranges, total * classes, pc.field("layer").isin(with_inputs)
 
     def _neuron_ids(self, layers: list[str], neurons: IndexSelection) -> list[int]:
-        return sorted({n for k in layers for n in neurons.select(range(self._layers[k]["neurons"]))})
+        runs = [r for k in layers for r in _neuron_runs(neurons, self._layers[k]["neurons"])]
+        return sorted({i for a, b in runs for i in range(a, b)})
 
 
 class EpochView(Mapping):
@@ -317,6 +322,16 @@ def _to_frame(data: pa.Table, table: str, columns: list[str]) -> pd.DataFrame:
         frame["layer"] = frame["layer"].astype(str)
     frame = frame.set_index(index)
     return frame[columns]
+
+
+def _neuron_runs(neurons: IndexSelection | None, size: int) -> list[tuple[int, int]]:
+    """The half-open runs of ``range(size)`` that a neuron selection keeps (without enumerating a range)."""
+    if neurons is None or neurons.is_all:
+        return [(0, size)] if size else []
+    if neurons.values is None:
+        start, stop = neurons.start, min(neurons.stop, size)
+        return [(start, stop)] if start < stop else []
+    return _runs([v for v in neurons.values if v < size])
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:

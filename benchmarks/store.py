@@ -1,0 +1,143 @@
+"""Store at scale: write throughput, query latency and peak RSS of a trace of 100M neuron rows.
+
+    python benchmarks/store.py                 # 500 epochs x 200,000 neurons = 100M rows (~2 GB)
+    python benchmarks/store.py --quick         # 50 epochs x 200,000 neurons (10M rows)
+
+The trace is recorded through the public API (NetworkTrace on a model with 200,000 neurons:
+Linear(8, 100000) then ReLU, one batch per epoch, weights not kept). Each query then runs in a
+fresh Python process; its time is measured from ``load_trace`` (imports excluded), with the
+process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+QUERY_SCRIPT = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+from nn_staining import load_trace
+start = time.perf_counter()
+t = load_trace({store!r})
+frame = t.query({signature!r})
+elapsed = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"seconds": elapsed, "rows": len(frame), "peak_rss_mib": rss}}))
+"""
+
+
+def record(store: str, epochs: int, width: int, keep_weights: bool) -> tuple[float, float, list[float]]:
+    """Record ``epochs`` epochs of a 2×``width``-neuron model.
+
+    Returns (seconds, seconds inside end_epoch, RSS in MiB after every 50th epoch).
+    """
+    import psutil
+    import torch
+    from torch import nn
+
+    from nn_staining import NetworkTrace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, width), nn.ReLU())
+    x = torch.randn(16, 8)
+    spent_in_end = 0.0
+    rss: list[float] = []
+    process = psutil.Process()
+    start = time.perf_counter()
+    with NetworkTrace(model, store, record_weights=keep_weights, overwrite=True) as trace:
+        for epoch in range(epochs):
+            trace.start_epoch(epoch)
+            with torch.no_grad():
+                model(x + 0.01 * epoch)
+            t0 = time.perf_counter()
+            trace.end_epoch()
+            spent_in_end += time.perf_counter() - t0
+            if epoch % 50 == 0 or epoch == epochs - 1:
+                rss.append(process.memory_info().rss / 2**20)
+                print(f"  epoch {epoch}/{epochs}  RSS {rss[-1]:.0f} MiB", flush=True)
+    return time.perf_counter() - start, spent_in_end, rss
+
+
+def query(store: str, signature: str) -> dict:
+    """Run one query in a fresh process; returns its seconds, rows and peak RSS."""
+    script = QUERY_SCRIPT.format(root=ROOT, store=store, signature=signature)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table_bytes(store: str, table: str) -> int:
+    total = 0
+    for folder, _, files in os.walk(os.path.join(store, table)):
+        total += sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="50 epochs instead of 500")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--width", type=int, default=100_000, help="neurons per layer (two layers)")
+    p.add_argument("--dir", default=None, help="where to write the store (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    p.add_argument("--repeats", type=int, default=3, help="query repetitions (median reported)")
+    args = p.parse_args(argv)
+    epochs = args.epochs or (50 if args.quick else 500)
+    base = args.dir or tempfile.mkdtemp(prefix="nn_staining_store_")
+    store = os.path.join(base, "trace")
+    neurons = 2 * args.width
+    rows = epochs * neurons
+    print(f"recording {epochs} epochs x {neurons:,} neurons = {rows:,} neuron rows into {store}")
+    try:
+        seconds, in_end, rss = record(store, epochs, args.width, keep_weights=False)
+        nbytes = table_bytes(store, "neurons")
+        print(
+            f"write: {seconds:.1f} s in all, {rows / seconds / 1e6:.2f} M rows/s end to end "
+            f"(end_epoch itself {in_end:.1f} s); {nbytes / rows:.2f} bytes per neuron row on disk"
+        )
+        print(
+            f"recorder RSS: {rss[0]:.0f} MiB after the first epoch, {rss[-1]:.0f} MiB after the last "
+            f"(max {max(rss):.0f} MiB)"
+        )
+        weight_store = store + "-weights"
+        w_epochs = min(epochs, 20)
+        record(weight_store, w_epochs, args.width, keep_weights=True)
+        w_bytes = table_bytes(weight_store, "neurons") - table_bytes(store, "neurons") * w_epochs / epochs
+        weights = w_epochs * args.width * 8
+        print(f"weights: {w_bytes / weights:.2f} bytes per stored weight ({w_epochs} epochs with weights)")
+        shutil.rmtree(weight_store, ignore_errors=True)
+        queries = {
+            "history of one neuron": "E_*/L_0/n_12345",
+            "one epoch-layer slice": f"E_{epochs // 2}/L_1",
+            "ten epochs of one neuron": f"E_{epochs // 2}:{epochs // 2 + 10}/L_1/n_7",
+        }
+        print(
+            "\n| query | signature | rows | median seconds | peak RSS MiB |\n| --- | --- | --- | --- | --- |"
+        )
+        for name, signature in queries.items():
+            results = [query(store, signature) for _ in range(args.repeats)]
+            secs = sorted(r["seconds"] for r in results)[len(results) // 2]
+            rss = max(r["peak_rss_mib"] for r in results)
+            print(f"| {name} | `{signature}` | {results[0]['rows']:,} | {secs:.3f} | {rss:.0f} |", flush=True)
+        print(
+            f"\nstore: {nbytes / 2**30:.2f} GiB neurons table, {epochs} part files; "
+            f"machine: {os.cpu_count()} cores"
+        )
+    finally:
+        if not args.keep:
+            shutil.rmtree(base if args.dir is None else store, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
