@@ -44,4 +44,4 @@ clean:
 	rm -rf $(VENV) results/*/ .pytest_cache .ruff_cache
 
 notebook: $(STAMP)  ## run analysis.ipynb top to bottom, headless (outputs are not saved)
-	$(BIN)/python -m nn_staining.notebook analysis.ipynb
+	$(BIN)/jupyter-execute analysis.ipynb
