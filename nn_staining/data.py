@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 DATASETS = ("breast_cancer", "digits", "moons")
 
@@ -33,6 +36,7 @@ class Dataset:
 
 def load_dataset(name: str, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     """Load ``name`` (breast_cancer, digits or moons), standardised on the training split."""
+    import torch
     from sklearn import datasets
     from sklearn.model_selection import train_test_split
 

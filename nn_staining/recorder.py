@@ -242,18 +242,19 @@ class NetworkTrace:
         self._raise_finished_errors()
         if not phases:
             return
-        label_ranges = {phase: stats.label_range() for phase, stats in phases.items()}
+        label_checks = {phase: stats.label_check() for phase, stats in phases.items()}
         results = {phase: stats.finish() for phase, stats in phases.items()}
         weights = self._weights_snapshot()
         job = self._submit(self._write_epoch, epoch, results, weights, self._ordered_layers())
         self._jobs.append(job)
-        for phase, bounds in label_ranges.items():
-            if bounds is not None and (bounds[0] < 0 or bounds[1] >= self.num_classes):
+        for phase, check in label_checks.items():
+            if check is not None and check[0]:
+                bad, low, high = check
                 raise ValueError(
-                    f"epoch {epoch} ({phase}): set_targets was given labels from {bounds[0]} to {bounds[1]}, "
-                    f"outside the classes 0..{self.num_classes - 1} (num_classes={self.num_classes}); those "
-                    "samples are missing from the per-class statistics. The epoch was still written; "
-                    "pass the right num_classes="
+                    f"epoch {epoch} ({phase}): {bad} labels given to set_targets lie outside the classes "
+                    f"0..{self.num_classes - 1} (num_classes={self.num_classes}; labels seen from {low} to "
+                    f"{high}); those samples are missing from the per-class statistics. The epoch was "
+                    "still written; pass the right num_classes="
                 )
 
     def _submit(self, fn, *args: Any) -> Future:

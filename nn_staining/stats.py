@@ -288,6 +288,7 @@ class PhaseStats:
         self._batch = -1
         self._label_low: torch.Tensor | None = None
         self._label_high: torch.Tensor | None = None
+        self._label_bad: torch.Tensor | None = None
         self._device: torch.device | None = None
         self.has_rows = False
 
@@ -405,12 +406,15 @@ class PhaseStats:
             self._device = buf.rows.device
             break
         if chunk.label_fill and self.num_classes:
-            low, high = torch.aminmax(chunk.labels[: chunk.label_fill])
+            labels = chunk.labels[: chunk.label_fill]
+            low, high = torch.aminmax(labels)
+            bad = ((labels < 0) | (labels >= self.num_classes)).sum()
             if self._label_low is None:
-                self._label_low, self._label_high = low, high
+                self._label_low, self._label_high, self._label_bad = low, high, bad
             else:
                 self._label_low = torch.minimum(self._label_low, low)
                 self._label_high = torch.maximum(self._label_high, high)
+                self._label_bad = self._label_bad + bad
         job = self._run(self._reduce, chunk)
         self.pool.release(chunk, job)
 
@@ -456,13 +460,16 @@ class PhaseStats:
         invalid = (labels < 0) | (labels >= self.num_classes)
         return labels.masked_fill(invalid, self.num_classes)
 
-    def label_range(self) -> tuple[int, int] | None:
-        """(min, max) of every label given this epoch, or None; one host sync, at the epoch's end."""
+    def label_check(self) -> tuple[int, int, int] | None:
+        """(labels outside the classes, min, max) of every label given this epoch, or None.
+
+        Counted on the device chunk by chunk; this is the one host sync, at the epoch's end.
+        """
         self._submit()
         if self._label_low is None:
             return None
-        low, high = torch.stack([self._label_low, self._label_high]).tolist()
-        return int(low), int(high)
+        bad, low, high = torch.stack([self._label_bad, self._label_low, self._label_high]).tolist()
+        return int(bad), int(low), int(high)
 
     def finish(self) -> Future:
         """Reduce what is left; a future of (per-layer output statistics, per-layer input class means)."""
