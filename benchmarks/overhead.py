@@ -49,7 +49,9 @@ def digits_mlp() -> Workload:
     y = torch.tensor(d.target, dtype=torch.int64)
 
     def build() -> nn.Module:
-        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+        return nn.Sequential(
+            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
 
     return Workload("digits MLP 64-128-128-10, 20 epochs", build, x, y, epochs=20)
 
@@ -158,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default="digits,wide,cnn", help="comma list of: " + ", ".join(WORKLOADS))
     p.add_argument("--modes", default=",".join(MODES), help="comma list of: " + ", ".join(MODES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--sync-debug", action="store_true", help="CUDA: raise on any host sync inside the batch loop")
+    p.add_argument(
+        "--sync-debug", action="store_true", help="CUDA: raise on any host sync inside the batch loop"
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     modes = args.modes.split(",")
@@ -170,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("tensorboard not installed (make bench installs it); skipping that column", file=sys.stderr)
             modes.remove("tensorboard")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.workloads.split(","):
@@ -187,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             cells = "  ".join(f"{m} {med[m]:.3f}s ({med[m] / med['plain']:.3f}x)" for m in modes)
             print(f"{w.name}: {cells}", flush=True)
     print()
-    header = "| workload | " + " | ".join(f"{m} s" for m in modes) + " | " + " | ".join(f"{m} ×" for m in modes[1:]) + " |"
+    header = (
+        "| workload | "
+        + " | ".join(f"{m} s" for m in modes)
+        + " | "
+        + " | ".join(f"{m} ×" for m in modes[1:])
+        + " |"
+    )
     print(header)
     print("|" + " --- |" * (1 + 2 * len(modes) - 1))
     for name, med in rows:

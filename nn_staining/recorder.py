@@ -109,7 +109,7 @@ class NetworkTrace:
         self._previous_weights: dict[str, np.ndarray] = {}
         self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
         self._started: set[int] = set()
-        self._pool = ChunkPool(size=3 if record_eval else 2)
+        self._pool = ChunkPool()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="nn_staining") if background else None
         self._jobs: list[Future] = []
         self._metrics: dict[str, dict[str, Any]] = {}
@@ -180,8 +180,7 @@ class NetworkTrace:
         self._started.add(epoch)
         phases = ("train", "eval") if self.record_eval else ("train",)
         self._phases = {
-            phase: PhaseStats(self.num_classes or 0, not self.drop_batches, self._pool, self._executor)
-            for phase in phases
+            phase: PhaseStats(self.num_classes or 0, not self.drop_batches, self._pool) for phase in phases
         }
         self._attach()
 
@@ -229,8 +228,9 @@ class NetworkTrace:
     def end_epoch(self) -> None:
         """Reduce the epoch, snapshot weights and biases, and write the epoch's Parquet parts.
 
-        Labels outside ``num_classes`` raise ``ValueError`` here, after the epoch is handed to the
-        writer. Writing runs on a worker thread; :meth:`flush` or :meth:`close` waits for it.
+        The statistics reach the host here, once. Labels outside ``num_classes`` raise ``ValueError``
+        after the epoch is handed to the writer. Building the tables and writing Parquet runs on a
+        worker thread (no tensor work there); :meth:`flush` or :meth:`close` waits for it.
         """
         if self._epoch is None:
             raise RuntimeError(
@@ -272,8 +272,7 @@ class NetworkTrace:
             key: {name: None if t is None else t.numpy() for name, t in entry.items()}
             for key, entry in weights.items()
         }
-        for phase, future in results.items():
-            outputs, inputs = future.result()
+        for phase, (outputs, inputs) in results.items():
             tables = epoch_tables(
                 phase,
                 dictionary,

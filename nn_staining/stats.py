@@ -11,11 +11,7 @@ chunks alternate, so memory stays bounded. The host sees the statistics once per
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -218,33 +214,22 @@ class Chunk:
 
 
 class ChunkPool:
-    """Two chunks that alternate: one fills while the other is reduced; buffers persist across epochs."""
+    """The chunk of buffers a recorder reuses across epochs, its sizing and the reductions' scratch."""
 
-    def __init__(self, size: int = 2, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.chunk_bytes = chunk_bytes
         self.max_batches: int | None = None
         self.scratch = Scratch()
-        self._free = [Chunk() for _ in range(size)]
-        self._busy: deque[tuple[Chunk, Future]] = deque()
+        self._free = [Chunk()]
 
     def acquire(self) -> Chunk:
-        """A cleared chunk; waits for the oldest reduction when both are in use (re-raising its error)."""
-        if not self._free:
-            chunk, job = self._busy.popleft()
-            try:
-                job.result()
-            finally:
-                chunk.clear()
-                self._free.append(chunk)
-        return self._free.pop()
+        """A cleared chunk (a new one only when every kept chunk is in use, e.g. train and eval)."""
+        return self._free.pop() if self._free else Chunk()
 
-    def release(self, chunk: Chunk, job: Future | None = None) -> None:
-        """Return ``chunk``; with ``job`` it becomes free once that reduction has run."""
-        if job is None:
-            chunk.clear()
-            self._free.append(chunk)
-        else:
-            self._busy.append((chunk, job))
+    def release(self, chunk: Chunk) -> None:
+        """Return ``chunk`` for reuse, emptied."""
+        chunk.clear()
+        self._free.append(chunk)
 
     def size_chunks(self, chunk: Chunk) -> None:
         """After the first batch: buffer as many batches as ``chunk_bytes`` allows."""
@@ -253,32 +238,17 @@ class ChunkPool:
         self.max_batches = int(max(1, min(MAX_BATCHES_PER_CHUNK, k)))
 
 
-def _done(value: Any) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
-
-
 class PhaseStats:
     """Accumulates every layer of one phase (train or eval) of one epoch.
 
     Call :meth:`start_batch` once per forward pass, :meth:`add` / :meth:`add_mean` from each
-    layer's hook, then :meth:`finish`. With an ``executor`` (CPU tensors only), chunk reductions
-    and the final transfer run on its worker thread; otherwise they run inline (on CUDA they are
-    asynchronous kernel launches anyway).
+    layer's hook, then :meth:`finish`. A full chunk is reduced when the next batch starts.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        keep_batches: bool = False,
-        pool: ChunkPool | None = None,
-        executor: Executor | None = None,
-    ) -> None:
+    def __init__(self, num_classes: int, keep_batches: bool = False, pool: ChunkPool | None = None) -> None:
         self.num_classes = num_classes
         self.keep_batches = keep_batches
         self.pool = pool or ChunkPool()
-        self.executor = executor
         self.moments: dict[str, Moments] = {}
         self.inputs: dict[str, Moments] = {}
         self.aliases: dict[str, str | None] = {}
@@ -289,7 +259,6 @@ class PhaseStats:
         self._label_low: torch.Tensor | None = None
         self._label_high: torch.Tensor | None = None
         self._label_bad: torch.Tensor | None = None
-        self._device: torch.device | None = None
         self.has_rows = False
 
     # -- per batch -------------------------------------------------------------------------------
@@ -398,13 +367,10 @@ class PhaseStats:
 
     # -- reductions ------------------------------------------------------------------------------
     def _submit(self) -> None:
-        """Hand the current chunk to the reducer (the worker thread on the CPU)."""
+        """Reduce the current chunk into the running sums and give its buffers back."""
         chunk, self._chunk = self._chunk, None
         if chunk is None:
             return
-        for _, _, buf in chunk.buffers():
-            self._device = buf.rows.device
-            break
         if chunk.label_fill and self.num_classes:
             labels = chunk.labels[: chunk.label_fill]
             low, high = torch.aminmax(labels)
@@ -415,14 +381,8 @@ class PhaseStats:
                 self._label_low = torch.minimum(self._label_low, low)
                 self._label_high = torch.maximum(self._label_high, high)
                 self._label_bad = self._label_bad + bad
-        job = self._run(self._reduce, chunk)
-        self.pool.release(chunk, job)
-
-    def _run(self, fn: Callable[..., Any], *args: Any) -> Future:
-        on_cpu = self._device is None or self._device.type == "cpu"
-        if self.executor is not None and on_cpu:
-            return self.executor.submit(fn, *args)
-        return _done(fn(*args))
+        self._reduce(chunk)
+        self.pool.release(chunk)
 
     def _reduce(self, chunk: Chunk) -> None:
         row_labels: dict[tuple, torch.Tensor] = {}
@@ -471,12 +431,9 @@ class PhaseStats:
         bad, low, high = torch.stack([self._label_bad, self._label_low, self._label_high]).tolist()
         return int(bad), int(low), int(high)
 
-    def finish(self) -> Future:
-        """Reduce what is left; a future of (per-layer output statistics, per-layer input class means)."""
+    def finish(self) -> Results:
+        """Reduce what is left; (per-layer output statistics, per-layer input class means) on the host."""
         self._submit()
-        return self._run(self._results)
-
-    def _results(self) -> Results:
         outputs = {layer: m.result() for layer, m in self.moments.items()}
         inputs = {layer: m.result() for layer, m in self.inputs.items()}
         for layer, source in self.aliases.items():

@@ -3,7 +3,6 @@ small chunks, labels, NaNs, per-batch rows, and the precision of long epochs far
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +18,14 @@ CLASSES = 4
 WIDTHS = {"a": 3, "b": 7, "c": 1}
 
 
-def phase_stats(chunk_bytes: int | None, keep_batches: bool = False, executor=None) -> PhaseStats:
+def phase_stats(chunk_bytes: int | None, keep_batches: bool = False) -> PhaseStats:
     """A PhaseStats whose chunks hold at most ``chunk_bytes`` (1: every batch is its own chunk)."""
     pool = ChunkPool() if chunk_bytes is None else ChunkPool(chunk_bytes=chunk_bytes)
-    return PhaseStats(CLASSES, keep_batches=keep_batches, pool=pool, executor=executor)
+    return PhaseStats(CLASSES, keep_batches=keep_batches, pool=pool)
 
 
 def finish(stats: PhaseStats) -> tuple[dict, dict]:
-    result = stats.finish()
-    return result.result() if hasattr(result, "result") else result
+    return stats.finish()
 
 
 def random_batches(seed: int, nan: bool = False) -> list[tuple[torch.Tensor | None, dict[str, torch.Tensor]]]:
@@ -78,13 +76,11 @@ def assert_stats(got: dict[str, np.ndarray], rows: np.ndarray, labels: np.ndarra
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 200, None])
-@pytest.mark.parametrize("threaded", [False, True])
-def test_phase_stats_match_numpy(chunk_bytes: int | None, threaded: bool) -> None:
+def test_phase_stats_match_numpy(chunk_bytes: int | None) -> None:
     batches = random_batches(seed=1)
-    with ThreadPoolExecutor(1) as executor:
-        stats = phase_stats(chunk_bytes, executor=executor if threaded else None)
-        feed(stats, batches)
-        outputs, _ = finish(stats)
+    stats = phase_stats(chunk_bytes)
+    feed(stats, batches)
+    outputs, _ = finish(stats)
     assert set(outputs) == set(WIDTHS)
     for layer in WIDTHS:
         rows, labels = reference(batches, layer)
