@@ -340,5 +340,7 @@ def read_epochs(
 
 
 def store_size(root: str | os.PathLike) -> int:
-    """Bytes on disk of every file of the store."""
-    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+    """Bytes on disk of the trace: ``meta.json`` and every table's parts (not figures beside them)."""
+    root = Path(root)
+    files = [root / "meta.json"] + [p for t in TABLES for p in (root / t).rglob("*.parquet")]
+    return sum(p.stat().st_size for p in files if p.is_file())
