@@ -88,12 +88,10 @@ class Moments:
         self.sum_sq += torch.mul(centred, centred, out=work).sum(0)
         torch.minimum(self.minimum, rows.amin(0), out=self.minimum)
         torch.maximum(self.maximum, rows.amax(0), out=self.maximum)
+        self.active += torch.gt(rows, 0, out=work).sum(0)  # a float 0/1 mask sums faster than a bool one
         if rows.is_cuda or not bool(torch.isfinite(self.sum).all()):
-            # exact boolean counts; on the CPU only once a NaN or Inf has been seen
-            self.active += (rows > 0).sum(0)
+            # on the CPU the NaN/Inf count is taken only once the sums show a non-finite value
             self.nonfinite += (~torch.isfinite(rows)).sum(0)
-        else:
-            self.active += torch.sign(rows, out=work).clamp_(min=0).sum(0)
         if self.keep_batches and segments:
             self._update_batches(rows, segments)
 
