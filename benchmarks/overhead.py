@@ -7,7 +7,8 @@ nn_staining records everything: every neurons column, per-class statistics (10 c
 class means for pathways, a weights snapshot and every epoch. "skip" is nn_staining attached
 with no epoch selected for recording (the cost of a non-recorded epoch). "tensorboard" writes
 ``add_histogram`` of every parameter and every layer's last-batch activation once per epoch.
-Ratios are against "plain" measured in the same run.
+Ratios are against "plain" measured in the same run; the order of the modes rotates
+between repetitions.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             train(w, "plain", device, os.path.join(tmp, "warm"))  # warm-up (allocator, kernels)
             times: dict[str, list[float]] = {m: [] for m in modes}
             for r in range(args.repeats):
-                for m in modes:
+                for m in modes[r % len(modes) :] + modes[: r % len(modes)]:  # rotate: no mode always first
                     times[m].append(train(w, m, device, os.path.join(tmp, f"{key}-{m}-{r}"), args.sync_debug))
             med = {m: statistics.median(t) for m, t in times.items()}
             rows.append((w.name, med))

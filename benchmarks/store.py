@@ -25,15 +25,16 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 QUERY_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 from nn_staining import load_trace
 start = time.perf_counter()
 t = load_trace({store!r})
 frame = t.query({signature!r})
 elapsed = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({{"seconds": elapsed, "rows": len(frame), "peak_rss_mib": rss}}))
+# VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, inherited at fork)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({{"seconds": elapsed, "rows": len(frame), "peak_rss_mib": int(hwm.split()[1]) / 1024}}))
 """
 
 

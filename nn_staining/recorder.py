@@ -30,6 +30,8 @@ from .tables import epoch_tables
 log = logging.getLogger(__name__)
 
 EpochIntervals = int | Sequence[int] | None
+#: Epochs handed to the writer thread and not yet on disk before end_epoch waits for the oldest.
+MAX_PENDING_WRITES = 2
 
 
 def epoch_rule(epoch_intervals: EpochIntervals, total_epochs: int | None) -> frozenset[int] | int | None:
@@ -245,6 +247,8 @@ class NetworkTrace:
         label_checks = {phase: stats.label_check() for phase, stats in phases.items()}
         results = {phase: stats.finish() for phase, stats in phases.items()}
         weights = self._weights_snapshot()
+        while len(self._jobs) >= MAX_PENDING_WRITES:  # back-pressure: memory stays flat
+            self._jobs.pop(0).result()
         job = self._submit(self._write_epoch, epoch, results, weights, self._ordered_layers())
         self._jobs.append(job)
         for phase, check in label_checks.items():

@@ -36,7 +36,7 @@ FORMAT_VERSION = 1
 TABLES = ("neurons", "classes", "inputs", "batches")
 PHASES = ("train", "eval")
 #: Rows per Parquet row group: a query reads whole row groups, so smaller is more selective.
-ROW_GROUP_ROWS = 16384
+ROW_GROUP_ROWS = 8192
 
 _LAYER = pa.dictionary(pa.int32(), pa.string())
 _F32 = pa.float32()
