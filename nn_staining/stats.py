@@ -101,11 +101,13 @@ class Moments:
         if centred.is_cuda:
             one_hot = (torch.arange(c + 1, device=centred.device).unsqueeze(1) == labels).to(centred.dtype)
             sums = one_hot @ centred
+            counts = one_hot.sum(1)  # bincount would sync: its output size depends on the data
         else:
             sums = torch.zeros(c + 1, centred.shape[1], dtype=centred.dtype, device=centred.device)
             sums.index_add_(0, labels, centred)
+            counts = torch.bincount(labels, minlength=c + 1)
         self.class_sum += sums[:c]
-        self.class_count += torch.bincount(labels, minlength=c + 1)[:c]
+        self.class_count += counts[:c]
         return sums.sum(0)
 
     def _update_batches(self, rows: torch.Tensor, segments: list[tuple[int, int]]) -> None:
@@ -116,6 +118,7 @@ class Moments:
         seg_index = torch.repeat_interleave(
             torch.tensor([position[b] for b in batch_ids], device=rows.device),
             torch.tensor([n for _, n in segments], device=rows.device),
+            output_size=rows.shape[0],  # known on the host: no device sync
         )
         nb, f = len(unique), rows.shape[1]
         index = seg_index.unsqueeze(1).expand(-1, f)
