@@ -92,32 +92,53 @@ class OutputLayout:
     channel_first: bool
     batch_dim: int
 
+    def width(self, output: Tensor) -> int:
+        """The number of neurons ``output`` holds under this layout (a shared module may vary)."""
+        if output.dim() <= 1:
+            return 1
+        return output.shape[1] if self.channel_first else output.shape[-1]
+
     def spatial_dims(self, output: Tensor) -> tuple[int, ...]:
         """The dimensions a channel-first output is averaged over."""
         return tuple(range(2, output.dim()))
 
-    def rows_per_sample(self, output: Tensor) -> int:
-        """Observations each sample contributes (sequence steps for linear-like outputs)."""
-        if self.channel_first or output.dim() <= 2:
-            return 1
-        return output.numel() // (output.shape[self.batch_dim] * self.neurons)
-
 
 def output_layout(
-    module: nn.Module, output: Tensor, previous: OutputLayout | None, previous_shape
+    module: nn.Module,
+    output: Tensor,
+    previous: OutputLayout | None = None,
+    previous_shape: tuple[int, ...] | None = None,
 ) -> OutputLayout:
-    """Decide neurons and orientation of ``module``'s ``output``.
+    """Decide the neurons and orientation of ``module``'s ``output``.
 
-    ≥4-D outputs are channel-first; 3-D ones are when the module is convolution-like, or when it
-    merely transforms (same shape) a channel-first output just before it, e.g. a ReLU after Conv1d.
+    ≥4-D outputs are channel-first. A 3-D output is channel-first when the module is
+    convolution-like, or when a parameter-free module (an activation, Dropout) passes on a
+    channel-first output of the same shape, e.g. a ReLU after a Conv1d. The batch is dimension 1
+    for ``batch_first=False`` RNNs and attention, and for layers that continue their
+    (steps, batch, …) output; ``previous`` / ``previous_shape`` describe the output recorded just
+    before this one in the same pass.
     """
-    batch_first = getattr(module, "batch_first", True)
-    batch_dim = 1 if (batch_first is False and output.dim() >= 3) else 0
+    elementwise = next(module.parameters(recurse=False), None) is None
+    same_leading = previous_shape is not None and tuple(output.shape[:2]) == tuple(previous_shape[:2])
+    if (
+        output.dim() >= 3
+        and getattr(module, "batch_first", True) is False
+        or output.dim() >= 3
+        and previous is not None
+        and previous.batch_dim == 1
+        and same_leading
+    ):
+        batch_dim = 1
+    else:
+        batch_dim = 0
     if output.dim() >= 4:
         channel_first = True
     elif output.dim() == 3:
         channel_first = isinstance(module, CHANNEL_FIRST_TYPES) or (
-            previous is not None and previous.channel_first and tuple(output.shape) == previous_shape
+            elementwise
+            and previous is not None
+            and previous.channel_first
+            and tuple(output.shape) == previous_shape
         )
     else:
         channel_first = False

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import platform
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +29,7 @@ from .store import FORMAT_NAME, FORMAT_VERSION, ROW_GROUP_ROWS, TraceWriter
 from .tables import epoch_tables
 
 log = logging.getLogger(__name__)
+_NO_PASS = object()  # no forward of the whole model has started in this epoch yet
 
 EpochIntervals = int | Sequence[int] | None
 #: Epochs handed to the writer thread and not yet on disk before end_epoch waits for the oldest.
@@ -107,15 +109,20 @@ class NetworkTrace:
         self._epoch: int | None = None
         self._phases: dict[str, PhaseStats] = {}
         self._targets: Tensor | None = None
-        self._last_output: tuple[weakref.ref, str] | None = None
+        self._last_output: tuple[weakref.ref, str, int] | None = None
+        self._current: PhaseStats | None | object = _NO_PASS
+        self._fired: dict[str, int] = {}
+        self._no_alias: set[tuple[str, str]] = set()
+        self._width_warned: set[str] = set()
         self._previous_weights: dict[str, np.ndarray] = {}
         self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
         self._started: set[int] = set()
         self._pool = ChunkPool()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="nn_staining") if background else None
         self._jobs: list[Future] = []
+        self._write_error: BaseException | None = None
+        self._created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self._metrics: dict[str, dict[str, Any]] = {}
-        self._bytes_written = 0
 
     # -- context management --------------------------------------------------------------------
     def __enter__(self) -> NetworkTrace:
@@ -132,6 +139,7 @@ class NetworkTrace:
         self._epoch = None
         self._phases = {}
         self._targets = None
+        self._pool = ChunkPool()  # free the device buffers
         try:
             self.flush()
         finally:
@@ -202,17 +210,23 @@ class NetworkTrace:
     def set_targets(self, targets: Tensor) -> None:
         """Give the class labels of the next forward pass's batch (enables per-class statistics).
 
-        Accepts (batch,) integer or 0/1 float labels, (batch, 1) or one-hot (batch, classes).
-        Labels are checked against ``num_classes`` on the device and reported at ``end_epoch``.
+        Accepts (batch,) integer or 0/1 float labels, (batch, 1), or one-hot / probability
+        (batch, classes) floats. Negative labels (``ignore_index``) count as unlabelled; labels
+        ``>= num_classes`` are counted on the device and reported at ``end_epoch``.
         """
+        if not self._phases:  # not a recorded epoch: nothing to do
+            return
         if not isinstance(targets, Tensor):
             targets = torch.as_tensor(targets)
-        if targets.dim() == 2 and targets.shape[1] > 1:
+        if targets.dim() == 2 and targets.shape[1] == 1:
+            targets = targets[:, 0]
+        elif targets.dim() == 2 and targets.is_floating_point():
             targets = targets.argmax(1)
-        elif targets.dim() > 1:
-            targets = targets.reshape(targets.shape[0], -1)[:, 0] if targets.dim() == 2 else targets
         if targets.dim() != 1:
-            raise ValueError(f"set_targets expects (batch,) labels, got shape {tuple(targets.shape)}")
+            raise ValueError(
+                f"set_targets expects one label per sample, (batch,) or one-hot (batch, classes) floats; "
+                f"got shape {tuple(targets.shape)} of {targets.dtype}"
+            )
         targets = targets.detach()
         if targets.dtype != torch.int64:
             targets = targets.to(torch.int64)
@@ -238,6 +252,7 @@ class NetworkTrace:
             raise RuntimeError(
                 "end_epoch() called without start_epoch(); call trace.start_epoch(epoch) first"
             )
+        self._check_aliases()
         epoch, phases = self._epoch, {p: s for p, s in self._phases.items() if s.has_rows}
         self._detach()
         self._epoch, self._phases, self._targets = None, {}, None
@@ -246,11 +261,16 @@ class NetworkTrace:
             return
         label_checks = {phase: stats.label_check() for phase, stats in phases.items()}
         results = {phase: stats.finish() for phase, stats in phases.items()}
-        weights = self._weights_snapshot()
-        while len(self._jobs) >= MAX_PENDING_WRITES:  # back-pressure: memory stays flat
-            self._jobs.pop(0).result()
-        job = self._submit(self._write_epoch, epoch, results, weights, self._ordered_layers())
-        self._jobs.append(job)
+        results = {phase: result for phase, result in results.items() if result[0]}
+        if results:
+            weights = self._weights_snapshot()
+            for phase in results:
+                self._recorded[phase].append(epoch)
+            while len(self._jobs) >= MAX_PENDING_WRITES:  # back-pressure: memory stays flat
+                self._jobs.pop(0).result()
+            # everything the writer needs is handed over: it reads no state the training thread changes
+            args = (epoch, results, weights, self._ordered_layers(), self.num_classes or 0, self._meta())
+            self._jobs.append(self._submit(self._write_epoch, *args))
         for phase, check in label_checks.items():
             if check is not None and check[0]:
                 bad, low, high = check
@@ -261,15 +281,38 @@ class NetworkTrace:
                     "still written; pass the right num_classes="
                 )
 
-    def _submit(self, fn, *args: Any) -> Future:
+    def _submit(self, fn: Callable[..., None], *args: Any) -> Future:
+        """Run ``fn`` on the writer thread (inline with ``background=False``); after a failed write
+        nothing more is written, so ``meta.json`` never lists an epoch whose parts are missing."""
+
+        def guarded() -> None:
+            if self._write_error is not None:
+                return
+            try:
+                fn(*args)
+            except BaseException as exc:
+                self._write_error = exc
+                raise
+
         if self._executor is None:
             future: Future = Future()
-            future.set_result(fn(*args))
+            try:
+                guarded()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
             return future
-        return self._executor.submit(fn, *args)
+        return self._executor.submit(guarded)
 
     def _write_epoch(
-        self, epoch: int, results: dict[str, Future], weights: dict, dictionary: list[str]
+        self,
+        epoch: int,
+        results: dict[str, tuple[dict, dict]],
+        weights: dict[str, dict[str, Tensor | None]],
+        dictionary: list[str],
+        num_classes: int,
+        meta: dict[str, Any],
     ) -> None:
         """Build and write the epoch's tables, then ``meta.json`` (runs on the writer thread)."""
         weights = {
@@ -284,13 +327,12 @@ class NetworkTrace:
                 inputs,
                 weights,
                 self._previous_weights,
-                self.num_classes or 0,
+                num_classes,
                 self.record_weights,
             )
-            self._bytes_written += self._writer.write_epoch(epoch, phase, tables)
-            self._recorded[phase].append(epoch)
+            self._writer.write_epoch(epoch, phase, tables)
         self._previous_weights = {k: w["weights"] for k, w in weights.items() if w["weights"] is not None}
-        self._writer.write_meta(self._meta())
+        self._writer.write_meta(meta)
 
     def log_metrics(self, epoch: int | None = None, **values: Any) -> None:
         """Keep training metrics (loss, accuracy, a confusion matrix…) in ``meta.json`` beside the trace.
@@ -298,18 +340,20 @@ class NetworkTrace:
         ``epoch=None`` files them under the run as a whole; values must be JSON-serialisable.
         """
         key = "run" if epoch is None else str(int(epoch))
-        self._metrics.setdefault(key, {}).update({k: _jsonable(v) for k, v in values.items()})
-        if self._started:
-            self._jobs.append(self._submit(self._write_meta_if_recorded))
-
-    def _write_meta_if_recorded(self) -> None:
+        converted = {k: _jsonable(v) for k, v in values.items()}
+        try:
+            json.dumps(converted)
+        except TypeError as exc:
+            raise TypeError(f"log_metrics values must be JSON-serialisable: {exc}") from None
+        self._metrics.setdefault(key, {}).update(converted)
         if self._recorded["train"] or self._recorded["eval"]:
-            self._writer.write_meta(self._meta())
+            self._jobs.append(self._submit(self._writer.write_meta, self._meta()))
 
     # -- hooks ---------------------------------------------------------------------------------
     def _attach(self) -> None:
         if self._handles:
             return
+        self._current, self._fired = _NO_PASS, {}
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
         for key, module in self._modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(key)))
@@ -321,20 +365,28 @@ class NetworkTrace:
         self._last_output = None
 
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
-        """A new batch: hand its labels (set_targets) to the phase's statistics; they serve one pass."""
+        """A new batch: its phase is the model's mode (a frozen submodule in eval mode stays in the
+        training record); the labels given by set_targets serve this one pass."""
+        self._check_aliases()
         stats = self._phases.get("train" if module.training else "eval")
+        self._current = stats
+        self._fired = {}
         if stats is not None:
             stats.start_batch(self._targets)
         self._targets = None
         self._last_output = None
 
-    def _make_hook(self, key: str):
+    def _make_hook(self, key: str) -> Callable[[nn.Module, tuple, Any], None]:
         """The forward hook of layer ``key``: copy its output (and a Linear's input) into the buffers."""
         linear = isinstance(self._modules[key], nn.Linear)
         layouts = self._layouts
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            stats = self._phases.get("train" if module.training else "eval")
+            if _recomputing_in_backward():  # activation checkpointing replays the forward: seen once
+                return
+            stats = self._current
+            if stats is _NO_PASS:  # a module called outside a forward of the model
+                stats = self._phases.get("train" if module.training else "eval")
             if stats is None:
                 return
             out = output if isinstance(output, Tensor) else _first_tensor(output)
@@ -342,6 +394,9 @@ class NetworkTrace:
                 return
             out = out.detach()
             layout = layouts.get(key) or self._discover(key, module, out)
+            if layout.width(out) != layout.neurons:
+                self._warn_width(key, layout, out)
+                return
             if stats._pending_labels is not None:
                 self._check_batch(key, stats, out, layout)
             if layout.channel_first:
@@ -350,29 +405,64 @@ class NetworkTrace:
                 stats.add(key, out.reshape(-1, layout.neurons))
             else:
                 stats.add(key, out.transpose(0, layout.batch_dim).reshape(-1, layout.neurons))
-            if linear and args and isinstance(args[0], Tensor):
+            if linear and stats.num_classes and args and isinstance(args[0], Tensor):
                 self._record_inputs(key, stats, args[0])
-            self._last_output = (weakref.ref(output if isinstance(output, Tensor) else out), key)
+            source = output if isinstance(output, Tensor) else out
+            self._last_output = (weakref.ref(source), key, source._version)
+            self._fired[key] = self._fired.get(key, 0) + 1
 
         return hook
 
     def _record_inputs(self, key: str, stats: PhaseStats, inputs: Tensor) -> None:
-        """Class-conditional input means for pathways; reuses the previous layer's output when it is the input."""
+        """Class-conditional input means for pathways; reuses the previous layer's statistics when
+        its output, unchanged and produced once this pass, is this layer's input."""
         source = None
-        if self._last_output is not None and self._last_output[0]() is inputs:
-            source = self._last_output[1]
-            if self._layouts[source].channel_first or self._layouts[source].batch_dim != 0:
-                source = None
-        mode = stats.input_source(key, source)
-        if mode == "copy":
+        last = self._last_output
+        if (
+            last is not None
+            and last[0]() is inputs
+            and inputs._version == last[2]
+            and self._fired.get(last[1]) == 1
+            and (key, last[1]) not in self._no_alias
+            and not self._layouts[last[1]].channel_first
+            and self._layouts[last[1]].batch_dim == 0
+        ):
+            source = last[1]
+        if stats.input_source(key, source) == "copy":
             stats.add(key, inputs.detach().reshape(-1, inputs.shape[-1]), inputs=True)
+
+    def _check_aliases(self) -> None:
+        """After a pass: a source layer that fired twice (a shared module) cannot stand for the
+        input of a layer that reused its statistics; that layer loses its input statistics this
+        epoch and copies its input from the next epoch on."""
+        stats = self._current
+        if stats is _NO_PASS or stats is None:
+            return
+        for layer, source in list(stats.aliases.items()):
+            if source is not None and self._fired.get(source, 0) > 1:
+                stats.drop_inputs(layer)
+                self._no_alias.add((layer, source))
+                log.warning(
+                    "inputs of %s are not recorded this epoch: %s fired twice in a pass", layer, source
+                )
+
+    def _warn_width(self, key: str, layout: OutputLayout, out: Tensor) -> None:
+        if key not in self._width_warned:
+            self._width_warned.add(key)
+            log.warning(
+                "%s produced %d neurons where its first output had %d (a module called at several widths); "
+                "only calls of the first width are recorded",
+                key,
+                layout.width(out),
+                layout.neurons,
+            )
 
     def _check_batch(self, key: str, stats: PhaseStats, out: Tensor, layout: OutputLayout) -> None:
         labels = stats.pending_labels()
         if labels is None:
             return
         batch = out.shape[layout.batch_dim] if out.dim() > 1 else out.shape[0]
-        if batch != labels:
+        if labels == 0 or batch % labels:
             self._targets = None
             stats.drop_labels()
             raise ValueError(
@@ -383,7 +473,7 @@ class NetworkTrace:
     def _discover(self, key: str, module: nn.Module, out: Tensor) -> OutputLayout:
         previous = None
         if self._last_output is not None:
-            ref, prev_key = self._last_output
+            ref, prev_key, _ = self._last_output
             prev = ref()
             if prev is not None:
                 previous = (self._layouts[prev_key], tuple(prev.shape))
@@ -441,7 +531,8 @@ class NetworkTrace:
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "created": self._created,
+            "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "model": {"class": type(self.model).__name__, "repr": repr(self.model)[:4000]},
             "layers": layers,
             "num_neurons": offset,
@@ -449,11 +540,9 @@ class NetworkTrace:
             "class_names": self.class_names,
             "epochs": {phase: sorted(e) for phase, e in self._recorded.items()},
             "row_group_size": ROW_GROUP_ROWS,
-            "metrics": self._metrics,
+            "metrics": {key: dict(values) for key, values in self._metrics.items()},
             "config": {
-                "epoch_intervals": self.epoch_intervals
-                if not isinstance(self.epoch_intervals, (set, frozenset, tuple))
-                else sorted(self.epoch_intervals),
+                "epoch_intervals": _jsonable_intervals(self.epoch_intervals),
                 "total_epochs": self.total_epochs,
                 "drop_batches": self.drop_batches,
                 "record_eval": self.record_eval,
@@ -485,11 +574,22 @@ class NetworkTrace:
 Network_Trace = NetworkTrace
 
 
+def _recomputing_in_backward() -> bool:
+    """Whether autograd's engine is running (a checkpointed forward being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _first_tensor(output: Any) -> Tensor | None:
     """The first tensor of a tuple output (LSTM, attention), else None."""
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     return None
+
+
+def _jsonable_intervals(epoch_intervals: EpochIntervals) -> int | list[int] | None:
+    if epoch_intervals is None or isinstance(epoch_intervals, (int, np.integer)):
+        return None if epoch_intervals is None else int(epoch_intervals)
+    return sorted(int(e) for e in epoch_intervals)
 
 
 def _host_copy(tensor: Tensor) -> Tensor:
@@ -498,19 +598,24 @@ def _host_copy(tensor: Tensor) -> Tensor:
 
 
 def _jsonable(value: Any) -> Any:
-    """Tensors and numpy values as plain Python numbers and lists."""
+    """Tensors and numpy values (also inside lists and dicts) as plain Python numbers and lists."""
     if isinstance(value, Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     return value
 
 
 def _activation_name(module: nn.Module) -> str | None:
     """The activation a module applies, when it is one (used to judge saturation)."""
     names = {
+        nn.ReLU6: "relu6",
         nn.ReLU: "relu",
         nn.Tanh: "tanh",
         nn.Sigmoid: "sigmoid",

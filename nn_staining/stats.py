@@ -11,6 +11,8 @@ chunks alternate, so memory stays bounded. The host sees the statistics once per
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +50,7 @@ class Moments:
     nonfinite: torch.Tensor = field(init=False)
     class_count: torch.Tensor = field(init=False)
     class_sum: torch.Tensor = field(init=False)
-    batches: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    batches: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         f, c, dev = self.num_features, self.num_classes, self.device
@@ -96,16 +98,14 @@ class Moments:
             self._update_batches(rows, segments)
 
     def _class_sums(self, centred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Add per-class sums and counts; returns the chunk's total (all rows, labelled or not)."""
+        """Add per-class sums and counts; returns the chunk's total (all rows, labelled or not).
+
+        ``index_add_`` on every device: its output size is fixed (no sync), a NaN row spoils only
+        its own class, and no (classes × rows) one-hot matrix is built.
+        """
         c = self.num_classes
-        if centred.is_cuda:
-            one_hot = (torch.arange(c + 1, device=centred.device).unsqueeze(1) == labels).to(centred.dtype)
-            sums = one_hot @ centred
-            counts = one_hot.sum(1)  # bincount would sync: its output size depends on the data
-        else:
-            sums = torch.zeros(c + 1, centred.shape[1], dtype=centred.dtype, device=centred.device)
-            sums.index_add_(0, labels, centred)
-            counts = torch.bincount(labels, minlength=c + 1)
+        sums = centred.new_zeros(c + 1, centred.shape[1]).index_add_(0, labels, centred)
+        counts = centred.new_zeros(c + 1).index_add_(0, labels, centred.new_ones(labels.shape[0]))
         self.class_sum += sums[:c]
         self.class_count += counts[:c]
         return sums.sum(0)
@@ -115,11 +115,10 @@ class Moments:
         batch_ids = [b for b, _ in segments]
         unique = sorted(set(batch_ids))
         position = {b: i for i, b in enumerate(unique)}
-        seg_index = torch.repeat_interleave(
-            torch.tensor([position[b] for b in batch_ids], device=rows.device),
-            torch.tensor([n for _, n in segments], device=rows.device),
-            output_size=rows.shape[0],  # known on the host: no device sync
+        host_index = torch.repeat_interleave(
+            torch.tensor([position[b] for b in batch_ids]), torch.tensor([n for _, n in segments])
         )
+        seg_index = host_index.to(rows.device, non_blocking=True)
         nb, f = len(unique), rows.shape[1]
         index = seg_index.unsqueeze(1).expand(-1, f)
         rows64 = rows.to(torch.float64)
@@ -131,7 +130,7 @@ class Moments:
         var = torch.zeros_like(count).index_add_(0, seg_index, dev * dev) / count
         low = torch.full_like(count, math.inf).scatter_reduce(0, index, rows64, "amin")
         high = torch.full_like(count, -math.inf).scatter_reduce(0, index, rows64, "amax")
-        self.batches.append((unique[0], torch.stack([count, mean, var.sqrt(), low, high])))
+        self.batches.append((unique, torch.stack([count, mean, var.sqrt(), low, high])))
 
     def result(self) -> dict[str, np.ndarray]:
         """The epoch's statistics as host numpy arrays (one device-to-host transfer per tensor)."""
@@ -158,6 +157,7 @@ class Moments:
         }
         if self.batches:
             out["batches"] = torch.cat([t for _, t in self.batches], dim=1).cpu().numpy()
+            out["batch_ids"] = np.array([b for ids, _ in self.batches for b in ids], dtype=np.int32)
         return out
 
 
@@ -198,6 +198,7 @@ class Chunk:
         self.label_fill = 0
         self.label_runs: dict[int, tuple[int, int]] = {}
         self.batches = 0
+        self.nbytes = 0
 
     def buffers(self) -> list[tuple[str, bool, _Buffer]]:
         """Every (layer, is_input, buffer) of the chunk."""
@@ -212,14 +213,14 @@ class Chunk:
         self.label_fill = 0
         self.label_runs = {}
         self.batches = 0
+        self.nbytes = 0
 
 
 class ChunkPool:
-    """The chunk of buffers a recorder reuses across epochs, its sizing and the reductions' scratch."""
+    """The chunk of buffers a recorder reuses across epochs, and the reductions' scratch."""
 
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.chunk_bytes = chunk_bytes
-        self.max_batches: int | None = None
         self.scratch = Scratch()
         self._free = [Chunk()]
 
@@ -232,11 +233,15 @@ class ChunkPool:
         chunk.clear()
         self._free.append(chunk)
 
-    def size_chunks(self, chunk: Chunk) -> None:
-        """After the first batch: buffer as many batches as ``chunk_bytes`` allows."""
-        per_batch = sum(b.fill * b.rows.shape[1] * 4 for _, _, b in chunk.buffers())
-        k = self.chunk_bytes // max(per_batch, 1)
-        self.max_batches = int(max(1, min(MAX_BATCHES_PER_CHUNK, k)))
+
+@contextmanager
+def plain_tensor_mode(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Ordinary tensors whatever mode the user's forward runs in: no autograd, no inference-mode
+    tensors (they could not be updated once the user leaves ``torch.inference_mode``), no autocast
+    (the sums must stay float32/float64)."""
+    device_type = torch.device(device).type
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
+        yield
 
 
 class PhaseStats:
@@ -264,16 +269,16 @@ class PhaseStats:
 
     # -- per batch -------------------------------------------------------------------------------
     def start_batch(self, labels: torch.Tensor | None) -> None:
-        """Begin a forward pass; ``labels`` (batch,) int64 on any device, or None."""
+        """Begin a forward pass; ``labels`` (batch,) int64 on any device, or None.
+
+        The chunk is reduced first when it holds ``chunk_bytes`` or ``MAX_BATCHES_PER_CHUNK`` batches.
+        """
         chunk = self._chunk
         if chunk is None:
             chunk = self._chunk = self.pool.acquire()
-        elif chunk.batches:
-            if self.pool.max_batches is None:
-                self.pool.size_chunks(chunk)
-            if chunk.batches >= self.pool.max_batches:
-                self._submit()
-                chunk = self._chunk = self.pool.acquire()
+        elif chunk.nbytes >= self.pool.chunk_bytes or chunk.batches >= MAX_BATCHES_PER_CHUNK:
+            self._submit()
+            chunk = self._chunk = self.pool.acquire()
         self._batch += 1
         chunk.batches += 1
         self._pending_labels = labels
@@ -288,33 +293,44 @@ class PhaseStats:
 
     def add(self, layer: str, rows: torch.Tensor, *, inputs: bool = False) -> None:
         """Copy one batch of a layer's observations (n, features) into its buffer (the hot path)."""
-        n = rows.shape[0]
-        buf = (self._chunk.inputs if inputs else self._chunk.outputs).get(layer)
-        if buf is None or buf.fill + n > buf.capacity:
-            buf = self._make_room(layer, inputs, n, rows.shape[1], rows.device)
-        buf.rows[buf.fill : buf.fill + n].copy_(rows)
-        buf.fill += n
-        buf.segments.append((self._batch, n))
-        self.has_rows = True
-        if self._pending_labels is not None:
-            self._store_labels(rows.device)
+        buf = self._room(layer, inputs, rows.shape[0], rows.shape[1], rows.device)
+        if buf is not None:
+            buf.rows[buf.fill : buf.fill + rows.shape[0]].copy_(rows)
+            self._filled(buf, rows.shape[0], rows.device)
 
     def add_mean(self, layer: str, values: torch.Tensor, dims: tuple[int, ...]) -> None:
-        """Like :meth:`add` for the mean of ``values`` over ``dims`` (convolution channels)."""
+        """Like :meth:`add` for the mean of ``values`` over ``dims`` (convolution channels).
+
+        The mean is taken in float32 whatever the model's dtype (bf16/fp16 means lose the spread).
+        """
         n = values.shape[0]
-        buf = self._chunk.outputs.get(layer)
+        buf = self._room(layer, False, n, values.shape[1], values.device)
+        if buf is not None:
+            target = buf.rows[buf.fill : buf.fill + n]
+            if values.dtype == torch.float32:
+                torch.mean(values, dim=dims, out=target)
+            else:
+                target.copy_(values.mean(dim=dims, dtype=torch.float32))
+            self._filled(buf, n, values.device)
+
+    def _room(self, layer: str, inputs: bool, n: int, f: int, device: torch.device) -> _Buffer | None:
+        """The layer's buffer with room for ``n`` rows, or None for an empty batch."""
+        if n == 0:
+            return None
+        if self._chunk is None:  # a module called outside a forward of the model: its own batch
+            self.start_batch(None)
+        buf = (self._chunk.inputs if inputs else self._chunk.outputs).get(layer)
         if buf is None or buf.fill + n > buf.capacity:
-            buf = self._make_room(layer, False, n, values.shape[1], values.device)
-        target = buf.rows[buf.fill : buf.fill + n]
-        if values.dtype == torch.float32:
-            torch.mean(values, dim=dims, out=target)
-        else:
-            target.copy_(values.mean(dim=dims))
+            buf = self._make_room(layer, inputs, n, f, device)
+        return buf
+
+    def _filled(self, buf: _Buffer, n: int, device: torch.device) -> None:
         buf.fill += n
         buf.segments.append((self._batch, n))
+        self._chunk.nbytes += n * buf.rows.shape[1] * 4
         self.has_rows = True
         if self._pending_labels is not None:
-            self._store_labels(values.device)
+            self._store_labels(device)
 
     def input_source(self, layer: str, source: str | None) -> str:
         """How to record ``layer``'s input this batch, given that it is ``source``'s output (or None).
@@ -331,36 +347,45 @@ class PhaseStats:
             return "copy" if source is None else "alias"
         if known == source:
             return "copy" if source is None else "alias"
+        self.drop_inputs(layer)
+        return "skip"
+
+    def drop_inputs(self, layer: str) -> None:
+        """Give up ``layer``'s input statistics for this epoch (see :meth:`input_source`)."""
         self._inconsistent.add(layer)
         self.aliases.pop(layer, None)
         self.inputs.pop(layer, None)
-        return "skip"
 
     def _make_room(self, layer: str, inputs: bool, n: int, f: int, device: torch.device) -> _Buffer:
         """A layer's buffer with room for ``n`` more rows: new (first batch) or grown."""
         table = self._chunk.inputs if inputs else self._chunk.outputs
         buf = table.get(layer)
-        if buf is None or buf.rows.device != device or buf.rows.shape[1] != f:
-            capacity = n * (self.pool.max_batches or 4)
-            rows = torch.empty(capacity, f, dtype=torch.float32, device=device)
-            buf = table[layer] = _Buffer(rows, capacity)
-        else:
-            capacity = max(buf.fill + n, 2 * buf.capacity)
-            grown = buf.rows.new_empty((capacity, f))
-            grown[: buf.fill].copy_(buf.rows[: buf.fill])
-            buf.rows, buf.capacity = grown, capacity
+        with plain_tensor_mode(device):
+            if buf is None or buf.rows.device != device or buf.rows.shape[1] != f:
+                if buf is not None and buf.fill:
+                    raise ValueError(
+                        f"layer {layer!r} produced {f} features on {device} after {buf.rows.shape[1]} on "
+                        f"{buf.rows.device} in the same batch run; record it with a fixed width"
+                    )
+                capacity = 4 * n
+                buf = table[layer] = _Buffer(
+                    torch.empty(capacity, f, dtype=torch.float32, device=device), capacity
+                )
+            else:
+                capacity = max(buf.fill + n, 2 * buf.capacity)
+                grown = buf.rows.new_empty((capacity, f))
+                grown[: buf.fill].copy_(buf.rows[: buf.fill])
+                buf.rows, buf.capacity = grown, capacity
         return buf
 
     def _store_labels(self, device: torch.device) -> None:
         labels, self._pending_labels = self._pending_labels, None
         chunk, n = self._chunk, labels.shape[0]
-        if chunk.labels is None or chunk.labels.device != device:
-            chunk.labels = torch.empty(
-                max(n * (self.pool.max_batches or 4), 256), dtype=torch.int64, device=device
-            )
-        elif chunk.label_fill + n > chunk.labels.shape[0]:
-            grown = torch.empty(2 * (chunk.label_fill + n), dtype=torch.int64, device=device)
-            grown[: chunk.label_fill].copy_(chunk.labels[: chunk.label_fill])
+        if chunk.labels is None or chunk.labels.device != device or chunk.label_fill + n > len(chunk.labels):
+            with plain_tensor_mode(device):
+                grown = torch.empty(max(4 * (chunk.label_fill + n), 256), dtype=torch.int64, device=device)
+                if chunk.labels is not None and chunk.label_fill:
+                    grown[: chunk.label_fill].copy_(chunk.labels[: chunk.label_fill])
             chunk.labels = grown
         chunk.labels[chunk.label_fill : chunk.label_fill + n].copy_(labels, non_blocking=True)
         chunk.label_runs[self._batch] = (chunk.label_fill, n)
@@ -375,15 +400,22 @@ class PhaseStats:
         if chunk.label_fill and self.num_classes:
             labels = chunk.labels[: chunk.label_fill]
             low, high = torch.aminmax(labels)
-            bad = ((labels < 0) | (labels >= self.num_classes)).sum()
+            bad = (labels >= self.num_classes).sum()  # negative labels mean "ignore" (ignore_index)
             if self._label_low is None:
                 self._label_low, self._label_high, self._label_bad = low, high, bad
             else:
                 self._label_low = torch.minimum(self._label_low, low)
                 self._label_high = torch.maximum(self._label_high, high)
                 self._label_bad = self._label_bad + bad
-        self._reduce(chunk)
+        with plain_tensor_mode(self._chunk_device(chunk)):
+            self._reduce(chunk)
         self.pool.release(chunk)
+
+    @staticmethod
+    def _chunk_device(chunk: Chunk) -> torch.device:
+        for _, _, buf in chunk.buffers():
+            return buf.rows.device
+        return torch.device("cpu")
 
     def _reduce(self, chunk: Chunk) -> None:
         row_labels: dict[tuple, torch.Tensor] = {}
@@ -416,10 +448,13 @@ class PhaseStats:
                 continue
             start, size = run
             labels = chunk.labels[start : start + size]
+            if n % size:  # rows that do not split evenly among the batch's samples: unlabelled
+                parts.append(torch.full((n,), self.num_classes, dtype=torch.int64, device=device))
+                continue
             parts.append(labels if n == size else labels.repeat_interleave(n // size))
-        labels = parts[0] if len(parts) == 1 else torch.cat(parts)
+        labels = parts[0] if len(parts) == 1 else torch.cat([p.to(device, non_blocking=True) for p in parts])
         invalid = (labels < 0) | (labels >= self.num_classes)
-        return labels.masked_fill(invalid, self.num_classes)
+        return labels.to(device, non_blocking=True).masked_fill(invalid, self.num_classes)
 
     def label_check(self) -> tuple[int, int, int] | None:
         """(labels outside the classes, min, max) of every label given this epoch, or None.
