@@ -389,10 +389,10 @@ class NetworkTrace:
                 stats = self._phases.get("train" if module.training else "eval")
             if stats is None:
                 return
-            out = output if isinstance(output, Tensor) else _first_tensor(output)
-            if out is None or not out.is_floating_point() or out.dim() == 0:
+            raw = output if isinstance(output, Tensor) else _first_tensor(output)
+            if raw is None or not raw.is_floating_point() or raw.dim() == 0:
                 return
-            out = out.detach()
+            out = raw.detach()
             layout = layouts.get(key) or self._discover(key, module, out)
             if layout.width(out) != layout.neurons:
                 self._warn_width(key, layout, out)
@@ -407,8 +407,7 @@ class NetworkTrace:
                 stats.add(key, out.transpose(0, layout.batch_dim).reshape(-1, layout.neurons))
             if linear and stats.num_classes and args and isinstance(args[0], Tensor):
                 self._record_inputs(key, stats, args[0])
-            source = output if isinstance(output, Tensor) else out
-            self._last_output = (weakref.ref(source), key, source._version)
+            self._last_output = (weakref.ref(raw), key, _version(raw))
             self._fired[key] = self._fired.get(key, 0) + 1
 
         return hook
@@ -421,7 +420,7 @@ class NetworkTrace:
         if (
             last is not None
             and last[0]() is inputs
-            and inputs._version == last[2]
+            and _version(inputs) == last[2] != -1
             and self._fired.get(last[1]) == 1
             and (key, last[1]) not in self._no_alias
             and not self._layouts[last[1]].channel_first
@@ -572,6 +571,11 @@ class NetworkTrace:
 
 
 Network_Trace = NetworkTrace
+
+
+def _version(tensor: Tensor) -> int:
+    """The tensor's in-place version counter (-1 for inference tensors, which keep none)."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 def _recomputing_in_backward() -> bool:

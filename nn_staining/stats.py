@@ -4,8 +4,10 @@ Hooks only copy each batch's activations into a preallocated device buffer (one 
 layer). The buffers of a run of batches form a :class:`Chunk`; a full chunk is reduced in a few
 large tensor operations (a one-hot matrix product gives every per-class sum at once) and folded
 into float64 running sums taken around a per-neuron shift, so ``act_std`` keeps its precision
-over long epochs. On the CPU the reduction runs on a worker thread while training goes on; two
-chunks alternate, so memory stays bounded. The host sees the statistics once per epoch.
+over long epochs. Reductions run on the training thread (asynchronous kernels on a GPU; on the
+CPU a second thread of tensor work would fight the training's own OpenMP threads). Buffers are
+allocated once and reused every epoch, so memory stays flat. The host sees the statistics once
+per epoch.
 """
 
 from __future__ import annotations

@@ -145,6 +145,11 @@ def build_table(table: str, columns: dict[str, Any], layers: Sequence[str]) -> p
             arrays.append(pa.nulls(n, f.type))
         elif f.name == "weights":
             offsets, values, missing = value
+            if offsets[-1] > np.iinfo(np.int32).max:
+                raise ValueError(
+                    f"an epoch holds {offsets[-1]:,} weights, more than a Parquet list<float32> column takes; "
+                    "record it with record_weights=False"
+                )
             arrays.append(
                 pa.ListArray.from_arrays(
                     pa.array(np.asarray(offsets, np.int32)),
@@ -201,15 +206,22 @@ class TraceWriter:
     def __init__(self, root: str | os.PathLike, overwrite: bool = False) -> None:
         self.root = Path(root)
         meta = self.root / "meta.json"
-        if meta.exists() or any((self.root / t).exists() for t in TABLES):
+        tables = [self.root / t for t in TABLES if (self.root / t).exists()]
+        if meta.exists():
             if not overwrite:
                 raise FileExistsError(
                     f"{str(self.root)!r} already holds a trace; pass overwrite=True to replace it "
                     "or choose another store path"
                 )
-            for name in TABLES:
-                shutil.rmtree(self.root / name, ignore_errors=True)
-            meta.unlink(missing_ok=True)
+            read_meta(self.root)  # only a folder that really is a trace is cleared
+            for table in tables:
+                shutil.rmtree(table)
+            meta.unlink()
+        elif tables:
+            raise FileExistsError(
+                f"{str(self.root)!r} is not an nn_staining trace but has folders named like its tables "
+                f"({', '.join(t.name for t in tables)}); choose another store path"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
 
     def write_epoch(self, epoch: int, phase: str, tables: dict[str, pa.Table]) -> int:
@@ -260,50 +272,44 @@ def read_meta(root: str | os.PathLike) -> dict[str, Any]:
 
 def read_part(
     path: Path,
-    columns: Sequence[str] | None,
+    columns: Sequence[str],
     row_ranges: Sequence[tuple[int, int]] | None,
     expected_rows: int | None = None,
     fallback_filter: pc.Expression | None = None,
 ) -> pa.Table:
-    """Read ``columns`` of the rows in ``row_ranges`` from one part, touching only their row groups.
+    """Read ``columns`` of the rows in ``row_ranges`` from one part, touching only their row groups
+    (each read once). ``columns`` must include those ``fallback_filter`` uses.
 
     When the file does not hold ``expected_rows`` rows (a layer missing that epoch), the row
     ranges are not trusted and ``fallback_filter`` selects the rows instead.
     """
     pf = pq.ParquetFile(path)
     md = pf.metadata
-    if row_ranges is None:
-        if fallback_filter is None:
-            return pf.read(columns=columns)
-        needed = list(columns) + [c for c in _filter_columns(fallback_filter) if c not in columns]
-        return pf.read(columns=needed).filter(fallback_filter).select(list(columns))
-    if expected_rows is not None and md.num_rows != expected_rows:
-        needed = list(columns) + [c for c in _filter_columns(fallback_filter) if c not in columns]
-        table = pf.read(columns=needed)
-        return table.filter(fallback_filter).select(list(columns))
+    if row_ranges is None or (expected_rows is not None and md.num_rows != expected_rows):
+        table = pf.read(columns=list(columns))
+        return table if fallback_filter is None else table.filter(fallback_filter)
     starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+    groups = sorted(
+        {
+            g
+            for lo, hi in row_ranges
+            for g in range(
+                int(np.searchsorted(starts, lo, side="right")) - 1, int(np.searchsorted(starts, hi))
+            )
+        }
+    )
+    if not groups:
+        return pf.schema_arrow.empty_table().select(list(columns))
+    chunk = pf.read_row_groups(groups, columns=list(columns), use_threads=False)
+    position = {g: int(sum(starts[h + 1] - starts[h] for h in groups[:i])) for i, g in enumerate(groups)}
     pieces = []
     for lo, hi in row_ranges:
-        first = int(np.searchsorted(starts, lo, side="right")) - 1
-        last = int(np.searchsorted(starts, hi, side="left"))
-        groups = list(range(first, last))
-        if not groups:
-            continue
-        chunk = pf.read_row_groups(groups, columns=columns, use_threads=False)
-        piece = chunk.slice(lo - starts[first], hi - lo)
-        if piece.num_rows * 2 < chunk.num_rows:
-            piece = piece.take(np.arange(piece.num_rows))  # a copy, so the row groups can be freed
-        pieces.append(piece)
-    if not pieces:
-        return pf.schema_arrow.empty_table().select(list(columns))
-    return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
-
-
-def _filter_columns(expr: pc.Expression | None) -> list[str]:
-    if expr is None:
-        return []
-    text = str(expr)
-    return [c for c in ("layer", "neuron", "feature", "class", "batch") if c in text]
+        g = int(np.searchsorted(starts, lo, side="right")) - 1
+        pieces.append(chunk.slice(position[g] + lo - int(starts[g]), hi - lo))
+    table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+    if table.num_rows * 2 < chunk.num_rows:
+        table = table.take(np.arange(table.num_rows))  # a copy, so the row groups can be freed
+    return table
 
 
 def read_epochs(

@@ -134,6 +134,7 @@ def _input_columns(phase, dictionary, inputs, code, c) -> dict[str, Any]:
 
 
 def _batch_columns(phase, order, outputs, code) -> dict[str, Any]:
+    """Rows (layer, batch, neuron); ``batch`` is the batch's index in the epoch."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ("layer", "batch", "neuron", "stats")}
     for key in order:
         stats = outputs[key].get("batches")
@@ -141,7 +142,7 @@ def _batch_columns(phase, order, outputs, code) -> dict[str, Any]:
             continue
         nb, f = stats.shape[1], stats.shape[2]
         parts["layer"].append(np.full(nb * f, code[key], dtype=np.int32))
-        parts["batch"].append(np.repeat(np.arange(nb, dtype=np.int32), f))
+        parts["batch"].append(np.repeat(outputs[key]["batch_ids"], f))
         parts["neuron"].append(np.tile(np.arange(f, dtype=np.int32), nb))
         parts["stats"].append(stats.reshape(5, -1))
     stats = np.concatenate(parts["stats"], axis=1)

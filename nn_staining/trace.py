@@ -58,10 +58,12 @@ class Trace(Mapping):
 
     @property
     def num_classes(self) -> int | None:
+        """Classes of the per-class statistics (None when no labels were given)."""
         return self.meta.get("num_classes")
 
     @property
     def class_names(self) -> list[str]:
+        """Names of the classes (their indices as text when none were given)."""
         names = self.meta.get("class_names")
         return list(names) if names else [str(c) for c in range(self.num_classes or 0)]
 
@@ -135,6 +137,10 @@ class Trace(Mapping):
         sig = parse_signature(signature) if isinstance(signature, str) else signature
         if table not in SCHEMAS:
             raise ValueError(f"table {table!r} is not one of {', '.join(SCHEMAS)}")
+        if table == "batches" and not (self.path / "batches").exists():
+            raise KeyError(
+                f"{str(self.path)!r} has no batches table; record with drop_batches=False (main.py --keep-batches)"
+            )
         epochs = self._epochs(sig)
         layers = self._select_layers(sig)
         columns = self._columns(table, columns)
@@ -179,8 +185,13 @@ class Trace(Mapping):
     def _epochs(self, sig: Signature) -> list[int]:
         chosen = sig.epochs.select(self.epochs)
         if not chosen:
+            hint = (
+                " (eval passes are kept only with record_eval=True / --record-eval)"
+                if self.phase == "eval"
+                else ""
+            )
             raise KeyError(
-                f"epoch {sig.epochs} not in trace ({self.phase}); recorded epochs: {_short(self.epochs)}"
+                f"epoch {sig.epochs} not in trace ({self.phase}); recorded epochs: {_short(self.epochs)}{hint}"
             )
         return chosen
 
@@ -294,6 +305,13 @@ class LayerView(Mapping):
             raise KeyError(f"neuron {neuron!r} not in layer {self.layer!r}; neurons: n_0 … n_{self.size - 1}")
         columns = DEFAULT_COLUMNS["neurons"][2:] + ["weights"]
         frame = self.trace.query(f"E_{self.epoch}/{self.layer}/n_{index}", columns=columns)
+        if frame.empty:
+            present = [
+                e for e in self.trace.epochs if not self.trace.query(f"E_{e}/{self.layer}/n_{index}").empty
+            ]
+            raise KeyError(
+                f"layer {self.layer!r} has no rows at epoch {self.epoch}; epochs with it: {_short(present)}"
+            )
         row = _plain(frame.iloc[0].to_dict())
         if self.trace.num_classes:
             classes = self.trace.query(f"E_{self.epoch}/{self.layer}/n_{index}", table="classes")

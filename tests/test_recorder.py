@@ -218,7 +218,8 @@ def test_batches_table_across_many_chunks(tmp_path: Path) -> None:
 
 def test_default_drop_batches_writes_no_batches_table(frozen_run: Run) -> None:
     assert not (frozen_run.store / "batches").exists()
-    assert load_trace(frozen_run.store).batches().empty
+    with pytest.raises(KeyError, match="no batches table.*drop_batches=False"):
+        load_trace(frozen_run.store).batches()
 
 
 # -- 2. models --------------------------------------------------------------------------------------
