@@ -18,14 +18,30 @@ def _epoch_intervals(text: str) -> int | list[int] | None:
     """``--epoch-intervals``: 'all', an int k (every k-th epoch, -1 the last) or a list '0,5,9'."""
     if text in ("all", "none", "None"):
         return None
+    problem = (
+        f"{text!r} is not 'all', a positive int k (every k-th epoch), -1 (the last) or a list like 0,5,9"
+    )
     try:
-        if "," in text:
-            return [int(part) for part in text.split(",") if part.strip()]
-        return int(text)
+        value: int | list[int] = (
+            [int(part) for part in text.split(",") if part.strip()] if "," in text else int(text)
+        )
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not 'all', an int (every k-th epoch; -1 = the last) or a list like 0,5,9"
-        ) from None
+        raise argparse.ArgumentTypeError(problem) from None
+    bad = (value == 0 or value < -1) if isinstance(value, int) else (not value or min(value) < 0)
+    if bad:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def _positive(text: str) -> int:
+    """An int > 0 (epochs, widths, batch sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def run_parser(prog: str = "main.py") -> argparse.ArgumentParser:
@@ -42,10 +58,10 @@ def run_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     p.add_argument(
         "--model", choices=["simple", "cnn"], default="simple", help="demo model (cnn needs digits)"
     )
-    p.add_argument("--epochs", type=int, default=30, help="training epochs")
-    p.add_argument("--hidden", type=int, default=64, help="hidden layer width of SimpleNN")
+    p.add_argument("--epochs", type=_positive, default=30, help="training epochs")
+    p.add_argument("--hidden", type=_positive, default=64, help="hidden layer width of SimpleNN")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    p.add_argument("--batch-size", type=_positive, default=32, help="training batch size")
     p.add_argument("--seed", type=int, default=0, help="random seed (data split, init, shuffling)")
     p.add_argument(
         "--epoch-intervals",
@@ -90,6 +106,11 @@ def run_command(args: argparse.Namespace) -> int:
         run_name=args.run_name,
         figures=not args.no_figures,
     )
+    if isinstance(config.epoch_intervals, list) and max(config.epoch_intervals) >= config.epochs:
+        late = [e for e in config.epoch_intervals if e >= config.epochs]
+        print(
+            f"warning: --epoch-intervals lists epochs {late} but --epochs is {config.epochs}", file=sys.stderr
+        )
     bar = tqdm(total=config.epochs, desc=f"training {config.model} on {config.dataset}", unit="epoch")
 
     def on_epoch(r) -> None:
@@ -116,12 +137,15 @@ def run_command(args: argparse.Namespace) -> int:
         paths = save_figures(trace, result.store / "figures")
         print(f"figures: {result.store / 'figures'}/ ({len(paths)} PNG)")
     layer = "L_hidden_1" if "L_hidden_1" in trace.layers else trace.layers[min(1, len(trace.layers) - 1)]
-    signature = f"E_*/{layer}/n_0"
+    neuron = 20 if trace.layer_info(layer)["neurons"] > 20 else 0
+    signature = f"E_*/{layer}/n_{neuron}"
     columns = ["act_mean", "act_std", "act_active_frac", "bias", "weight_norm"]
+    history = trace.query(signature, columns=columns)
     print(
         f"\nexample query: trace.query({signature!r})  (python -m nn_staining query {result.store} {signature!r})"
     )
-    print(trace.query(signature, columns=columns).tail(5).to_string())
+    print(f"the last {min(5, len(history))} of {len(history)} rows, one per recorded epoch:")
+    print(history.tail(5).to_string())
     return 0
 
 
@@ -218,15 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--max-rows", type=int, default=60, help="rows shown before eliding")
     query.set_defaults(func=query_command)
     info = sub.add_parser("info", help="describe a trace: layers, neurons, epochs, classes, size")
-    info.add_argument("store")
+    info.add_argument("store", help="a trace folder, e.g. results/breast_cancer")
     info.set_defaults(func=info_command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m nn_staining`` and the ``nn-staining`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def run_main(argv: Sequence[str] | None = None) -> int:
+    """``main.py``: the run command's settings at top level."""
+    args = run_parser("main.py").parse_args(sys.argv[1:] if argv is None else argv)
+    args.func = run_command
+    return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run a parsed command: library errors become one line and exit code 2."""
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -237,8 +271,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {message}", file=sys.stderr)
         return 2
-
-
-def run_main(argv: Sequence[str] | None = None) -> int:
-    """``main.py``: the run command's settings at top level."""
-    return main(["run", *(sys.argv[1:] if argv is None else argv)])
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,17 @@ class RunConfig:
 
     @property
     def store(self) -> Path:
-        return Path(self.output_dir) / (self.run_name or self.dataset)
+        """``<output_dir>/<run_name>``; the default name is the data set (with ``_cnn`` for the CNN)."""
+        default = self.dataset if self.model == "simple" else f"{self.dataset}_{self.model}"
+        return Path(self.output_dir) / (self.run_name or default)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming a bad setting, before anything on disk is replaced."""
+        for name in ("epochs", "hidden", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr!r} must be positive")
 
 
 @dataclass
@@ -57,6 +68,8 @@ class EpochResult:
 
 @dataclass
 class RunResult:
+    """Where the run's trace is, its per-epoch losses and accuracies, and the held-out confusion matrix."""
+
     config: RunConfig
     store: Path
     history: list[EpochResult] = field(default_factory=list)
@@ -64,7 +77,9 @@ class RunResult:
 
 
 def run_pipeline(config: RunConfig, on_epoch: Callable[[EpochResult], None] | None = None) -> RunResult:
-    """Train ``config.model`` on ``config.dataset``, recording it into ``config.store``."""
+    """Train ``config.model`` on ``config.dataset``, recording it into ``config.store`` (replacing
+    a run already there, its figures included)."""
+    config.validate()
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, seed=config.seed)
     x_train, x_test = data.x_train, data.x_test
@@ -91,6 +106,7 @@ def run_pipeline(config: RunConfig, on_epoch: Callable[[EpochResult], None] | No
         overwrite=True,
         config={"pipeline": _config_dict(config)},
     )
+    shutil.rmtree(config.store / "figures", ignore_errors=True)  # figures of a replaced run
     with trace:
         for epoch in range(config.epochs):
             trace.start_epoch(epoch)
