@@ -283,7 +283,7 @@ def read_part(
     When the file does not hold ``expected_rows`` rows (a layer missing that epoch), the row
     ranges are not trusted and ``fallback_filter`` selects the rows instead.
     """
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(path, pre_buffer=False)  # a few small column chunks: coalescing reads costs more
     md = pf.metadata
     if row_ranges is None or (expected_rows is not None and md.num_rows != expected_rows):
         table = pf.read(columns=list(columns))
@@ -322,27 +322,33 @@ def read_epochs(
     expected_rows: int | None = None,
     fallback_filter: pc.Expression | None = None,
 ) -> pa.Table:
-    """Concatenate the selected rows of ``table`` over ``epochs``, with an int32 ``epoch`` column first."""
-    epochs = list(epochs)
-    paths = [part_path(root, table, e, phase) for e in epochs]
+    """Concatenate the selected rows of ``table`` over ``epochs``, with an int32 ``epoch`` column first.
 
-    def one(i: int) -> pa.Table:
-        if not paths[i].exists():
-            return SCHEMAS[table].empty_table().select(list(columns))
-        part = read_part(paths[i], columns, row_ranges, expected_rows, fallback_filter)
-        epoch = pa.array(np.full(part.num_rows, epochs[i], dtype=np.int32))
-        return part.add_column(0, "epoch", epoch)
+    Parts are read on a few threads (pyarrow decodes without the GIL); an epoch without a part
+    of this table contributes no rows.
+    """
+    epochs = list(epochs)
+    folder, name = os.path.join(os.fspath(root), table), part_name(phase)
+    paths = [os.path.join(folder, f"epoch={e}", name) for e in epochs]
+
+    def one(path: str) -> pa.Table | None:
+        try:
+            return read_part(Path(path), columns, row_ranges, expected_rows, fallback_filter)
+        except FileNotFoundError:
+            return None
 
     if len(paths) > 4:
         with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 2))) as pool:
-            parts = list(pool.map(one, range(len(paths))))
+            parts = list(pool.map(one, paths))
     else:
-        parts = [one(i) for i in range(len(paths))]
-    parts = [p for p in parts if "epoch" in p.column_names]
-    if not parts:
+        parts = [one(p) for p in paths]
+    found = [(e, p) for e, p in zip(epochs, parts) if p is not None]
+    if not found:
         empty = SCHEMAS[table].empty_table().select(list(columns))
         return empty.add_column(0, "epoch", pa.array([], pa.int32()))
-    return pa.concat_tables(parts, promote_options="permissive")
+    data = pa.concat_tables([p for _, p in found], promote_options="permissive")
+    epoch = np.repeat(np.array([e for e, _ in found], dtype=np.int32), [p.num_rows for _, p in found])
+    return data.add_column(0, "epoch", pa.array(epoch))
 
 
 def store_size(root: str | os.PathLike) -> int:
