@@ -51,7 +51,7 @@ def epoch_tables(
     tables = {"neurons": build_table("neurons", neurons, dictionary)}
     if num_classes and any("class_mean" in outputs[k] for k in order):
         tables["classes"] = build_table(
-            "classes", _class_columns(phase, order, sizes, outputs, code, num_classes), dictionary
+            "classes", _class_columns(phase, order, outputs, code, num_classes), dictionary
         )
         if inputs:
             tables["inputs"] = build_table(
@@ -107,30 +107,35 @@ def _weight_columns(
     return columns
 
 
-def _class_columns(phase, order, sizes, outputs, code, c) -> dict[str, Any]:
+def _per_class_columns(
+    phase: str, keys: list[str], stats: dict[str, dict[str, np.ndarray]], code: dict[str, int], c: int
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (layer, unit, class) from per-layer ``class_count`` (c,) and ``class_mean`` (c, units):
+    the key columns, then each row's unit, count and mean."""
+    widths = [stats[k]["class_mean"].shape[1] for k in keys]
     cat = np.concatenate
-    return {
+    columns = {
         "phase": phase,
-        "layer": np.repeat([code[k] for k in order], [n * c for n in sizes]).astype(np.int32),
-        "neuron": cat([np.repeat(np.arange(n, dtype=np.int32), c) for n in sizes]),
-        "class": np.tile(np.arange(c, dtype=np.int32), sum(sizes)),
-        "act_count": cat([np.tile(outputs[k]["class_count"], n) for k, n in zip(order, sizes)]),
-        "act_mean": cat([outputs[k]["class_mean"].T.reshape(-1) for k in order]),
+        "layer": np.repeat([code[k] for k in keys], [w * c for w in widths]).astype(np.int32),
+        "class": np.tile(np.arange(c, dtype=np.int32), sum(widths)),
     }
+    units = cat([np.repeat(np.arange(w, dtype=np.int32), c) for w in widths])
+    counts = cat([np.tile(stats[k]["class_count"], w) for k, w in zip(keys, widths)])
+    means = cat([stats[k]["class_mean"].T.reshape(-1) for k in keys])
+    return columns, units, counts, means
+
+
+def _class_columns(phase, order, outputs, code, c) -> dict[str, Any]:
+    """Rows (layer, neuron, class) of the ``classes`` table."""
+    columns, neurons, counts, means = _per_class_columns(phase, order, outputs, code, c)
+    return columns | {"neuron": neurons, "act_count": counts, "act_mean": means}
 
 
 def _input_columns(phase, dictionary, inputs, code, c) -> dict[str, Any]:
+    """Rows (layer, feature, class) of the ``inputs`` table."""
     keys = [k for k in dictionary if k in inputs]
-    widths = [inputs[k]["class_mean"].shape[1] for k in keys]
-    cat = np.concatenate
-    return {
-        "phase": phase,
-        "layer": np.repeat([code[k] for k in keys], [w * c for w in widths]).astype(np.int32),
-        "feature": cat([np.repeat(np.arange(w, dtype=np.int32), c) for w in widths]),
-        "class": np.tile(np.arange(c, dtype=np.int32), sum(widths)),
-        "count": cat([np.tile(inputs[k]["class_count"], w) for k, w in zip(keys, widths)]),
-        "mean": cat([inputs[k]["class_mean"].T.reshape(-1) for k in keys]),
-    }
+    columns, features, counts, means = _per_class_columns(phase, keys, inputs, code, c)
+    return columns | {"feature": features, "count": counts, "mean": means}
 
 
 def _batch_columns(phase, order, outputs, code) -> dict[str, Any]:
