@@ -22,6 +22,7 @@ from .trace import Trace
 
 #: Colour of unstained neurons and of input features.
 UNSTAINED_COLOUR = "#c8c8c8"
+INPUT_COLOUR = "white"
 #: Colour of the × marking a dead neuron.
 DEAD_COLOUR = "#3a3a3a"
 #: Selectivity at and above which a stained node is drawn in its class's full colour.
@@ -152,8 +153,8 @@ def plot_staining_graph(
         positions[layer] = dict(zip(shown.tolist(), y))
         size = float(np.clip(2200 / len(shown), 6, 140))
         if layer == "x":
-            ax.scatter(
-                np.full(len(shown), col), y, s=size, color=UNSTAINED_COLOUR, edgecolor="#777777", lw=0.4
+            ax.scatter(  # input features are not stained: white, unlike grey "unstained" neurons
+                np.full(len(shown), col), y, s=size, color=INPUT_COLOUR, edgecolor="#555555", lw=0.6, zorder=3
             )
         else:
             rows = frame.xs(layer, level="layer").loc[shown]
@@ -191,6 +192,18 @@ def plot_staining_graph(
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     handles = _stain_legend(trace, palette)
+    if x_column == "x":
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                ls="",
+                markerfacecolor=INPUT_COLOUR,
+                markeredgecolor="#555555",
+                label="input feature",
+            )
+        )
     if top > 0:
         handles += [
             Line2D([], [], color="#555555", lw=0.6 + 0.44, label=f"path, score {0.1 * top:.2g}"),
