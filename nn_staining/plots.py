@@ -616,6 +616,10 @@ def plot_unit_health(trace: Trace, health: staining.UnitHealth | None = None) ->
         for i, layer in enumerate(layers):
             data = health.layers.xs(layer, level="layer")
             ax.plot(data.index, data[column], marker="o", ms=3, color=colours[i % len(colours)], label=layer)
+        if not (health.layers[column] > 0).any():  # overlapping zero lines hide each other: say it
+            ax.text(
+                0.5, 0.5, "none in any layer, any epoch", transform=ax.transAxes, ha="center", color="#555555"
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylim(-0.02, 1.02)
