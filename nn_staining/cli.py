@@ -217,6 +217,7 @@ def _human(n: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``python -m nn_staining {run,query,info}``."""
     parser = argparse.ArgumentParser(
         prog="python -m nn_staining", description="Record and query network traces."
     )

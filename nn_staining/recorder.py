@@ -16,7 +16,7 @@ import platform
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from .layers import OutputLayout, neuron_weights, output_layout, select_layers
 from .stats import ChunkPool, PhaseStats
 from .store import FORMAT_NAME, FORMAT_VERSION, ROW_GROUP_ROWS, TraceWriter
 from .tables import epoch_tables
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 log = logging.getLogger(__name__)
 _NO_PASS = object()  # no forward of the whole model has started in this epoch yet
@@ -558,14 +561,14 @@ class NetworkTrace:
         }
 
     # -- reading back --------------------------------------------------------------------------
-    def load(self):
+    def load(self) -> Trace:
         """The trace written so far (the completed epochs), as :func:`nn_staining.load_trace` gives it."""
         from .trace import load_trace
 
         self.flush()
         return load_trace(self.store)
 
-    def __getitem__(self, signature: str):
+    def __getitem__(self, signature: str) -> Any:
         """Answer a signature from the completed epochs, e.g. ``trace["E_0/L_hidden_1/n_20"]``."""
         return self.load()[signature]
 
