@@ -108,6 +108,10 @@ def run_command(args: argparse.Namespace) -> int:
     )
     if isinstance(config.epoch_intervals, list) and max(config.epoch_intervals) >= config.epochs:
         late = [e for e in config.epoch_intervals if e >= config.epochs]
+        if len(late) == len(config.epoch_intervals):
+            raise ValueError(
+                f"--epoch-intervals {','.join(map(str, late))} names no epoch below --epochs {config.epochs}"
+            )
         print(
             f"warning: --epoch-intervals lists epochs {late} but --epochs is {config.epochs}", file=sys.stderr
         )

@@ -94,6 +94,7 @@ def run_pipeline(config: RunConfig, on_epoch: Callable[[EpochResult], None] | No
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(config.seed)
     result = RunResult(config, config.store)
+    replacing = (config.store / "meta.json").exists()
     trace = NetworkTrace(
         model,
         config.store,
@@ -106,7 +107,8 @@ def run_pipeline(config: RunConfig, on_epoch: Callable[[EpochResult], None] | No
         overwrite=True,
         config={"pipeline": _config_dict(config)},
     )
-    shutil.rmtree(config.store / "figures", ignore_errors=True)  # figures of a replaced run
+    if replacing:
+        shutil.rmtree(config.store / "figures", ignore_errors=True)  # figures of the replaced run
     with trace:
         for epoch in range(config.epochs):
             trace.start_epoch(epoch)

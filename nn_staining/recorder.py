@@ -102,7 +102,11 @@ class NetworkTrace:
         self.record_weights = record_weights
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
-        self.config = dict(config or {})
+        self.config = {str(k): _jsonable(v) for k, v in (config or {}).items()}
+        try:
+            json.dumps(self.config)
+        except TypeError as exc:
+            raise TypeError(f"config values must be JSON-serialisable: {exc}") from None
         self._modules = select_layers(model, layers)
         self._layer_patterns = layers
         self._writer = TraceWriter(self.store, overwrite=overwrite)
@@ -126,6 +130,9 @@ class NetworkTrace:
         self._write_error: BaseException | None = None
         self._created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self._metrics: dict[str, dict[str, Any]] = {}
+        # an empty but valid trace from the start: a crash before the first epoch leaves a store
+        # that loads (no epochs) and that overwrite=True may replace
+        self._writer.write_meta(self._meta())
 
     # -- context management --------------------------------------------------------------------
     def __enter__(self) -> NetworkTrace:
@@ -214,7 +221,7 @@ class NetworkTrace:
         """Give the class labels of the next forward pass's batch (enables per-class statistics).
 
         Accepts (batch,) integer or 0/1 float labels, (batch, 1), or one-hot / probability
-        (batch, classes) floats. Negative labels (``ignore_index``) count as unlabelled; labels
+        (batch, classes) rows. Negative labels (``ignore_index``) count as unlabelled; labels
         ``>= num_classes`` are counted on the device and reported at ``end_epoch``.
         """
         if not self._phases:  # not a recorded epoch: nothing to do
@@ -223,11 +230,11 @@ class NetworkTrace:
             targets = torch.as_tensor(targets)
         if targets.dim() == 2 and targets.shape[1] == 1:
             targets = targets[:, 0]
-        elif targets.dim() == 2 and targets.is_floating_point():
+        elif targets.dim() == 2:  # one-hot (F.one_hot gives int64) or class probabilities
             targets = targets.argmax(1)
         if targets.dim() != 1:
             raise ValueError(
-                f"set_targets expects one label per sample, (batch,) or one-hot (batch, classes) floats; "
+                f"set_targets expects one label per sample, (batch,) or one-hot (batch, classes); "
                 f"got shape {tuple(targets.shape)} of {targets.dtype}"
             )
         targets = targets.detach()
@@ -267,10 +274,10 @@ class NetworkTrace:
         results = {phase: result for phase, result in results.items() if result[0]}
         if results:
             weights = self._weights_snapshot()
-            for phase in results:
-                self._recorded[phase].append(epoch)
             while len(self._jobs) >= MAX_PENDING_WRITES:  # back-pressure: memory stays flat
                 self._jobs.pop(0).result()
+            for phase in results:
+                self._recorded[phase].append(epoch)
             # everything the writer needs is handed over: it reads no state the training thread changes
             args = (epoch, results, weights, self._ordered_layers(), self.num_classes or 0, self._meta())
             self._jobs.append(self._submit(self._write_epoch, *args))
@@ -285,12 +292,17 @@ class NetworkTrace:
                 )
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> Future:
-        """Run ``fn`` on the writer thread (inline with ``background=False``); after a failed write
-        nothing more is written, so ``meta.json`` never lists an epoch whose parts are missing."""
+        """Run ``fn`` on the writer thread (inline, raising at once, with ``background=False``).
+
+        After a failed write nothing more is written, so ``meta.json`` never lists an epoch whose
+        parts are missing, and every later write reports the first failure.
+        """
 
         def guarded() -> None:
             if self._write_error is not None:
-                return
+                raise RuntimeError(
+                    f"not written: an earlier write to {self.store!r} failed"
+                ) from self._write_error
             try:
                 fn(*args)
             except BaseException as exc:
@@ -298,13 +310,9 @@ class NetworkTrace:
                 raise
 
         if self._executor is None:
+            guarded()
             future: Future = Future()
-            try:
-                guarded()
-            except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(None)
+            future.set_result(None)
             return future
         return self._executor.submit(guarded)
 
@@ -360,6 +368,8 @@ class NetworkTrace:
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
         for key, module in self._modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(key)))
+        # after the layers' hooks: when the model itself is a layer, its hook still sees the pass
+        self._handles.append(self.model.register_forward_hook(self._on_forward_end))
 
     def _detach(self) -> None:
         for handle in self._handles:
@@ -379,6 +389,11 @@ class NetworkTrace:
         self._targets = None
         self._last_output = None
 
+    def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The model's pass is over: modules called on their own from now on make their own batches."""
+        self._check_aliases()
+        self._current, self._fired = _NO_PASS, {}
+
     def _make_hook(self, key: str) -> Callable[[nn.Module, tuple, Any], None]:
         """The forward hook of layer ``key``: copy its output (and a Linear's input) into the buffers."""
         linear = isinstance(self._modules[key], nn.Linear)
@@ -388,10 +403,14 @@ class NetworkTrace:
             if _recomputing_in_backward():  # activation checkpointing replays the forward: seen once
                 return
             stats = self._current
-            if stats is _NO_PASS:  # a module called outside a forward of the model
+            direct = stats is _NO_PASS
+            if direct:  # a module called outside a forward of the whole model
                 stats = self._phases.get("train" if module.training else "eval")
             if stats is None:
                 return
+            if direct and (not self._fired or key in self._fired):  # a new call of the submodules
+                stats.start_batch(self._targets)
+                self._targets, self._fired = None, {}
             raw = output if isinstance(output, Tensor) else _first_tensor(output)
             if raw is None or not raw.is_floating_point() or raw.dim() == 0:
                 return
@@ -409,19 +428,20 @@ class NetworkTrace:
             else:
                 stats.add(key, out.transpose(0, layout.batch_dim).reshape(-1, layout.neurons))
             if linear and stats.num_classes and args and isinstance(args[0], Tensor):
-                self._record_inputs(key, stats, args[0])
+                self._record_inputs(key, stats, args[0], alias=not direct)
             self._last_output = (weakref.ref(raw), key, _version(raw))
             self._fired[key] = self._fired.get(key, 0) + 1
 
         return hook
 
-    def _record_inputs(self, key: str, stats: PhaseStats, inputs: Tensor) -> None:
+    def _record_inputs(self, key: str, stats: PhaseStats, inputs: Tensor, alias: bool = True) -> None:
         """Class-conditional input means for pathways; reuses the previous layer's statistics when
         its output, unchanged and produced once this pass, is this layer's input."""
         source = None
         last = self._last_output
         if (
-            last is not None
+            alias
+            and last is not None
             and last[0]() is inputs
             and _version(inputs) == last[2] != -1
             and self._fired.get(last[1]) == 1
@@ -431,7 +451,13 @@ class NetworkTrace:
         ):
             source = last[1]
         if stats.input_source(key, source) == "copy":
-            stats.add(key, inputs.detach().reshape(-1, inputs.shape[-1]), inputs=True)
+            batch_dim = self._layouts[key].batch_dim  # rows sample-major, as the labels are repeated
+            x = (
+                inputs.detach()
+                if batch_dim == 0 or inputs.dim() < 3
+                else inputs.detach().transpose(0, batch_dim)
+            )
+            stats.add(key, x.reshape(-1, inputs.shape[-1]), inputs=True)
 
     def _check_aliases(self) -> None:
         """After a pass: a source layer that fired twice (a shared module) cannot stand for the
@@ -464,7 +490,7 @@ class NetworkTrace:
         if labels is None:
             return
         batch = out.shape[layout.batch_dim] if out.dim() > 1 else out.shape[0]
-        if labels == 0 or batch % labels:
+        if batch != labels:
             self._targets = None
             stats.drop_labels()
             raise ValueError(

@@ -289,6 +289,7 @@ def read_part(
         table = pf.read(columns=list(columns))
         return table if fallback_filter is None else table.filter(fallback_filter)
     starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+    row_ranges = [(lo, hi) for lo, hi in row_ranges if lo < hi]
     groups = sorted(
         {
             g

@@ -250,3 +250,122 @@ def test_bfloat16_channel_means_keep_their_spread(tmp_path: Path) -> None:
     per_sample = out.float().mean(dim=(2, 3)).double().numpy()
     std = load_trace(tmp_path / "t").query("E_0/L_model")["act_std"].to_numpy()
     np.testing.assert_allclose(std, per_sample.std(0), rtol=0.05)
+
+
+def test_inputs_of_a_layer_after_a_seq_first_lstm_follow_the_samples(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SeqFirst()
+    x, y = torch.randn(5, 6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES) as trace:
+        trace.start_epoch(0)
+        trace.set_targets(y)
+        with torch.no_grad():
+            model(x)
+        trace.end_epoch()
+    h = model.lstm(x)[0].detach().numpy()  # (steps, batch, 4): the head's input
+    means = load_trace(tmp_path / "t").inputs("E_0/L_head")["mean"].unstack("class").to_numpy()
+    for c in range(CLASSES):
+        np.testing.assert_allclose(means[:, c], h[:, y.numpy() == c, :].reshape(-1, 4).mean(0), rtol=1e-5)
+
+
+def test_labels_for_half_the_batch_are_refused(tmp_path: Path) -> None:
+    model = nn.Linear(5, 2)
+    x, y = data(16)
+    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES) as trace:
+        trace.start_epoch(0)
+        trace.set_targets(y[:8])
+        with pytest.raises(ValueError, match="8 labels .* batch of 16"):
+            model(x)
+
+
+def test_integer_one_hot_labels_are_accepted(tmp_path: Path) -> None:
+    model = nn.Linear(5, 2)
+    x, y = data()
+    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES) as trace:
+        trace.start_epoch(0)
+        trace.set_targets(nn.functional.one_hot(y, CLASSES))
+        with torch.no_grad():
+            out = model(x).numpy()
+        trace.end_epoch()
+    classes = load_trace(tmp_path / "t").classes("E_0/L_model")["act_mean"].unstack("class").to_numpy()
+    for c in range(CLASSES):
+        np.testing.assert_allclose(classes[:, c], out[y.numpy() == c].mean(0), rtol=1e-5, atol=1e-6)
+
+
+class Autoencoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = nn.Linear(5, 3), nn.Linear(3, 5)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.enc(x))
+
+
+def test_submodules_called_directly_make_one_batch_per_call(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Autoencoder()
+    x, y = data()
+    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES, drop_batches=False) as trace:
+        trace.start_epoch(0)
+        for i in range(3):  # the model's own forward is never called
+            trace.set_targets(y[8 * i : 8 * i + 8])
+            with torch.no_grad():
+                model.encode(x[8 * i : 8 * i + 8])
+        trace.end_epoch()
+    t = load_trace(tmp_path / "t")
+    assert sorted(set(t.batches("E_0/L_enc").index.get_level_values("batch"))) == [0, 1, 2]
+    out = model.enc(x).detach().numpy()
+    classes = t.classes("E_0/L_enc")["act_mean"].unstack("class").to_numpy()
+    for c in range(CLASSES):
+        np.testing.assert_allclose(classes[:, c], out[y.numpy() == c].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_write_is_reported_by_every_later_write(tmp_path: Path, monkeypatch) -> None:
+    from nn_staining import store
+
+    model = nn.Linear(5, 2)
+    x, _ = data()
+    calls = {"n": 0}
+    original = store.TraceWriter.write_epoch
+
+    def failing_once(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(store.TraceWriter, "write_epoch", failing_once)
+    trace = NetworkTrace(model, tmp_path / "t", background=False)
+    for epoch in range(3):
+        trace.start_epoch(epoch)
+        model(x)
+        if epoch == 1:
+            with pytest.raises(OSError, match="disk full"):
+                trace.end_epoch()
+        elif epoch == 2:
+            with pytest.raises(RuntimeError, match="earlier write .* failed"):
+                trace.end_epoch()
+        else:
+            trace.end_epoch()
+    trace.close()
+    assert load_trace(tmp_path / "t").epochs == [0]
+
+
+def test_config_must_be_json(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="JSON"):
+        NetworkTrace(nn.Linear(2, 2), tmp_path / "t", config={"data": Path("/data")})
+    assert not (tmp_path / "t" / "meta.json").exists()
+
+
+def test_pipeline_keeps_figures_of_a_folder_that_was_no_trace(tmp_path: Path) -> None:
+    from nn_staining.pipeline import RunConfig, run_pipeline
+
+    figures = tmp_path / "proj" / "figures"
+    figures.mkdir(parents=True)
+    (figures / "mine.png").write_bytes(b"x")
+    run_pipeline(RunConfig(epochs=1, output_dir=str(tmp_path), run_name="proj", figures=False))
+    assert (figures / "mine.png").exists()
+    assert load_trace(tmp_path / "proj").epochs == [0]
