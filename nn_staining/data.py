@@ -24,6 +24,7 @@ class Dataset:
     y_test: torch.Tensor
     class_names: list[str]
     image_shape: tuple[int, ...] | None = None
+    feature_names: list[str] | None = None
 
     @property
     def num_features(self) -> int:
@@ -43,12 +44,14 @@ def load_dataset(name: str, test_fraction: float = 0.25, seed: int = 0) -> Datas
     if name == "breast_cancer":
         raw = datasets.load_breast_cancer()
         x, y, classes, shape = raw.data, raw.target, list(raw.target_names), None
+        features = [str(f) for f in raw.feature_names]
     elif name == "digits":
         raw = datasets.load_digits()
         x, y, classes, shape = raw.data, raw.target, [str(c) for c in raw.target_names], (1, 8, 8)
+        features = [f"pixel ({r},{c})" for r in range(8) for c in range(8)]
     elif name == "moons":
         x, y = datasets.make_moons(n_samples=1000, noise=0.2, random_state=seed)
-        classes, shape = ["upper moon", "lower moon"], None
+        classes, shape, features = ["upper moon", "lower moon"], None, ["x", "y"]
     else:
         raise ValueError(f"dataset {name!r} is not one of: {', '.join(DATASETS)}")
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
@@ -67,4 +70,5 @@ def load_dataset(name: str, test_fraction: float = 0.25, seed: int = 0) -> Datas
         t(y_te, torch.int64),
         classes,
         shape,
+        features,
     )

@@ -105,7 +105,7 @@ def run_pipeline(config: RunConfig, on_epoch: Callable[[EpochResult], None] | No
         record_eval=config.record_eval,
         class_names=data.class_names,
         overwrite=True,
-        config={"pipeline": _config_dict(config)},
+        config={"pipeline": _config_dict(config), "feature_names": data.feature_names},
     )
     if replacing:
         shutil.rmtree(config.store / "figures", ignore_errors=True)  # figures of the replaced run

@@ -169,7 +169,8 @@ def plot_staining_graph(
         if len(shown) < width:
             note = f"showing {len(shown)} of {width}\n(even sample in stain order;\npath neurons kept)"
             ax.text(col, -0.035, note, ha="center", va="top", fontsize=7, color="#444444")
-        _label_path_nodes(ax, col, layer, positions[layer], keep_nodes.get(layer, set()))
+        names = trace.feature_names if layer == "x" else None
+        _label_path_nodes(ax, col, layer, positions[layer], keep_nodes.get(layer, set()), names)
     top = _draw_paths(ax, paths, columns, positions, widths, palette)
     if chain and x_column not in ("x", None):
         ax.text(
@@ -285,14 +286,18 @@ def _sample(order: np.ndarray, keep: set[int], limit: int) -> np.ndarray:
     return np.array([n for n in order if n in chosen])
 
 
-def _label_path_nodes(ax, col: int, layer: str, pos: dict[int, float], nodes: set[int]) -> None:
-    """Name the neurons on drawn paths (``n_7``), when few enough to stay legible."""
+def _label_path_nodes(
+    ax, col: int, layer: str, pos: dict[int, float], nodes: set[int], names: list[str] | None = None
+) -> None:
+    """Name the neurons on drawn paths (``n_7``, or ``n_7 mean radius`` for a named input feature),
+    when few enough to stay legible."""
     if not nodes or len(nodes) > 14:
         return
     for n in nodes:
         if n in pos:
+            label = f"n_{n} {names[n]}" if names is not None and n < len(names) else f"n_{n}"
             ax.text(
-                col + 0.07, pos[n], f"n_{n}", fontsize=6.5, va="center", ha="left", color="#222222", zorder=5
+                col + 0.07, pos[n], label, fontsize=6.5, va="center", ha="left", color="#222222", zorder=5
             )
 
 

@@ -82,6 +82,12 @@ class Trace(Mapping):
         """Run-level metrics given to ``log_metrics`` without an epoch (e.g. the final confusion matrix)."""
         return dict(self.meta.get("metrics", {}).get("run", {}))
 
+    @property
+    def feature_names(self) -> list[str] | None:
+        """Names of the model's input features, when the recording gave them (``config={"feature_names": …}``)."""
+        names = self.meta.get("config", {}).get("feature_names")
+        return list(names) if names else None
+
     def size_bytes(self) -> int:
         """Bytes the store takes on disk."""
         return store_size(self.path)

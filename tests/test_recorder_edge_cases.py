@@ -369,3 +369,14 @@ def test_pipeline_keeps_figures_of_a_folder_that_was_no_trace(tmp_path: Path) ->
     run_pipeline(RunConfig(epochs=1, output_dir=str(tmp_path), run_name="proj", figures=False))
     assert (figures / "mine.png").exists()
     assert load_trace(tmp_path / "proj").epochs == [0]
+
+
+def test_feature_names_given_in_config_reach_the_trace(tmp_path: Path) -> None:
+    model = nn.Linear(2, 2)
+    for config, expected in (({"feature_names": ["width", "height"]}, ["width", "height"]), ({}, None)):
+        store = tmp_path / str(len(config))
+        with NetworkTrace(model, store, config=config) as trace:
+            trace.start_epoch(0)
+            model(torch.randn(4, 2))
+            trace.end_epoch()
+        assert load_trace(store).feature_names == expected
