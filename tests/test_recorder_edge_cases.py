@@ -24,6 +24,18 @@ def capture(module: nn.Module, store: list[np.ndarray]) -> None:
     module.register_forward_hook(lambda m, a, o: store.append(o.detach().double().numpy().copy()))
 
 
+def assert_class_means(
+    recorded: np.ndarray, values: np.ndarray, labels: torch.Tensor, sample_dim: int = 0
+) -> None:
+    """``recorded`` (units, classes) against numpy's per-class mean of ``values`` (samples on
+    ``sample_dim``, features last; every other position an observation of its sample)."""
+    y = labels.numpy()
+    for c in range(CLASSES):
+        chosen = np.take(values, np.flatnonzero(y == c), axis=sample_dim)
+        expected = chosen.reshape(-1, values.shape[-1]).mean(0)
+        np.testing.assert_allclose(recorded[:, c], expected, rtol=1e-5, atol=1e-6)
+
+
 def neuron_means(path: Path, layer: str, epoch: int = 0) -> np.ndarray:
     return load_trace(path).query(f"E_{epoch}/{layer}")["act_mean"].to_numpy()
 
@@ -90,8 +102,7 @@ def test_module_called_at_two_widths_records_the_first_width(tmp_path: Path) -> 
     # only act's first-width calls are recorded, and they are exactly fc2's input
     h = torch.relu(model.fc1(x)).detach().numpy()
     means = load_trace(tmp_path / "t").inputs("E_0/L_fc2")["mean"].unstack("class").to_numpy()
-    for c in range(CLASSES):
-        np.testing.assert_allclose(means[:, c], h[y.numpy() == c].mean(0), rtol=1e-5, atol=1e-6)
+    assert_class_means(means, h, y)
 
 
 class SameWidthShared(nn.Module):
@@ -120,8 +131,7 @@ def test_inputs_are_not_taken_from_a_module_that_fires_twice(tmp_path: Path) -> 
     assert t.inputs("E_0/L_fc2").empty  # act's statistics mix both calls: not used, and not faked
     h = torch.relu(model.fc1(x)).detach().numpy()  # from the next epoch on, fc2's input is copied
     means = t.inputs("E_1/L_fc2")["mean"].unstack("class").to_numpy()
-    for c in range(CLASSES):
-        np.testing.assert_allclose(means[:, c], h[y.numpy() == c].mean(0), rtol=1e-5, atol=1e-6)
+    assert_class_means(means, h, y)
 
 
 class SeqFirst(nn.Module):
@@ -150,8 +160,7 @@ def test_layer_after_a_seq_first_lstm_gets_each_step_its_samples_class(tmp_path:
         trace.end_epoch()
     out = seen[0]  # (steps, batch, 2)
     classes = load_trace(tmp_path / "t").classes("E_0/L_head")["act_mean"].unstack("class").to_numpy()
-    for c in range(CLASSES):
-        np.testing.assert_allclose(classes[:, c], out[:, y.numpy() == c, :].reshape(-1, 2).mean(0), rtol=1e-5)
+    assert_class_means(classes, out, y, sample_dim=1)
     assert load_trace(tmp_path / "t")["E_0/L_head/n_0"]["act_count"] == steps * batch
 
 
@@ -178,8 +187,7 @@ def test_inputs_after_an_inplace_change_are_the_changed_values(tmp_path: Path) -
         trace.end_epoch()
     h = torch.relu(model.a(x)).detach().numpy()
     means = load_trace(tmp_path / "t").inputs("E_0/L_b")["mean"].unstack("class").to_numpy()
-    for c in range(CLASSES):
-        np.testing.assert_allclose(means[:, c], h[y.numpy() == c].mean(0), rtol=1e-5, atol=1e-6)
+    assert_class_means(means, h, y)
 
 
 class Sometimes(nn.Module):
@@ -264,8 +272,7 @@ def test_inputs_of_a_layer_after_a_seq_first_lstm_follow_the_samples(tmp_path: P
         trace.end_epoch()
     h = model.lstm(x)[0].detach().numpy()  # (steps, batch, 4): the head's input
     means = load_trace(tmp_path / "t").inputs("E_0/L_head")["mean"].unstack("class").to_numpy()
-    for c in range(CLASSES):
-        np.testing.assert_allclose(means[:, c], h[:, y.numpy() == c, :].reshape(-1, 4).mean(0), rtol=1e-5)
+    assert_class_means(means, h, y, sample_dim=1)
 
 
 def test_labels_for_half_the_batch_are_refused(tmp_path: Path) -> None:
@@ -288,8 +295,7 @@ def test_integer_one_hot_labels_are_accepted(tmp_path: Path) -> None:
             out = model(x).numpy()
         trace.end_epoch()
     classes = load_trace(tmp_path / "t").classes("E_0/L_model")["act_mean"].unstack("class").to_numpy()
-    for c in range(CLASSES):
-        np.testing.assert_allclose(classes[:, c], out[y.numpy() == c].mean(0), rtol=1e-5, atol=1e-6)
+    assert_class_means(classes, out, y)
 
 
 class Autoencoder(nn.Module):
@@ -319,8 +325,7 @@ def test_submodules_called_directly_make_one_batch_per_call(tmp_path: Path) -> N
     assert sorted(set(t.batches("E_0/L_enc").index.get_level_values("batch"))) == [0, 1, 2]
     out = model.enc(x).detach().numpy()
     classes = t.classes("E_0/L_enc")["act_mean"].unstack("class").to_numpy()
-    for c in range(CLASSES):
-        np.testing.assert_allclose(classes[:, c], out[y.numpy() == c].mean(0), rtol=1e-5, atol=1e-6)
+    assert_class_means(classes, out, y)
 
 
 def test_a_failed_write_is_reported_by_every_later_write(tmp_path: Path, monkeypatch) -> None:
