@@ -98,6 +98,13 @@ class OutputLayout:
             return 1
         return output.shape[1] if self.channel_first else output.shape[-1]
 
+    def rows(self, tensor: Tensor, width: int | None = None) -> Tensor:
+        """A linear-like ``tensor`` as (observations, ``width``) rows, sample-major: a
+        (steps, batch, …) tensor is transposed first, so each sample's rows are consecutive."""
+        if self.batch_dim and tensor.dim() >= 3:
+            tensor = tensor.transpose(0, self.batch_dim)
+        return tensor.reshape(-1, self.neurons if width is None else width)
+
     def spatial_dims(self, output: Tensor) -> tuple[int, ...]:
         """The dimensions a channel-first output is averaged over."""
         return tuple(range(2, output.dim()))

@@ -381,13 +381,17 @@ class NetworkTrace:
         """A new batch: its phase is the model's mode (a frozen submodule in eval mode stays in the
         training record); the labels given by set_targets serve this one pass."""
         self._check_aliases()
-        stats = self._phases.get("train" if module.training else "eval")
+        stats = self._phase_stats(module)
         self._current = stats
         self._fired = {}
         if stats is not None:
             stats.start_batch(self._targets)
         self._targets = None
         self._last_output = None
+
+    def _phase_stats(self, module: nn.Module) -> PhaseStats | None:
+        """The statistics of the phase ``module``'s mode selects (None when it is not recorded)."""
+        return self._phases.get("train" if module.training else "eval")
 
     def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         """The model's pass is over: modules called on their own from now on make their own batches."""
@@ -405,7 +409,7 @@ class NetworkTrace:
             stats = self._current
             direct = stats is _NO_PASS
             if direct:  # a module called outside a forward of the whole model
-                stats = self._phases.get("train" if module.training else "eval")
+                stats = self._phase_stats(module)
             if stats is None:
                 return
             if direct and (not self._fired or key in self._fired):  # a new call of the submodules
@@ -423,10 +427,8 @@ class NetworkTrace:
                 self._check_batch(key, stats, out, layout)
             if layout.channel_first:
                 stats.add_mean(key, out, layout.spatial_dims(out))
-            elif layout.batch_dim == 0:
-                stats.add(key, out.reshape(-1, layout.neurons))
             else:
-                stats.add(key, out.transpose(0, layout.batch_dim).reshape(-1, layout.neurons))
+                stats.add(key, layout.rows(out))
             if linear and stats.num_classes and args and isinstance(args[0], Tensor):
                 self._record_inputs(key, stats, args[0], alias=not direct)
             self._last_output = (weakref.ref(raw), key, _version(raw))
@@ -450,14 +452,8 @@ class NetworkTrace:
             and self._layouts[last[1]].batch_dim == 0
         ):
             source = last[1]
-        if stats.input_source(key, source) == "copy":
-            batch_dim = self._layouts[key].batch_dim  # rows sample-major, as the labels are repeated
-            x = (
-                inputs.detach()
-                if batch_dim == 0 or inputs.dim() < 3
-                else inputs.detach().transpose(0, batch_dim)
-            )
-            stats.add(key, x.reshape(-1, inputs.shape[-1]), inputs=True)
+        if stats.input_source(key, source) == "copy":  # laid out like the layer's own output rows
+            stats.add(key, self._layouts[key].rows(inputs.detach(), inputs.shape[-1]), inputs=True)
 
     def _check_aliases(self) -> None:
         """After a pass: a source layer that fired twice (a shared module) cannot stand for the

@@ -445,14 +445,11 @@ class PhaseStats:
         parts = []
         for batch, n in segments:
             run = chunk.label_runs.get(batch)
-            if run is None:
+            if run is None or n % run[1]:  # no labels, or rows that do not split among the samples
                 parts.append(torch.full((n,), self.num_classes, dtype=torch.int64, device=device))
                 continue
             start, size = run
             labels = chunk.labels[start : start + size]
-            if n % size:  # rows that do not split evenly among the batch's samples: unlabelled
-                parts.append(torch.full((n,), self.num_classes, dtype=torch.int64, device=device))
-                continue
             parts.append(labels if n == size else labels.repeat_interleave(n // size))
         labels = parts[0] if len(parts) == 1 else torch.cat([p.to(device, non_blocking=True) for p in parts])
         invalid = (labels < 0) | (labels >= self.num_classes)
