@@ -242,21 +242,16 @@ class Trace(Mapping):
             return self._input_ranges(layers, classes)
         per_row = classes if table == "classes" else 1
         ranges = []
-        ids: set[int] = set()
         for key in layers:
             info = self._layers[key]
-            base, n = info["row_offset"], info["neurons"]
-            runs = _neuron_runs(neurons, n)
-            if not runs:
-                continue
-            if neurons is not None and not neurons.is_all:
-                ids.update(i for a, b in runs for i in range(a, b))
+            base = info["row_offset"]
+            runs = _neuron_runs(neurons, info["neurons"])
             ranges += [((base + a) * per_row, (base + b) * per_row) for a, b in runs]
         if not ranges:
             sizes = ", ".join(f"{k}: n_0 … n_{self._layers[k]['neurons'] - 1}" for k in layers)
             raise KeyError(f"neuron {neurons} not in {', '.join(layers)}; neurons: {sizes}")
         if neurons is not None and not neurons.is_all:
-            filt = filt & pc.field("neuron").isin(sorted(ids))
+            filt = filt & pc.field("neuron").isin(self._neuron_ids(layers, neurons))
         return ranges, self.meta["num_neurons"] * per_row, filt
 
     def _input_ranges(self, layers: list[str], classes: int):
@@ -309,12 +304,11 @@ class LayerView(Mapping):
         index = neuron if isinstance(neuron, int) else parse_key("n_", neuron)
         if not 0 <= index < self.size:
             raise KeyError(f"neuron {neuron!r} not in layer {self.layer!r}; neurons: n_0 … n_{self.size - 1}")
-        columns = DEFAULT_COLUMNS["neurons"][2:] + ["weights"]
+        columns = self.trace._columns("neurons", None) + ["weights"]
         frame = self.trace.query(f"E_{self.epoch}/{self.layer}/n_{index}", columns=columns)
         if frame.empty:
-            present = [
-                e for e in self.trace.epochs if not self.trace.query(f"E_{e}/{self.layer}/n_{index}").empty
-            ]
+            history = self.trace.query(f"E_*/{self.layer}/n_{index}", columns=["act_count"])
+            present = sorted(set(history.index.get_level_values("epoch")))
             raise KeyError(
                 f"layer {self.layer!r} has no rows at epoch {self.epoch}; epochs with it: {_short(present)}"
             )
