@@ -136,11 +136,7 @@ def build_table(table: str, columns: dict[str, Any], layers: Sequence[str]) -> p
             codes = pa.array(np.asarray(value, dtype=np.int32))
             arrays.append(pa.DictionaryArray.from_arrays(codes, pa.array(list(layers), pa.string())))
         elif f.name == "phase":
-            arrays.append(
-                pa.DictionaryArray.from_arrays(
-                    pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string())
-                ).cast(pa.string())
-            )
+            arrays.append(pa.repeat(pa.scalar(value, pa.string()), n))
         elif value is None:
             arrays.append(pa.nulls(n, f.type))
         elif f.name == "weights":
