@@ -7,6 +7,7 @@ of the model's parameters taken at the end of each epoch; numpy computes the sta
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 from nn_staining import NetworkTrace
@@ -23,6 +25,16 @@ from nn_staining.store import ROW_GROUP_ROWS
 
 # Tiny tensors: one intra-op thread avoids spin-waiting on a shared 2-core machine (100x faster here).
 torch.set_num_threads(1)
+
+# Hypothesis: CI (the environment variable CI set, as `bash .ci/run` does) gets the same examples on
+# every run and no example database; locally, fresh random examples each run. HYPOTHESIS_PROFILE
+# picks a profile by name. No deadline in either: a shared 2-core machine makes timings noisy.
+settings.register_profile(
+    "ci", derandomize=True, database=None, max_examples=100, deadline=None, print_blob=True
+)
+settings.register_profile("dev", deadline=None)
+_ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _ON_CI else "dev"))
 
 SEED = 0
 N_SAMPLES = 50
