@@ -187,6 +187,27 @@ class Trace(Mapping):
             out.setdefault(epoch_key(epoch), {}).setdefault(layer, {})[neuron_key(neuron)] = _plain(row)
         return out
 
+    # -- the probe set (NetworkTrace(..., probe=(x, y))) -----------------------------------------
+    def probe(self, epoch: int, layer: str) -> np.ndarray:
+        """The probe samples' activations ``(n, neurons)`` of ``layer`` at ``epoch`` (fewer columns when the
+        byte budget subsampled them: ``probes.read_probe_neurons`` names them)."""
+        from .probes import read_probe
+
+        return read_probe(self.path, self.meta, epoch, self._check_layer(layer))
+
+    def probe_gram(self, epoch: int, layer: str) -> np.ndarray:
+        """The probe Gram matrix ``R Rᵀ`` (n × n, float64) of ``layer`` at ``epoch``, kept whatever its width."""
+        from .probes import read_probe_gram
+
+        return read_probe_gram(self.path, self.meta, epoch, self._check_layer(layer))
+
+    @property
+    def probe_labels(self) -> np.ndarray:
+        """The probe set's class labels ``(n,)``."""
+        from .probes import probe_info
+
+        return np.asarray(probe_info(self.meta)["labels"], dtype=np.int64)
+
     # -- signature → what to read ----------------------------------------------------------------
     def _epochs(self, sig: Signature) -> list[int]:
         chosen = sig.epochs.select(self.epochs)
