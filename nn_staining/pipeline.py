@@ -105,7 +105,11 @@ def run_pipeline(config: RunConfig, on_epoch: Callable[[EpochResult], None] | No
         record_eval=config.record_eval,
         class_names=data.class_names,
         overwrite=True,
-        config={"pipeline": _config_dict(config), "feature_names": data.feature_names},
+        config={
+            "pipeline": _config_dict(config),
+            "feature_names": data.feature_names,
+            "image_shape": list(data.image_shape) if data.image_shape else None,
+        },
     )
     if replacing:
         shutil.rmtree(config.store / "figures", ignore_errors=True)  # figures of the replaced run
