@@ -45,8 +45,10 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | str | None = None)
     """Map layer keys to the modules to record.
 
     By default every leaf module (and opaque ones such as ``MultiheadAttention``); with
-    ``patterns``, the modules whose qualified name (or ``L_`` key) matches a name or glob.
-    A pattern that matches nothing raises ``ValueError`` listing the module names.
+    ``patterns``, the modules whose qualified name (or ``L_`` key) equals or matches a name or glob;
+    an exact name wins over its glob reading (``"[x]"`` selects the module ``[x]``). A pattern that
+    matches nothing, a recorded module whose name no signature can address, and two recorded
+    modules with the same key (``x`` and ``L_x``) raise ``ValueError``.
     """
     named = [(name, m) for name, m in model.named_modules() if name]
     if not named:
@@ -65,23 +67,54 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | str | None = None)
             if name not in inside_opaque
             and (isinstance(m, OPAQUE_TYPES) or not any(True for _ in m.children()))
         ]
-        return {layer_key(name): m for name, m in chosen}
+        return _keyed(chosen)
     if isinstance(patterns, str):
         patterns = [patterns]
-    chosen_names: list[str] = []
+    keys = {name: _key_or_none(name) for name, _ in named}
+    chosen_names: set[str] = set()
     for pattern in patterns:
-        hits = [
-            name
-            for name, _ in named
-            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(layer_key(name), pattern)
-        ]
+        hits = [name for name in keys if pattern in (name, keys[name])]
+        if not hits:
+            hits = [
+                name
+                for name, key in keys.items()
+                if fnmatch.fnmatchcase(name, pattern)
+                or (key is not None and fnmatch.fnmatchcase(key, pattern))
+            ]
         if not hits:
             names = ", ".join(name for name, _ in named)
             raise ValueError(f"layers pattern {pattern!r} matches no module; module names: {names}")
-        chosen_names += [h for h in hits if h not in chosen_names]
-    modules = dict(named)
-    order = [name for name, _ in named if name in chosen_names]
-    return {layer_key(name): modules[name] for name in order}
+        chosen_names.update(hits)
+    return _keyed([(name, m) for name, m in named if name in chosen_names])
+
+
+def _key_or_none(name: str) -> str | None:
+    """The module's layer key, or None when its name cannot be one."""
+    try:
+        return layer_key(name)
+    except ValueError:
+        return None
+
+
+def _keyed(chosen: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]:
+    """Key the modules to record; only their names are checked (an excluded module may have any name)."""
+    out: dict[str, nn.Module] = {}
+    names: dict[str, str] = {}
+    for name, module in chosen:
+        try:
+            key = layer_key(name)
+        except ValueError as error:
+            raise ValueError(
+                f"module {name!r} cannot be recorded: {error}; rename it or leave it out with layers="
+            ) from None
+        if key in names:
+            raise ValueError(
+                f"modules {names[key]!r} and {name!r} both have the layer key {key!r}; "
+                "rename one or leave one out with layers="
+            )
+        names[key] = name
+        out[key] = module
+    return out
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ state is touched and any backend (Agg included) works: ``fig.savefig("x.png")``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import matplotlib as mpl
 import numpy as np
@@ -120,117 +121,598 @@ def _selection(trace: Trace, epoch: int, stains: pd.DataFrame | None) -> pd.Data
 
 
 # -- staining graph ------------------------------------------------------------------------------
-def plot_staining_graph(
+#: Nodes named per column at most: those carrying the most path score (a column's input features included).
+MAX_LABELS = 10
+#: The staining graph is at most this wide, in inches: 16 in at the figures' 120 dpi is 1920 px, one screen.
+MAX_GRAPH_WIDTH = 16.0
+#: Height of the staining graph, in inches.
+GRAPH_HEIGHT = 8.5
+#: Room kept on the right of the staining graph for its legend, in inches (so it covers no data).
+LEGEND_WIDTH = 3.6
+#: Line style of an inhibitory edge (its mean contribution for the class is negative).
+INHIBITORY_STYLE = (0, (3, 2))
+#: Markers for the evidence of an input on a path: high values (class mean above 0) or low values.
+HIGH_MARK, LOW_MARK = "▲", "▼"
+
+
+@dataclass
+class GraphLayout:
+    """Where the staining graph puts its nodes and edges at one epoch; the figure, the animation and
+    the HTML report all draw from it.
+
+    ``nodes``: one row per drawn node, indexed by (layer, neuron) where the input features' layer is
+    ``"x"``: ``column``, ``x``, ``y``, ``stain``, ``selectivity``, ``dead``, ``colour`` (RGB) and
+    ``path_score`` (summed score of the drawn paths through it). ``edges``: one row per (class,
+    edge) of the drawn paths: ``target_class``, ``source``, ``target`` (signatures), ``score``
+    (summed path score), ``sign`` (+1 excitatory, -1 inhibitory: the sign of the edge's mean
+    contribution ``W[j,k]·E[x_k|c]`` for that class) and ``xs``, ``ys`` (its drawn points).
+    ``evidence``: per (target_class, input neuron) on a path, +1 when the class's mean of that input
+    is above 0 (high values are the evidence), -1 below (low values are).
+    """
+
+    epoch: int
+    columns: list[str]
+    column_labels: list[str]
+    widths: dict[str, int]
+    notes: dict[str, str]
+    nodes: pd.DataFrame
+    edges: pd.DataFrame
+    evidence: pd.Series
+    image_shape: tuple[int, int] | None
+    x_column: str | None
+    chain: list[str]
+    top_k: int
+
+
+def default_top_k(num_classes: int) -> int:
+    """Paths drawn per output neuron: 5 for up to 3 classes, 3 beyond (10 classes × 5 paths is spaghetti)."""
+    return 5 if num_classes <= 3 else 3
+
+
+def graph_layout(
     trace: Trace,
     epoch: int = -1,
-    top_k: int = 5,
+    *,
+    top_k: int | None = None,
     max_nodes: int = MAX_NODES,
     stains: pd.DataFrame | None = None,
-) -> Figure:
-    """The network layer by layer, each neuron a node coloured by its stain (paler = less selective,
-    grey = unstained, × = dead), with the ``top_k`` pathways into each output neuron in its class colour."""
+    order: pd.DataFrame | None = None,
+    keep: dict[str, set[int]] | None = None,
+    aspect: float = 0.3,
+) -> GraphLayout:
+    """The staining graph's nodes (sorted by stain, wide layers sampled) and the edges of the ``top_k``
+    pathways into each output neuron, with their signs.
+
+    ``order`` (a selectivity frame) fixes the node order, e.g. to the last epoch's so that nodes stay in
+    place across epochs; ``keep`` names nodes a sample must keep; ``aspect`` is a column's width over
+    the plot's height (it makes an input pixel grid square).
+    """
     epoch = staining.resolve_epoch(trace, epoch)
     frame = _selection(trace, epoch, stains)
-    palette = class_palette(trace.num_classes or 0)
+    ordering = frame if order is None else _selection(trace, _frame_epoch(order, epoch), order)
+    num_classes = trace.num_classes or 0
+    top_k = default_top_k(num_classes) if top_k is None else top_k
+    palette = class_palette(num_classes)
     chain, paths, x_column = _graph_paths(trace, epoch, top_k)
     columns = (["x"] if x_column == "x" else []) + trace.layers
-    keep_nodes = _path_nodes(paths)
+    image_shape = _image_shape(trace, chain) if x_column == "x" else None
+    edges, evidence = _graph_edges(trace, epoch, chain, paths, x_column)
+    forced = _edge_nodes(edges)
+    for layer, ids in (keep or {}).items():
+        forced.setdefault(layer, set()).update(ids)
 
-    fig = Figure(figsize=(2.3 * len(columns) + 3.2, 8.5), layout="constrained")
-    ax = fig.add_subplot()
-    positions: dict[str, dict[int, float]] = {}
-    widths: dict[str, int] = {}
+    rows, widths, notes = [], {}, {}
     for col, layer in enumerate(columns):
         if layer == "x":
             width = trace.layer_info(chain[0])["in_features"]
-            order = np.arange(width)
+            shown = np.arange(width)
+            if image_shape is None:
+                shown = _sample(shown, forced.get("x", set()), max_nodes)
         else:
             width = trace.layer_info(layer)["neurons"]
-            order = neuron_order(frame.xs(layer, level="layer"))
+            shown = _sample(
+                neuron_order(ordering.xs(layer, level="layer")), forced.get(layer, set()), max_nodes
+            )
         widths[layer] = width
-        shown = _sample(order, keep_nodes.get(layer, set()), max_nodes)
-        y = 1 - (np.arange(len(shown)) + 0.5) / len(shown)
-        positions[layer] = dict(zip(shown.tolist(), y))
-        size = float(np.clip(2200 / len(shown), 6, 140))
-        if layer == "x":
-            ax.scatter(  # input features are not stained: white, unlike grey "unstained" neurons
-                np.full(len(shown), col), y, s=size, color=INPUT_COLOUR, edgecolor="#555555", lw=0.6, zorder=3
-            )
-        else:
-            rows = frame.xs(layer, level="layer").loc[shown]
-            colours = stain_colours(rows["stain"].to_numpy(), rows["selectivity"].to_numpy(), palette)
-            ax.scatter(
-                np.full(len(shown), col), y, s=size, color=colours, edgecolor="#555555", lw=0.4, zorder=3
-            )
-            dead = rows["dead"].to_numpy()
-            ax.scatter(
-                np.full(dead.sum(), col), y[dead], s=size, marker="x", color=DEAD_COLOUR, lw=1.2, zorder=4
-            )
         if len(shown) < width:
-            note = f"showing {len(shown)} of {width}\n(even sample in stain order;\npath neurons kept)"
-            ax.text(col, -0.035, note, ha="center", va="top", fontsize=7, color="#444444")
-        names = trace.feature_names if layer == "x" else None
-        _label_path_nodes(ax, col, layer, positions[layer], keep_nodes.get(layer, set()), names)
-    top = _draw_paths(ax, paths, columns, positions, widths, palette)
-    if chain and x_column not in ("x", None):
+            notes[layer] = (
+                f"showing {len(shown)} of {width}\n(even sample in stain order;\npath neurons kept)"
+            )
+        if layer == "x" and image_shape is not None:
+            h, w = image_shape
+            dx = min(
+                0.8 / w, 0.8 / h / aspect * 0.25
+            )  # the grid fills the column's width, a quarter of its height at most
+            dy = dx * aspect
+            r, c = np.divmod(shown, w)
+            xs, ys = col + (c - (w - 1) / 2) * dx, 0.5 + ((h - 1) / 2 - r) * dy
+        else:
+            xs, ys = np.full(len(shown), float(col)), 1 - (np.arange(len(shown)) + 0.5) / len(shown)
+        if layer == "x":
+            stain, sel, dead = (
+                np.full(len(shown), UNSTAINED_INPUT),
+                np.full(len(shown), np.nan),
+                np.zeros(len(shown), bool),
+            )
+            colour = [to_rgb(INPUT_COLOUR)] * len(shown)
+        else:
+            at = frame.xs(layer, level="layer").loc[shown]
+            stain, sel, dead = at["stain"].to_numpy(), at["selectivity"].to_numpy(), at["dead"].to_numpy()
+            colour = [tuple(c) for c in stain_colours(stain, sel, palette)]
+        rows.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "neuron": shown.astype(np.int64),
+                    "column": col,
+                    "x": xs,
+                    "y": ys,
+                    "stain": stain.astype(np.int64),
+                    "selectivity": sel,
+                    "dead": dead.astype(bool),
+                    "colour": colour,
+                }
+            )
+        )
+    nodes = pd.concat(rows, ignore_index=True).set_index(["layer", "neuron"])
+    nodes["path_score"] = _node_scores(edges).reindex(nodes.index).fillna(0.0).to_numpy()
+    edges = _place_edges(edges, nodes, columns, widths)
+    labels = [_column_label(trace, layer, chain) for layer in columns]
+    return GraphLayout(
+        epoch, columns, labels, widths, notes, nodes, edges, evidence, image_shape, x_column, chain, top_k
+    )
+
+
+#: ``stain`` of an input-feature node (input features are not stained).
+UNSTAINED_INPUT = -2
+
+
+def _frame_epoch(frame: pd.DataFrame, default: int) -> int:
+    if "epoch" in frame.index.names:
+        return int(frame.index.get_level_values("epoch").max())
+    return default
+
+
+def _image_shape(trace: Trace, chain: list[str]) -> tuple[int, int] | None:
+    """(height, width) of the model's single-channel image inputs when the recording says so
+    (``config={"image_shape": [1, 8, 8]}``, as ``main.py`` does) and they feed the chain's first layer."""
+    shape = trace.meta.get("config", {}).get("image_shape")
+    if not shape or len(shape) < 2:
+        return None
+    h, w = int(shape[-2]), int(shape[-1])
+    channels = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    return (h, w) if channels == 1 and h * w == trace.layer_info(chain[0])["in_features"] else None
+
+
+def _graph_edges(
+    trace: Trace, epoch: int, chain: list[str], paths: list[tuple[int, pd.DataFrame]], x_column: str | None
+) -> tuple[pd.DataFrame, pd.Series]:
+    """The edges of the drawn paths per class (summed score, sign) and the evidence sign of their inputs."""
+    columns = ["target_class", "source", "target", "score", "sign"]
+    if not paths:
+        return pd.DataFrame(columns=columns), pd.Series(dtype=np.int64)
+    shares = {layer: staining.edge_shares(staining.contributions(trace, layer, epoch)) for layer in chain}
+    means = trace.inputs(f"E_{epoch}/{chain[0]}")["mean"]
+    means = means.droplevel(["epoch", "layer"])
+    rows: dict[tuple[int, str, str], list[float]] = {}
+    evidence: dict[tuple[int, int], int] = {}
+    inputs = "x" if x_column in ("x", None) else x_column
+    for c, frame in paths:
+        for score, path in zip(frame["score"], frame["path"]):
+            if not score > 0:
+                continue
+            ids = [int(sig.rsplit("/n_", 1)[1]) for sig in path]
+            names = [inputs, *chain]
+            k = ids[0]
+            mean = means.get((k, c), np.nan)
+            evidence[(c, k)] = 1 if mean > 0 else -1
+            for i in range(1, len(ids)):
+                if i == 1 and x_column is None:
+                    continue
+                sign = 1 if shares[chain[i - 1]][c, ids[i], ids[i - 1]] >= 0 else -1
+                key = (c, f"{names[i - 1]}/n_{ids[i - 1]}", f"{names[i]}/n_{ids[i]}")
+                entry = rows.setdefault(key, [0.0, sign])
+                entry[0] += float(score)
+    edges = pd.DataFrame([(*k, v[0], v[1]) for k, v in rows.items()], columns=columns)
+    index = pd.MultiIndex.from_tuples(list(evidence), names=["target_class", "neuron"])
+    return edges, pd.Series(list(evidence.values()), index=index, name="evidence", dtype=np.int64)
+
+
+def _edge_nodes(edges: pd.DataFrame) -> dict[str, set[int]]:
+    nodes: dict[str, set[int]] = {}
+    for sig in pd.concat([edges["source"], edges["target"]]):
+        layer, neuron = sig.rsplit("/n_", 1)
+        nodes.setdefault(layer, set()).add(int(neuron))
+    return nodes
+
+
+def _node_scores(edges: pd.DataFrame) -> pd.Series:
+    """Per (layer, neuron): the summed score of the edges into it (out of it, for the inputs)."""
+    if edges.empty:
+        return pd.Series(dtype=float)
+    into = edges.groupby("target")["score"].sum()
+    out_of = edges.groupby("source")["score"].sum()
+    first = {s for s in out_of.index if s not in set(into.index)}
+    scores = pd.concat([into, out_of[sorted(first)]])
+    index = pd.MultiIndex.from_tuples(
+        [(s.rsplit("/n_", 1)[0], int(s.rsplit("/n_", 1)[1])) for s in scores.index], names=["layer", "neuron"]
+    )
+    return pd.Series(scores.to_numpy(), index=index)
+
+
+def _place_edges(
+    edges: pd.DataFrame, nodes: pd.DataFrame, columns: list[str], widths: dict[str, int]
+) -> pd.DataFrame:
+    """Each edge's drawn points: from its source through the same neuron of any equal-width elementwise
+    layer between (the ReLU module after a Linear) to its target."""
+    index = {layer: i for i, layer in enumerate(columns)}
+    xs_all, ys_all = [], []
+    for source, target in zip(edges["source"], edges["target"]):
+        (a, i), (b, j) = (_split(s) for s in (source, target))
+        xs = [nodes.at[(a, i), "x"]]
+        ys = [nodes.at[(a, i), "y"]]
+        for col in range(index[a] + 1, index[b]):
+            between = columns[col]
+            if widths[between] == widths[a] and (between, i) in nodes.index:
+                xs.append(nodes.at[(between, i), "x"])
+                ys.append(nodes.at[(between, i), "y"])
+        xs.append(nodes.at[(b, j), "x"])
+        ys.append(nodes.at[(b, j), "y"])
+        xs_all.append(xs)
+        ys_all.append(ys)
+    return edges.assign(xs=xs_all, ys=ys_all)
+
+
+def _split(signature: str) -> tuple[str, int]:
+    layer, neuron = signature.rsplit("/n_", 1)
+    return layer, int(neuron)
+
+
+def graph_size(n_columns: int) -> tuple[float, float]:
+    """(width, height) in inches of a staining graph with ``n_columns`` columns: at most one screen wide."""
+    return min(2.3 * n_columns + LEGEND_WIDTH + 0.8, MAX_GRAPH_WIDTH), GRAPH_HEIGHT
+
+
+def _aspect(n_columns: int) -> float:
+    """One column's width over the plot's height, in inches (for square input pixels)."""
+    width, height = graph_size(n_columns)
+    return (width - LEGEND_WIDTH - 0.8) / max(n_columns, 1) / (height - 2.2)
+
+
+def plot_staining_graph(
+    trace: Trace,
+    epoch: int = -1,
+    top_k: int | None = None,
+    max_nodes: int = MAX_NODES,
+    stains: pd.DataFrame | None = None,
+    neuron_rings: pd.Series | None = None,
+) -> Figure:
+    """The network layer by layer, each neuron a node coloured by its stain (paler = less selective,
+    grey = unstained, × = dead), with the ``top_k`` pathways into each output neuron in its class colour
+    (solid edges excite, dashed inhibit). ``neuron_rings``: non-negative values indexed by (layer,
+    neuron), e.g. a causal effect size, drawn as rings whose width grows with the value."""
+    rings = _check_rings(trace, neuron_rings)
+    keep = (
+        {layer: set(group.index.get_level_values("neuron")) for layer, group in rings.groupby(level="layer")}
+        if rings is not None
+        else None
+    )
+    n_columns = len(trace.layers) + 1
+    layout = graph_layout(
+        trace, epoch, top_k=top_k, max_nodes=max_nodes, stains=stains, keep=keep, aspect=_aspect(n_columns)
+    )
+    fig = Figure(figsize=graph_size(len(layout.columns)), layout="constrained")
+    draw_staining_graph(fig, trace, layout, rings)
+    return fig
+
+
+def _check_rings(trace: Trace, rings: pd.Series | None) -> pd.Series | None:
+    """``neuron_rings`` as a Series indexed by (layer, neuron), or a clear error."""
+    if rings is None:
+        return None
+    if not isinstance(rings, pd.Series) or rings.index.nlevels != 2:
+        raise ValueError("neuron_rings must be a pandas Series indexed by (layer, neuron)")
+    rings = rings.copy()
+    rings.index = rings.index.set_names(["layer", "neuron"])
+    unknown = sorted(set(rings.index.get_level_values("layer")) - set(trace.layers))
+    if unknown:
+        raise KeyError(
+            f"neuron_rings names layers not in the trace: {unknown}; layers: {', '.join(trace.layers)}"
+        )
+    values = rings.to_numpy(dtype=np.float64)
+    bad = rings[~(values >= 0)]
+    if len(bad):
+        raise ValueError(f"neuron_rings must be non-negative (and not NaN); got {bad.head(5).to_dict()}")
+    return rings
+
+
+def draw_staining_graph(
+    fig: Figure, trace: Trace, layout: GraphLayout, rings: pd.Series | None = None
+) -> None:
+    """Draw ``layout`` into ``fig`` (one axes, legend on the right): what ``plot_staining_graph`` and the
+    animation show."""
+    ax = fig.add_subplot()
+    palette = class_palette(trace.num_classes or 0)
+    nodes = layout.nodes
+    n_columns = len(layout.columns)
+    for col, layer in enumerate(layout.columns):
+        group = nodes.xs(layer, level="layer")
+        count = len(group)
+        if layer == "x" and layout.image_shape is not None:
+            _draw_pixel_grid(ax, group, layout, palette, n_columns)
+        else:
+            size = float(np.clip(2200 / max(count, 1), 6, 140))
+            ax.scatter(
+                group["x"],
+                group["y"],
+                s=size,
+                color=np.array(group["colour"].tolist()),
+                edgecolor="#555555",
+                lw=0.6 if layer == "x" else 0.4,
+                zorder=3,
+                gid=f"nodes:{layer}",
+            )
+            dead = group["dead"].to_numpy()
+            if dead.any():
+                ax.scatter(
+                    group["x"][dead],
+                    group["y"][dead],
+                    s=size,
+                    marker="x",
+                    color=DEAD_COLOUR,
+                    lw=1.2,
+                    zorder=4,
+                    gid=f"dead:{layer}",
+                )
+        if layer in layout.notes:
+            ax.text(col, -0.035, layout.notes[layer], ha="center", va="top", fontsize=7, color="#444444")
+        if not (layer == "x" and layout.image_shape is not None):
+            _label_nodes(ax, trace, layer, group, layout)
+    top = _draw_edges(ax, layout, palette)
+    if rings is not None:
+        _draw_rings(ax, nodes, rings, n_columns)
+    if layout.chain and layout.x_column not in ("x", None):
         ax.text(
-            columns.index(x_column),
+            layout.columns.index(layout.x_column),
             1.02,
-            f"paths start at the inputs of {chain[0]}",
+            f"paths start at the inputs of {layout.chain[0]}",
             ha="center",
             va="bottom",
             fontsize=7,
             color="#444444",
         )
-
-    ax.set_xticks(range(len(columns)))
-    ax.set_xticklabels([_column_label(trace, layer, chain) for layer in columns], fontsize=9)
-    ax.set_xlim(-0.6, len(columns) - 0.4)
-    ax.set_ylim(-0.13 if any("showing" in t.get_text() for t in ax.texts) else -0.03, 1.03)
+    ax.set_xticks(range(n_columns))
+    ax.set_xticklabels(layout.column_labels, fontsize=9 if n_columns <= 6 else 7)
+    ax.set_xlim(-0.6, n_columns - 0.4)
+    ax.set_ylim(-0.13 if layout.notes else -0.03, 1.03)
     ax.set_yticks([])
-    ax.set_xlabel("layer (model order" + ("; input features x/n_k on the left)" if x_column == "x" else ")"))
+    ax.set_xlabel(
+        "layer (model order" + ("; input features x/n_k on the left)" if layout.x_column == "x" else ")")
+    )
     ax.set_ylabel("neurons, sorted by stain then selectivity (top to bottom)")
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
+    fig.legend(
+        handles=_graph_legend(trace, layout, palette, top, rings),
+        loc="outside right upper",
+        fontsize=8,
+        title="stain (class)",
+        title_fontsize=9,
+    )
+    if layout.edges.empty:
+        path_note = "no pathways drawn: they need a chain of nn.Linear layers with recorded inputs"
+    else:
+        path_note = (
+            f"lines: the top {layout.top_k} pathways into each output neuron, in its class colour, width ∝ path score\n"
+            f"solid edge = excitatory, dashed = inhibitory (sign of its mean contribution for that class); "
+            f"{HIGH_MARK}/{LOW_MARK} at an input: its high/low values are the class's evidence"
+        )
+    ax.set_title(
+        "node colour = stain (the class with the highest mean activation); paler = less selective, "
+        f"grey = unstained, × = dead\n{path_note}",
+        fontsize=9,
+    )
+    fig.suptitle(f"Staining graph — run '{_run(trace)}', epoch {layout.epoch}", fontsize=12)
+
+
+def _draw_pixel_grid(ax, group: pd.DataFrame, layout: GraphLayout, palette, n_columns: int) -> None:
+    """Input features on their image grid: a square per pixel, in the colour of the class whose
+    strongest path starts there (white otherwise), marked with the evidence (high or low values)."""
+    h, w = layout.image_shape
+    colours = np.tile(np.array(to_rgb(INPUT_COLOUR)), (len(group), 1))
+    marks: dict[int, str] = {}
+    best: dict[int, float] = {}
+    starts = layout.edges[layout.edges["source"].str.startswith("x/")]
+    for c, source, score in zip(starts["target_class"], starts["source"], starts["score"]):
+        k = _split(source)[1]
+        if score > best.get(k, 0.0):
+            best[k] = score
+            colours[group.index.get_loc(k)] = palette[c]
+            marks[k] = HIGH_MARK if layout.evidence.get((c, k), 1) > 0 else LOW_MARK
+    width_in = graph_size(n_columns)[0]
+    pitch = abs(group["x"].iloc[1] - group["x"].iloc[0]) if len(group) > 1 else 0.1
+    points = pitch * (width_in - LEGEND_WIDTH - 0.8) / n_columns * 72  # one cell's side, in points
+    ax.scatter(
+        group["x"],
+        group["y"],
+        s=(0.92 * points) ** 2,
+        marker="s",
+        color=colours,
+        edgecolor="#777777",
+        lw=0.4,
+        zorder=3,
+        gid="nodes:x",
+    )
+    for k, mark in marks.items():
+        ax.text(
+            group.at[k, "x"],
+            group.at[k, "y"],
+            mark,
+            ha="center",
+            va="center",
+            fontsize=max(4.0, 0.4 * points),
+            color="black",
+            zorder=5,
+        )
+    spread = group["y"].max() - group["y"].min()
+    top = group["y"].max() + spread / (2 * max(h - 1, 1))
+    ax.text(group["x"].mean(), top + 0.01, f"input pixels ({h}×{w})", ha="center", va="bottom", fontsize=7)
+
+
+def _label_nodes(ax, trace: Trace, layer: str, group: pd.DataFrame, layout: GraphLayout) -> None:
+    """Name the nodes that carry the most path score (at most ``MAX_LABELS`` per column, none overlapping):
+    ``n_7``, with the feature's name for inputs and the evidence mark for the paths' inputs."""
+    candidates = group[group["path_score"] > 0].sort_values("path_score", ascending=False)
+    gap = 0.022
+    placed: list[float] = []
+    names = trace.feature_names if layer == "x" else None
+    for neuron, row in candidates.iterrows():
+        if len(placed) >= MAX_LABELS:
+            break
+        if any(abs(row["y"] - y) < gap for y in placed):
+            continue
+        placed.append(row["y"])
+        label = f"n_{neuron}"
+        if names is not None and neuron < len(names):
+            label += f" {names[neuron]}"
+        ax.text(
+            row["x"] + 0.07, row["y"], label, fontsize=6.5, va="center", ha="left", color="#222222", zorder=5
+        )
+
+
+def _draw_edges(ax, layout: GraphLayout, palette) -> float:
+    """Each class's path edges (width ∝ summed path score; dashed when inhibitory); returns the top score."""
+    edges = layout.edges
+    if edges.empty:
+        return 0.0
+    top = float(edges["score"].max())
+    inputs = "x" if layout.x_column == "x" else layout.x_column
+    for row in edges.sort_values("score").itertuples():
+        if layout.image_shape is None and _split(row.source)[0] == inputs:  # the evidence, near the input
+            x0, y0, x1, y1 = row.xs[0], row.ys[0], row.xs[1], row.ys[1]
+            high = layout.evidence.get((row.target_class, _split(row.source)[1]), 1) > 0
+            ax.scatter(
+                x0 + 0.14 * (x1 - x0),
+                y0 + 0.14 * (y1 - y0),
+                s=30,
+                marker="^" if high else "v",
+                color=palette[row.target_class],
+                edgecolor="black",
+                lw=0.4,
+                zorder=5,
+                gid=f"evidence:{row.target_class}:{row.source}",
+            )
+        ax.plot(
+            row.xs,
+            row.ys,
+            color=palette[row.target_class],
+            lw=0.6 + 4.4 * row.score / top,
+            alpha=0.75,
+            zorder=2,
+            ls="-" if row.sign > 0 else INHIBITORY_STYLE,
+            gid=f"edge:{row.target_class}:{row.source}->{row.target}",
+        )
+    return top
+
+
+def _draw_rings(ax, nodes: pd.DataFrame, rings: pd.Series, n_columns: int) -> None:
+    """A black ring around each drawn node with a positive ring value, its line width ∝ the value."""
+    shown = rings[rings.index.isin(nodes.index) & (rings > 0)]
+    if shown.empty:
+        return
+    top = float(shown.max())
+    at = nodes.loc[shown.index]
+    counts = nodes.groupby(level="layer").size()
+    sizes = [
+        float(np.clip(2200 / counts[layer], 6, 140)) * 2.6 for layer in at.index.get_level_values("layer")
+    ]
+    ax.scatter(
+        at["x"],
+        at["y"],
+        s=sizes,
+        facecolors="none",
+        edgecolors=RING_COLOUR,
+        linewidths=_ring_width(shown.to_numpy(), top),
+        zorder=6,
+        gid="rings",
+    )
+
+
+#: Colour of the rings of ``neuron_rings``.
+RING_COLOUR = "black"
+
+
+def _ring_width(values: np.ndarray, top: float) -> np.ndarray:
+    """Line width (points) of a ring: 0.5 at 0 up to 4 at the largest value."""
+    return 0.5 + 3.5 * np.asarray(values, float) / top if top > 0 else np.full(len(values), 0.5)
+
+
+def _graph_legend(trace: Trace, layout: GraphLayout, palette, top: float, rings: pd.Series | None) -> list:
     handles = _stain_legend(trace, palette)
-    if x_column == "x":
+    if layout.x_column == "x":
+        marker = "s" if layout.image_shape is not None else "o"
         handles.append(
             Line2D(
                 [],
                 [],
-                marker="o",
+                marker=marker,
                 ls="",
                 markerfacecolor=INPUT_COLOUR,
                 markeredgecolor="#555555",
-                label="input feature",
+                label="input feature" + (" (pixel)" if marker == "s" else ""),
             )
         )
     if top > 0:
         handles += [
             Line2D([], [], color="#555555", lw=0.6 + 0.44, label=f"path, score {0.1 * top:.2g}"),
             Line2D([], [], color="#555555", lw=5.0, label=f"path, score {top:.2g}"),
+            Line2D([], [], color="#555555", lw=1.5, label="excitatory edge (mean contribution > 0)"),
+            Line2D([], [], color="#555555", lw=1.5, ls=INHIBITORY_STYLE, label="inhibitory edge (< 0)"),
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker="^",
+                color="#888888",
+                mec="black",
+                mew=0.4,
+                label="input's high values are the evidence",
+            ),
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker="v",
+                color="#888888",
+                mec="black",
+                mew=0.4,
+                label="input's low values are the evidence",
+            ),
         ]
-    fig.legend(
-        handles=handles, loc="outside right upper", fontsize=8, title="stain (class)", title_fontsize=9
-    )
-    path_note = (
-        f"lines: the top {top_k} pathways into each output neuron, in its class colour, width ∝ path score"
-        if paths
-        else "no pathways drawn: they need a chain of nn.Linear layers with recorded inputs"
-    )
-    ax.set_title(
-        "node colour = stain (the class with the highest mean activation); paler = less selective, "
-        f"grey = unstained, × = dead\n{path_note}",
-        fontsize=9,
-    )
-    fig.suptitle(f"Staining graph — run '{_run(trace)}', epoch {epoch}", fontsize=12)
-    return fig
+    if rings is not None and (rings > 0).any():
+        name = rings.name or "effect size"
+        high = float(rings.max())
+        for value in (high / 2, high):
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    ls="",
+                    marker="o",
+                    markersize=10,
+                    markerfacecolor="none",
+                    markeredgecolor=RING_COLOUR,
+                    markeredgewidth=float(_ring_width(np.array([value]), high)[0]),
+                    label=f"ring: {name} = {value:.3g}",
+                )
+            )
+    return handles
 
 
 def _graph_paths(
     trace: Trace, epoch: int, top_k: int
 ) -> tuple[list[str], list[tuple[int, pd.DataFrame]], str | None]:
-    """The Linear chain, each class's top pathways and the column of their input features.
+    """The Linear chain, each class's top pathways (from ``x/n_k``) and the column of their input features.
 
     The inputs ``x/n_k`` get their own column when the chain starts at the model's first layer; they
     are drawn on the recorded layer just before the chain when it has as many neurons (a Flatten
@@ -249,30 +731,8 @@ def _graph_paths(
         x_column = trace.layers[first - 1]
     else:
         x_column = None
-    paths = []
-    for c in range(trace.num_classes or 0):
-        frame = staining.pathways(trace, c, epoch, top_k)
-        if x_column != "x":
-            frame = frame.assign(path=[_rename_inputs(p, x_column) for p in frame["path"]])
-        paths.append((c, frame))
+    paths = [(c, staining.pathways(trace, c, epoch, top_k)) for c in range(trace.num_classes or 0)]
     return chain, paths, x_column
-
-
-def _rename_inputs(path: tuple[str, ...], column: str | None) -> tuple[str, ...]:
-    """``x/n_k`` as ``<column>/n_k``, or dropped when the inputs have no column."""
-    if column is None:
-        return path[1:]
-    return (f"{column}/n_{path[0].rsplit('/n_', 1)[1]}", *path[1:])
-
-
-def _path_nodes(paths: list[tuple[int, pd.DataFrame]]) -> dict[str, set[int]]:
-    nodes: dict[str, set[int]] = {}
-    for _, frame in paths:
-        for path in frame.loc[frame["score"] > 0, "path"]:
-            for sig in path:
-                layer, neuron = sig.rsplit("/n_", 1)
-                nodes.setdefault(layer, set()).add(int(neuron))
-    return nodes
 
 
 def _sample(order: np.ndarray, keep: set[int], limit: int) -> np.ndarray:
@@ -284,60 +744,6 @@ def _sample(order: np.ndarray, keep: set[int], limit: int) -> np.ndarray:
     picks = np.linspace(0, len(rest) - 1, max(limit - len(forced), 0)).round().astype(int)
     chosen = set(forced) | {rest[i] for i in picks}
     return np.array([n for n in order if n in chosen])
-
-
-def _label_path_nodes(
-    ax, col: int, layer: str, pos: dict[int, float], nodes: set[int], names: list[str] | None = None
-) -> None:
-    """Name the neurons on drawn paths (``n_7``, or ``n_7 mean radius`` for a named input feature),
-    when few enough to stay legible."""
-    if not nodes or len(nodes) > 14:
-        return
-    for n in nodes:
-        if n in pos:
-            label = f"n_{n} {names[n]}" if names is not None and n < len(names) else f"n_{n}"
-            ax.text(
-                col + 0.07, pos[n], label, fontsize=6.5, va="center", ha="left", color="#222222", zorder=5
-            )
-
-
-def _draw_paths(ax, paths, columns: list[str], positions, widths: dict[str, int], palette) -> float:
-    """Draw each class's paths (width ∝ score); returns the largest score drawn."""
-    scores = [s for _, f in paths for s in f["score"] if s > 0]
-    if not scores:
-        return 0.0
-    top = max(scores)
-    for c, frame in paths:
-        for score, path in zip(frame["score"], frame["path"]):
-            if score > 0:
-                xs, ys = _path_points(path, columns, positions, widths)
-                ax.plot(xs, ys, color=palette[c], lw=0.6 + 4.4 * score / top, alpha=0.75, zorder=2)
-    return top
-
-
-def _path_points(path, columns: list[str], positions, widths: dict[str, int]) -> tuple[list, list]:
-    """The (column, height) points of a path; between two of its layers it passes through the same
-    neuron of any elementwise layer of equal width (the ReLU module after a Linear)."""
-    index = {layer: i for i, layer in enumerate(columns)}
-    xs: list[int] = []
-    ys: list[float] = []
-    previous = -1
-    for sig in path:
-        layer, text = sig.rsplit("/n_", 1)
-        neuron = int(text)
-        if layer not in index or neuron not in positions[layer]:
-            continue
-        if xs:
-            source = xs[-1]
-            for col in range(source + 1, index[layer]):
-                between = positions[columns[col]]
-                if widths[columns[col]] == widths[columns[source]] and previous in between:
-                    xs.append(col)
-                    ys.append(between[previous])
-        xs.append(index[layer])
-        ys.append(positions[layer][neuron])
-        previous = neuron
-    return xs, ys
 
 
 def _column_label(trace: Trace, layer: str, chain: list[str]) -> str:

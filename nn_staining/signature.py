@@ -19,6 +19,7 @@ __all__ = [
     "format_signature",
     "is_glob",
     "layer_key",
+    "match_layers",
     "neuron_key",
     "parse_key",
     "parse_signature",
@@ -143,11 +144,21 @@ class Signature:
         )
 
     def layer_matches(self, key: str) -> bool:
-        """True when the layer key (e.g. 'L_hidden_1') matches this signature's layer pattern.
+        """True when the layer key (e.g. 'L_hidden_1') equals or matches this signature's layer pattern.
 
-        Uses `fnmatch.fnmatchcase`; a signature without a layer matches every key.
+        Uses `fnmatch.fnmatchcase`; a signature without a layer matches every key. To pick layers
+        from a list, prefer `matching_layers`, which lets an exact key win over a glob reading.
         """
-        return self.layer is None or fnmatch.fnmatchcase(key, self.layer)
+        return self.layer is None or key == self.layer or fnmatch.fnmatchcase(key, self.layer)
+
+    def matching_layers(self, keys: Iterable[str]) -> list[str]:
+        """The keys this signature's layer names, in the order given: every key without a layer part,
+        only that key when one equals the layer part exactly (so 'L_[x]' names a module '[x]'),
+        else the keys matching it as a glob."""
+        keys = list(keys)
+        if self.layer is None:
+            return keys
+        return match_layers(self.layer, keys)
 
     def __str__(self) -> str:
         parts = [f"{EPOCH_PREFIX}{self.epochs}"]
@@ -291,14 +302,29 @@ def format_signature(
 
 
 def layer_key(name: str) -> str:
-    """Return the layer key 'L_' + module name; a name already starting with 'L_' is kept."""
+    """Return the layer key 'L_' + module name; a name that already is a key ('L_x') is kept.
+
+    'L_' alone is no key (its name part is empty), so it becomes 'L_L_'. A name with '/' or
+    whitespace cannot be addressed by a signature: ValueError naming it.
+    """
     if not isinstance(name, str):
         raise TypeError(f"layer name must be a str, got {name!r}")
-    key = name if name.startswith(LAYER_PREFIX) else LAYER_PREFIX + name
+    if not name:
+        raise ValueError(f"invalid layer name {name!r}: it is empty")
+    key = name if name.startswith(LAYER_PREFIX) and len(name) > len(LAYER_PREFIX) else LAYER_PREFIX + name
     problem = _layer_problem(key)
     if problem:
         raise ValueError(f"invalid layer name {name!r}: {problem}")
     return key
+
+
+def match_layers(pattern: str, keys: Iterable[str]) -> list[str]:
+    """The members of `keys` that `pattern` names, in order: `pattern` itself when it is one of them
+    (an exact key wins over its glob reading), else those matching it as a glob (fnmatchcase)."""
+    keys = list(keys)
+    if pattern in keys:
+        return [pattern]
+    return [key for key in keys if fnmatch.fnmatchcase(key, pattern)]
 
 
 def epoch_key(epoch: int) -> str:

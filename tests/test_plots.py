@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
@@ -191,3 +192,45 @@ def test_ten_classes_get_ten_distinct_colours(tmp_path):
     labels = legend_labels(fig)
     assert [f"{c}: c{c}" for c in range(10)] == labels[:10]
     assert_saves(fig, tmp_path / "ten.png")
+
+
+def expected_order(sel) -> list[int]:
+    """Neuron ids of one layer's selectivity rows in the graph's order, computed with plain Python:
+    classes ascending, then unstained, then dead; within a group by decreasing selectivity."""
+    rows = sel.reset_index()
+    group = [2e6 if d else (1e6 if s < 0 else s) for s, d in zip(rows["stain"], rows["dead"])]
+    keys = sorted(zip(group, [-np.nan_to_num(v, nan=-1) for v in rows["selectivity"]], range(len(rows))))
+    return [int(rows["neuron"][i]) for _, _, i in keys]
+
+
+def gid_artist(fig: Figure, gid: str):
+    found = [a for ax in fig.axes for a in ax.get_children() if a.get_gid() == gid]
+    assert len(found) == 1, (gid, len(found))
+    return found[0]
+
+
+def test_neuron_rings_circle_the_named_neurons_with_width_growing_with_the_value(trace):
+    sel = st.selectivity(trace, epoch=-1).xs(trace.epochs[-1], level="epoch")
+    order = expected_order(sel.xs("L_hidden_1", level="layer"))
+    rings = pd.Series(
+        [0.4, 0.1, 0.0],
+        index=pd.MultiIndex.from_tuples(
+            [("L_hidden_1", order[2]), ("L_hidden_1", order[5]), ("L_output", 1)]
+        ),
+        name="accuracy drop",
+    )
+    fig = plots.plot_staining_graph(trace, neuron_rings=rings)
+    ring = gid_artist(fig, "rings")
+    column = trace.layers.index("L_hidden_1") + 1
+    n = trace.layer_info("L_hidden_1")["neurons"]
+    expected = [[column, 1 - (2 + 0.5) / n], [column, 1 - (5 + 0.5) / n]]
+    np.testing.assert_allclose(ring.get_offsets(), expected)  # the zero-valued ring is not drawn
+    np.testing.assert_allclose(ring.get_linewidths(), [0.5 + 3.5, 0.5 + 3.5 * 0.1 / 0.4])
+    assert ring.get_facecolors().size == 0 or ring.get_facecolors()[:, 3].max() == 0
+    assert "ring: accuracy drop = 0.4" in legend_labels(fig)
+    with pytest.raises(ValueError, match="non-negative"):
+        plots.plot_staining_graph(trace, neuron_rings=rings * -1)
+    with pytest.raises(KeyError, match="L_nope"):
+        plots.plot_staining_graph(
+            trace, neuron_rings=pd.Series([1.0], index=pd.MultiIndex.from_tuples([("L_nope", 0)]))
+        )

@@ -1,5 +1,6 @@
 """Tests for nn_staining.signature: examples, error cases, brute-force and property checks."""
 
+import fnmatch
 import string
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from nn_staining.signature import (
     format_signature,
     is_glob,
     layer_key,
+    match_layers,
     neuron_key,
     parse_key,
     parse_signature,
@@ -315,7 +317,7 @@ selections = st.one_of(st.just(IndexSelection()), ranges, value_lists)
 module_names = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,8}(\.[A-Za-z0-9_]{1,5}){0,3}\Z")
 glob_names = st.text(alphabet=string.ascii_letters + string.digits + "_.*?[]", min_size=1, max_size=12)
 odd_names = st.text(min_size=1, max_size=12).filter(
-    lambda s: "/" not in s and not any(c.isspace() for c in s) and s != "L_"
+    lambda s: "/" not in s and not any(c.isspace() for c in s)
 )
 layer_names = st.one_of(module_names, glob_names, odd_names)
 
@@ -383,9 +385,62 @@ def test_parse_grammar_like_text_only_raises_value_error(text: str) -> None:
     _check_parse(text)
 
 
-@given(layer_names)
+def expected_key(name: str) -> str:
+    """DESIGN.md's key: 'L_' + name, a name that already is a key kept; 'L_' alone is no key."""
+    return name if name.startswith("L_") and name != "L_" else "L_" + name
+
+
+@given(st.one_of(layer_names, st.text(), st.sampled_from(["L_", "L_L_", "L_L", "L", "_", "L_ ", "L_/"])))
 def test_layer_key_is_idempotent(name: str) -> None:
-    key = layer_key(name)
-    assert key.startswith("L_")
+    """Every string is either a key's name (the key addresses it in a signature) or a ValueError naming it."""
+    unaddressable = name == "" or "/" in name or any(c.isspace() for c in name)
+    try:
+        key = layer_key(name)
+    except ValueError as error:
+        assert unaddressable, name
+        assert f"invalid layer name {name!r}" in str(error)
+        return
+    assert not unaddressable, name
+    assert key == expected_key(name)
     assert layer_key(key) == key
-    assert key == (name if name.startswith("L_") else "L_" + name)
+    assert parse_signature(f"E_0/{key}").layer == key
+    assert format_signature(0, name) == f"E_0/{key}"
+
+
+def test_layer_key_of_l_underscore() -> None:
+    assert layer_key("L_") == "L_L_"
+    assert layer_key("L_L_") == "L_L_"
+    assert layer_key("L_x") == "L_x"
+    assert layer_key("L") == "L_L"
+    for bad, problem in [("", "it is empty"), ("a/b", "contains '/'"), ("L_a b", "contains whitespace")]:
+        with pytest.raises(ValueError, match=f"invalid layer name {bad!r}: .*{problem}"):
+            layer_key(bad)
+    with pytest.raises(TypeError, match="layer name must be a str, got 3"):
+        layer_key(3)  # type: ignore[arg-type]
+
+
+# --- exact keys before globs ----------------------------------------------------------------
+
+
+def test_an_exact_key_wins_over_its_glob_reading() -> None:
+    keys = ["L_x", "L_[x]", "L_y", "L_a*"]
+    assert match_layers("L_[x]", keys) == ["L_[x]"]
+    assert match_layers("L_[xy]", keys) == ["L_x", "L_y"]
+    assert match_layers("L_a*", keys) == ["L_a*"]
+    assert match_layers("L_*", keys) == keys
+    assert match_layers("L_z", keys) == []
+    assert parse_signature("E_0/L_[x]").matching_layers(keys) == ["L_[x]"]
+    assert parse_signature("E_0/L_?").matching_layers(iter(keys)) == ["L_x", "L_y"]
+    assert parse_signature("E_0").matching_layers(keys) == keys
+    assert parse_signature("E_0/L_[x]").layer_matches("L_[x]")
+    assert parse_signature("E_0/L_[x]").layer_matches("L_x")
+
+
+@given(
+    st.lists(st.sampled_from(["L_x", "L_[x]", "L_y", "L_*", "L_x*", "L_?", "L_xy"]), unique=True), glob_names
+)
+def test_match_layers_matches_brute_force(keys: list[str], body: str) -> None:
+    pattern = "L_" + body
+    expected = [pattern] if pattern in keys else [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
+    assert match_layers(pattern, keys) == expected
+    assert parse_signature(f"E_0/{pattern}").matching_layers(keys) == expected
