@@ -11,9 +11,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
+from .records import LayerWeights
 from .signature import layer_key
 
 #: Modules whose 3-D output is (batch, channels, length) rather than (batch, steps, features).
@@ -200,3 +204,67 @@ def neuron_weights(module: nn.Module, neurons: int) -> tuple[Tensor | None, Tens
     )
     bias = bias if isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == neurons else None
     return weight, bias
+
+
+def describe_layer(key: str, module: nn.Module, layout: OutputLayout) -> dict[str, Any]:
+    """The layer's ``meta.json`` entry (row offsets are added by :func:`nn_staining.rows.assign_offsets`)."""
+    weight, bias = neuron_weights(module, layout.neurons)
+    return {
+        "key": key,
+        "module": key[2:] if key != "L_model" else "",
+        "type": type(module).__name__,
+        "neurons": layout.neurons,
+        "kind": "channels" if layout.channel_first else "features",
+        "params": {name: list(p.shape) for name, p in module.named_parameters(recurse=False)},
+        "in_features": module.in_features if isinstance(module, nn.Linear) else None,
+        "has_weights": weight is not None,
+        "has_bias": bias is not None,
+        "activation": activation_name(module),
+    }
+
+
+def snapshot_weights(
+    modules: dict[str, nn.Module], layouts: dict[str, OutputLayout]
+) -> dict[str, LayerWeights]:
+    """Host float32 copies of each layer's per-neuron weights, bias and weight-gradient norms,
+    which later training steps cannot change."""
+    snapshot = {}
+    with torch.no_grad():
+        for key, layout in layouts.items():
+            weight, bias = neuron_weights(modules[key], layout.neurons)
+            if weight is None and bias is None:
+                continue
+            matrix = grad_norm = None
+            if weight is not None:
+                matrix = _host(weight.reshape(layout.neurons, -1))
+                if weight.grad is not None:
+                    grad = weight.grad.detach().reshape(layout.neurons, -1).to(torch.float32)
+                    grad_norm = _host(torch.linalg.vector_norm(grad, dim=1))
+            snapshot[key] = LayerWeights(matrix, None if bias is None else _host(bias), grad_norm)
+    return snapshot
+
+
+def _host(tensor: Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32, copy=True).numpy()
+
+
+_ACTIVATIONS: dict[type[nn.Module], str] = {
+    nn.ReLU6: "relu6",
+    nn.ReLU: "relu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.GELU: "gelu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.ELU: "elu",
+    nn.Softmax: "softmax",
+    nn.Hardtanh: "hardtanh",
+    nn.SiLU: "silu",
+}
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """The activation a module applies, when it is one (used to judge dead and saturated units)."""
+    for cls, name in _ACTIVATIONS.items():
+        if isinstance(module, cls):
+            return name
+    return None

@@ -20,12 +20,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .records import ActivationStats, BatchStats, ClassMeans, LayerStats, PhaseRecord
+
 #: Device memory one chunk's buffers may take before they are reduced.
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 #: At most this many batches are buffered before a reduction.
 MAX_BATCHES_PER_CHUNK = 64
 
-Results = tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]
+
+@dataclass(frozen=True)
+class LabelSummary:
+    """Every label given in a phase of an epoch: how many lie at or above ``num_classes``, the range."""
+
+    out_of_range: int
+    low: int
+    high: int
 
 
 @dataclass
@@ -134,33 +143,36 @@ class Moments:
         high = torch.full_like(count, -math.inf).scatter_reduce(0, index, rows64, "amax")
         self.batches.append((unique, torch.stack([count, mean, var.sqrt(), low, high])))
 
-    def result(self) -> dict[str, np.ndarray]:
+    def class_means(self) -> ClassMeans | None:
+        """Per-class counts and means on the host (None without classes)."""
+        if not self.num_classes:
+            return None
+        shift = self.shift.to(torch.float64) if self.shift is not None else 0.0
+        counts = self.class_count.unsqueeze(1)
+        mean = torch.where(counts > 0, self.class_sum / counts.clamp_min(1) + shift, math.nan)
+        return ClassMeans(self.class_count.round().to(torch.int64).cpu().numpy(), mean.cpu().numpy())
+
+    def result(self) -> LayerStats:
         """The epoch's statistics as host numpy arrays (one device-to-host transfer per tensor)."""
         n = self.count
         shift = self.shift.to(torch.float64) if self.shift is not None else 0.0
-        out: dict[str, np.ndarray] = {}
-        if self.num_classes:
-            counts = self.class_count.unsqueeze(1)
-            mean = torch.where(counts > 0, self.class_sum / counts.clamp_min(1) + shift, math.nan)
-            out["class_count"] = self.class_count.round().to(torch.int64).cpu().numpy()
-            out["class_mean"] = mean.cpu().numpy()
-        if self.class_only:
-            return out
         mean_centred = self.sum / n
         var = (self.sum_sq / n - mean_centred * mean_centred).clamp_min(0.0)
-        out |= {
-            "act_count": np.full(self.num_features, n, dtype=np.int64),
-            "act_mean": (mean_centred + shift).cpu().numpy(),
-            "act_std": var.sqrt().cpu().numpy(),
-            "act_min": self.minimum.cpu().numpy(),
-            "act_max": self.maximum.cpu().numpy(),
-            "act_active_frac": (self.active / n).cpu().numpy(),
-            "act_nan_count": self.nonfinite.round().to(torch.int64).cpu().numpy(),
-        }
+        activations = ActivationStats(
+            act_count=np.full(self.num_features, n, dtype=np.int64),
+            act_mean=(mean_centred + shift).cpu().numpy(),
+            act_std=var.sqrt().cpu().numpy(),
+            act_min=self.minimum.cpu().numpy(),
+            act_max=self.maximum.cpu().numpy(),
+            act_active_frac=(self.active / n).cpu().numpy(),
+            act_nan_count=self.nonfinite.round().to(torch.int64).cpu().numpy(),
+        )
+        batches = None
         if self.batches:
-            out["batches"] = torch.cat([t for _, t in self.batches], dim=1).cpu().numpy()
-            out["batch_ids"] = np.array([b for ids, _ in self.batches for b in ids], dtype=np.int32)
-        return out
+            stacked = torch.cat([t for _, t in self.batches], dim=1).cpu().numpy()
+            ids = np.array([b for ids, _ in self.batches for b in ids], dtype=np.int32)
+            batches = BatchStats(ids, stacked[0].round().astype(np.int64), *stacked[1:])
+        return LayerStats(activations, self.class_means(), batches)
 
 
 class Scratch:
@@ -250,17 +262,23 @@ class PhaseStats:
     """Accumulates every layer of one phase (train or eval) of one epoch.
 
     Call :meth:`start_batch` once per forward pass, :meth:`add` / :meth:`add_mean` from each
-    layer's hook, then :meth:`finish`. A full chunk is reduced when the next batch starts.
+    layer's hook (``inputs=True`` for a Linear's input, whose per-class means feed pathways), then
+    :meth:`finish` once. A full chunk is reduced when the next batch starts.
     """
 
-    def __init__(self, num_classes: int, keep_batches: bool = False, pool: ChunkPool | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        keep_batches: bool = False,
+        pool: ChunkPool | None = None,
+        phase: str = "train",
+    ) -> None:
+        self.phase = phase
         self.num_classes = num_classes
         self.keep_batches = keep_batches
         self.pool = pool or ChunkPool()
         self.moments: dict[str, Moments] = {}
         self.inputs: dict[str, Moments] = {}
-        self.aliases: dict[str, str | None] = {}
-        self._inconsistent: set[str] = set()
         self._chunk: Chunk | None = None
         self._pending_labels: torch.Tensor | None = None
         self._batch = -1
@@ -268,6 +286,11 @@ class PhaseStats:
         self._label_high: torch.Tensor | None = None
         self._label_bad: torch.Tensor | None = None
         self.has_rows = False
+
+    def set_num_classes(self, num_classes: int) -> None:
+        """Fix the number of classes once it is known (before anything was reduced)."""
+        if not self.moments:
+            self.num_classes = num_classes
 
     # -- per batch -------------------------------------------------------------------------------
     def start_batch(self, labels: torch.Tensor | None) -> None:
@@ -279,7 +302,7 @@ class PhaseStats:
         if chunk is None:
             chunk = self._chunk = self.pool.acquire()
         elif chunk.nbytes >= self.pool.chunk_bytes or chunk.batches >= MAX_BATCHES_PER_CHUNK:
-            self._submit()
+            self._reduce_chunk()
             chunk = self._chunk = self.pool.acquire()
         self._batch += 1
         chunk.batches += 1
@@ -334,30 +357,6 @@ class PhaseStats:
         if self._pending_labels is not None:
             self._store_labels(device)
 
-    def input_source(self, layer: str, source: str | None) -> str:
-        """How to record ``layer``'s input this batch, given that it is ``source``'s output (or None).
-
-        Returns ``"alias"`` (reuse ``source``'s statistics, no copy), ``"copy"``, or ``"skip"`` for
-        a layer whose input was aliased in some batches and not in others: it gets no input
-        statistics this epoch rather than a mix.
-        """
-        if layer in self._inconsistent:
-            return "skip"
-        known = self.aliases.get(layer, "?")
-        if known == "?":
-            self.aliases[layer] = source
-            return "copy" if source is None else "alias"
-        if known == source:
-            return "copy" if source is None else "alias"
-        self.drop_inputs(layer)
-        return "skip"
-
-    def drop_inputs(self, layer: str) -> None:
-        """Give up ``layer``'s input statistics for this epoch (see :meth:`input_source`)."""
-        self._inconsistent.add(layer)
-        self.aliases.pop(layer, None)
-        self.inputs.pop(layer, None)
-
     def _make_room(self, layer: str, inputs: bool, n: int, f: int, device: torch.device) -> _Buffer:
         """A layer's buffer with room for ``n`` more rows: new (first batch) or grown."""
         table = self._chunk.inputs if inputs else self._chunk.outputs
@@ -394,24 +393,28 @@ class PhaseStats:
         chunk.label_fill += n
 
     # -- reductions ------------------------------------------------------------------------------
-    def _submit(self) -> None:
-        """Reduce the current chunk into the running sums and give its buffers back."""
+    def _reduce_chunk(self) -> None:
+        """Fold the current chunk into the running sums and give its buffers back."""
         chunk, self._chunk = self._chunk, None
         if chunk is None:
             return
         if chunk.label_fill and self.num_classes:
-            labels = chunk.labels[: chunk.label_fill]
-            low, high = torch.aminmax(labels)
-            bad = (labels >= self.num_classes).sum()  # negative labels mean "ignore" (ignore_index)
-            if self._label_low is None:
-                self._label_low, self._label_high, self._label_bad = low, high, bad
-            else:
-                self._label_low = torch.minimum(self._label_low, low)
-                self._label_high = torch.maximum(self._label_high, high)
-                self._label_bad = self._label_bad + bad
+            self._count_labels(chunk.labels[: chunk.label_fill])
         with plain_tensor_mode(self._chunk_device(chunk)):
             self._reduce(chunk)
         self.pool.release(chunk)
+
+    def _count_labels(self, labels: torch.Tensor) -> None:
+        """Track, on the device, the range of the labels and how many lie at or above num_classes
+        (negative labels mean "ignore", as ``ignore_index`` does)."""
+        low, high = torch.aminmax(labels)
+        bad = (labels >= self.num_classes).sum()
+        if self._label_low is None:
+            self._label_low, self._label_high, self._label_bad = low, high, bad
+        else:
+            self._label_low = torch.minimum(self._label_low, low)
+            self._label_high = torch.maximum(self._label_high, high)
+            self._label_bad = self._label_bad + bad
 
     @staticmethod
     def _chunk_device(chunk: Chunk) -> torch.device:
@@ -422,7 +425,7 @@ class PhaseStats:
     def _reduce(self, chunk: Chunk) -> None:
         row_labels: dict[tuple, torch.Tensor] = {}
         for layer, inputs, buf in chunk.buffers():
-            if buf.fill == 0 or (inputs and layer in self._inconsistent):
+            if buf.fill == 0:
                 continue
             table = self.inputs if inputs else self.moments
             moments = table.get(layer)
@@ -455,24 +458,16 @@ class PhaseStats:
         invalid = (labels < 0) | (labels >= self.num_classes)
         return labels.to(device, non_blocking=True).masked_fill(invalid, self.num_classes)
 
-    def label_check(self) -> tuple[int, int, int] | None:
-        """(labels outside the classes, min, max) of every label given this epoch, or None.
+    def finish(self) -> PhaseRecord:
+        """Reduce what is left and bring the phase's statistics to the host (once per epoch)."""
+        self._reduce_chunk()
+        outputs = {layer: m.result() for layer, m in self.moments.items()}
+        inputs = {layer: m.class_means() for layer, m in self.inputs.items()}
+        return PhaseRecord(self.phase, outputs, {k: v for k, v in inputs.items() if v is not None})
 
-        Counted on the device chunk by chunk; this is the one host sync, at the epoch's end.
-        """
-        self._submit()
+    def label_summary(self) -> LabelSummary | None:
+        """The labels given this phase (call after :meth:`finish`), or None when none were given."""
         if self._label_low is None:
             return None
         bad, low, high = torch.stack([self._label_bad, self._label_low, self._label_high]).tolist()
-        return int(bad), int(low), int(high)
-
-    def finish(self) -> Results:
-        """Reduce what is left; (per-layer output statistics, per-layer input class means) on the host."""
-        self._submit()
-        outputs = {layer: m.result() for layer, m in self.moments.items()}
-        inputs = {layer: m.result() for layer, m in self.inputs.items()}
-        for layer, source in self.aliases.items():
-            if source in outputs and "class_mean" in outputs[source] and layer not in self._inconsistent:
-                src = outputs[source]
-                inputs[layer] = {"class_count": src["class_count"], "class_mean": src["class_mean"]}
-        return outputs, inputs
+        return LabelSummary(int(bad), int(low), int(high))

@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from .records import ACTIVATION_COLUMNS, BATCH_COLUMNS
+from .rows import ReadPlan
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +44,20 @@ _LAYER = pa.dictionary(pa.int32(), pa.string())
 _F32 = pa.float32()
 _KEY_FIELDS = [pa.field("phase", pa.string()), pa.field("layer", _LAYER)]
 
+_COUNT_COLUMNS = {"act_count", "act_nan_count"}
+
+
+def _stat_fields(names: Sequence[str]) -> list[pa.Field]:
+    """Fields of statistic columns named in :mod:`nn_staining.records`: counts int64, the rest float32."""
+    return [pa.field(name, pa.int64() if name in _COUNT_COLUMNS else _F32) for name in names]
+
+
 SCHEMAS: dict[str, pa.Schema] = {
     "neurons": pa.schema(
         _KEY_FIELDS
+        + [pa.field("neuron", pa.int32())]
+        + _stat_fields(ACTIVATION_COLUMNS)
         + [
-            pa.field("neuron", pa.int32()),
-            pa.field("act_count", pa.int64()),
-            pa.field("act_mean", _F32),
-            pa.field("act_std", _F32),
-            pa.field("act_min", _F32),
-            pa.field("act_max", _F32),
-            pa.field("act_active_frac", _F32),
-            pa.field("act_nan_count", pa.int64()),
             pa.field("bias", _F32),
             pa.field("weight_norm", _F32),
             pa.field("weight_mean", _F32),
@@ -82,15 +86,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
     "batches": pa.schema(
         _KEY_FIELDS
-        + [
-            pa.field("batch", pa.int32()),
-            pa.field("neuron", pa.int32()),
-            pa.field("act_count", pa.int64()),
-            pa.field("act_mean", _F32),
-            pa.field("act_std", _F32),
-            pa.field("act_min", _F32),
-            pa.field("act_max", _F32),
-        ]
+        + [pa.field("batch", pa.int32()), pa.field("neuron", pa.int32())]
+        + _stat_fields(BATCH_COLUMNS)
     ),
 }
 
@@ -266,26 +263,24 @@ def read_meta(root: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def read_part(
-    path: Path,
-    columns: Sequence[str],
-    row_ranges: Sequence[tuple[int, int]] | None,
-    expected_rows: int | None = None,
-    fallback_filter: pc.Expression | None = None,
-) -> pa.Table:
-    """Read ``columns`` of the rows in ``row_ranges`` from one part, touching only their row groups
-    (each read once). ``columns`` must include those ``fallback_filter`` uses.
+def read_part(path: Path, columns: Sequence[str], plan: ReadPlan | None = None) -> pa.Table:
+    """Read ``columns`` of the rows ``plan`` selects from one part, touching only their row groups
+    (each read once). ``columns`` must include those the plan's fallback filter uses.
 
-    When the file does not hold ``expected_rows`` rows (a layer missing that epoch), the row
-    ranges are not trusted and ``fallback_filter`` selects the rows instead.
+    When the file does not hold the plan's expected row count (a layer missing that epoch), the
+    row ranges are not trusted and the fallback filter selects the rows instead.
     """
     pf = pq.ParquetFile(path, pre_buffer=False)  # a few small column chunks: coalescing reads costs more
     md = pf.metadata
-    if row_ranges is None or (expected_rows is not None and md.num_rows != expected_rows):
+    if (
+        plan is None
+        or plan.row_ranges is None
+        or (plan.expected_rows is not None and md.num_rows != plan.expected_rows)
+    ):
         table = pf.read(columns=list(columns))
-        return table if fallback_filter is None else table.filter(fallback_filter)
+        return table if plan is None or plan.fallback is None else table.filter(plan.fallback)
     starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-    row_ranges = [(lo, hi) for lo, hi in row_ranges if lo < hi]
+    row_ranges = [(lo, hi) for lo, hi in plan.row_ranges if lo < hi]
     groups = sorted(
         {
             g
@@ -315,11 +310,10 @@ def read_epochs(
     epochs: Iterable[int],
     phase: str,
     columns: Sequence[str],
-    row_ranges: Sequence[tuple[int, int]] | None = None,
-    expected_rows: int | None = None,
-    fallback_filter: pc.Expression | None = None,
+    plan: ReadPlan | None = None,
 ) -> pa.Table:
-    """Concatenate the selected rows of ``table`` over ``epochs``, with an int32 ``epoch`` column first.
+    """Concatenate the rows ``plan`` selects from ``table`` over ``epochs``, with an int32 ``epoch``
+    column first.
 
     Parts are read on a few threads (pyarrow decodes without the GIL); an epoch without a part
     of this table contributes no rows.
@@ -330,7 +324,7 @@ def read_epochs(
 
     def one(path: str) -> pa.Table | None:
         try:
-            return read_part(Path(path), columns, row_ranges, expected_rows, fallback_filter)
+            return read_part(Path(path), columns, plan)
         except FileNotFoundError:
             return None
 

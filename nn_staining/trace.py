@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from .signature import IndexSelection, Signature, epoch_key, is_glob, neuron_key, parse_key, parse_signature
+from .rows import RowLayout
+from .signature import Signature, epoch_key, is_glob, neuron_key, parse_key, parse_signature
 from .store import INDEX_COLUMNS, PHASES, SCHEMAS, read_epochs, read_meta, store_size
 
 #: Columns returned when none are asked for (``weights`` is a list per neuron: ask for it).
@@ -40,6 +40,7 @@ class Trace(Mapping):
         self.meta = read_meta(self.path)
         self.phase = phase
         self._layers = {info["key"]: info for info in self.meta["layers"]}
+        self._rows = RowLayout(self.meta["layers"], self.meta.get("num_classes"))
 
     # -- what is recorded ------------------------------------------------------------------------
     @property
@@ -150,9 +151,9 @@ class Trace(Mapping):
         epochs = self._epochs(sig)
         layers = self._select_layers(sig)
         columns = self._columns(table, columns)
-        ranges, expected, filt = self._row_ranges(table, layers, sig.neurons)
+        plan = self._rows.plan(table, layers, sig.neurons)
         read_columns = list(dict.fromkeys(INDEX_COLUMNS[table] + columns))
-        data = read_epochs(self.path, table, epochs, self.phase, read_columns, ranges, expected, filt)
+        data = read_epochs(self.path, table, epochs, self.phase, read_columns, plan)
         return _to_frame(data, table, columns)
 
     def to_dataframe(self, columns: Sequence[str] | None = None, table: str = "neurons") -> pd.DataFrame:
@@ -249,48 +250,6 @@ class Trace(Mapping):
             raise KeyError(f"column {bad[0]!r} not in the {table} table; columns: {', '.join(valid)}")
         return list(columns)
 
-    def _row_ranges(
-        self, table: str, layers: list[str], neurons: IndexSelection | None
-    ) -> tuple[list[tuple[int, int]] | None, int | None, pc.Expression | None]:
-        """Row ranges of (layers, neurons) in a part, the part's expected row count and a fallback filter."""
-        filt = pc.field("layer").isin(layers)
-        if table == "batches":
-            if neurons is not None and not neurons.is_all:
-                filt = filt & pc.field("neuron").isin(self._neuron_ids(layers, neurons))
-            return None, None, filt
-        classes = self.num_classes or 0
-        if table == "inputs":
-            return self._input_ranges(layers, classes)
-        per_row = classes if table == "classes" else 1
-        ranges = []
-        for key in layers:
-            info = self._layers[key]
-            base = info["row_offset"]
-            runs = _neuron_runs(neurons, info["neurons"])
-            ranges += [((base + a) * per_row, (base + b) * per_row) for a, b in runs]
-        if not ranges:
-            sizes = ", ".join(f"{k}: n_0 … n_{self._layers[k]['neurons'] - 1}" for k in layers)
-            raise KeyError(f"neuron {neurons} not in {', '.join(layers)}; neurons: {sizes}")
-        if neurons is not None and not neurons.is_all:
-            filt = filt & pc.field("neuron").isin(self._neuron_ids(layers, neurons))
-        return ranges, self.meta["num_neurons"] * per_row, filt
-
-    def _input_ranges(self, layers: list[str], classes: int):
-        with_inputs = [k for k in layers if self._layers[k].get("input_offset") is not None]
-        total = sum(
-            info["in_features"] for info in self.meta["layers"] if info.get("input_offset") is not None
-        )
-        ranges = []
-        for key in with_inputs:
-            info = self._layers[key]
-            start = info["input_offset"] * classes
-            ranges.append((start, start + info["in_features"] * classes))
-        return ranges, total * classes, pc.field("layer").isin(with_inputs)
-
-    def _neuron_ids(self, layers: list[str], neurons: IndexSelection) -> list[int]:
-        runs = [r for k in layers for r in _neuron_runs(neurons, self._layers[k]["neurons"])]
-        return sorted({i for a, b in runs for i in range(a, b)})
-
 
 class EpochView(Mapping):
     """The layers of one epoch: ``t["E_3"]["L_hidden_1"]``."""
@@ -361,27 +320,6 @@ def _to_frame(data: pa.Table, table: str, columns: list[str]) -> pd.DataFrame:
         frame["layer"] = frame["layer"].astype(str)
     frame = frame.set_index(index)
     return frame[columns]
-
-
-def _neuron_runs(neurons: IndexSelection | None, size: int) -> list[tuple[int, int]]:
-    """The half-open runs of ``range(size)`` that a neuron selection keeps (without enumerating a range)."""
-    if neurons is None or neurons.is_all:
-        return [(0, size)] if size else []
-    if neurons.values is None:
-        start, stop = neurons.start, min(neurons.stop, size)
-        return [(start, stop)] if start < stop else []
-    return _runs([v for v in neurons.values if v < size])
-
-
-def _runs(values: list[int]) -> list[tuple[int, int]]:
-    """Consecutive runs of sorted ints as half-open (start, stop) pairs."""
-    runs: list[tuple[int, int]] = []
-    for v in values:
-        if runs and runs[-1][1] == v:
-            runs[-1] = (runs[-1][0], v + 1)
-        else:
-            runs.append((v, v + 1))
-    return runs
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from conftest import assert_close, numpy_stats
 from torch import nn
 
 from nn_staining import NetworkTrace, load_trace
+from nn_staining.records import ACTIVATION_COLUMNS, BATCH_COLUMNS, LayerStats
 from nn_staining.stats import ChunkPool, Moments, PhaseStats
 
 CLASSES = 4
@@ -24,8 +25,20 @@ def phase_stats(chunk_bytes: int | None, keep_batches: bool = False) -> PhaseSta
     return PhaseStats(CLASSES, keep_batches=keep_batches, pool=pool)
 
 
+def as_columns(layer: LayerStats) -> dict[str, np.ndarray]:
+    """A layer's typed statistics as one dict of the store's column names (plus class_count/class_mean)."""
+    out = {name: getattr(layer.activations, name) for name in ACTIVATION_COLUMNS}
+    if layer.classes is not None:
+        out |= {"class_count": layer.classes.count, "class_mean": layer.classes.mean}
+    if layer.batches is not None:  # (count, mean, std, min, max) × batches × neurons
+        out["batches"] = np.stack([getattr(layer.batches, name) for name in BATCH_COLUMNS])
+    return out
+
+
 def finish(stats: PhaseStats) -> tuple[dict, dict]:
-    return stats.finish()
+    record = stats.finish()
+    inputs = {k: {"class_count": m.count, "class_mean": m.mean} for k, m in record.inputs.items()}
+    return {k: as_columns(v) for k, v in record.outputs.items()}, inputs
 
 
 def random_batches(seed: int, nan: bool = False) -> list[tuple[torch.Tensor | None, dict[str, torch.Tensor]]]:
@@ -149,7 +162,7 @@ def test_moments_fold_chunks_in_float64() -> None:
     moments = Moments(3, 2, torch.device("cpu"))
     for rows, lab in zip(data, labels):
         moments.update(torch.from_numpy(rows), torch.as_tensor(lab))
-    got = moments.result()
+    got = as_columns(moments.result())
     rows = data.reshape(-1, 3).astype(np.float64)
     flat = labels.reshape(-1)
     assert_close(got["act_mean"], rows.mean(0), rtol=1e-9)

@@ -1,0 +1,119 @@
+"""The epoch writer: turns :class:`~nn_staining.records.EpochRecord` s into Parquet parts off the
+training thread.
+
+The training thread hands over a complete, immutable record (statistics, weights and the
+``meta.json`` to write after it) and goes on; one writer thread builds the Arrow tables and
+writes them. The writer keeps only what it produced itself (the previous epoch's weights, for
+``weight_delta_norm``): it has no reference to the recorder, so it cannot read training-thread
+state. At most ``max_pending`` epochs wait in memory; after a failed write nothing more is
+written, so ``meta.json`` never lists an epoch whose parts are missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .records import EpochRecord
+from .store import TraceWriter
+from .tables import epoch_tables
+
+#: Epochs handed to the writer thread and not yet on disk before ``submit_epoch`` waits for the oldest.
+MAX_PENDING_WRITES = 2
+
+
+class EpochWriter:
+    """Writes epochs and ``meta.json`` on one background thread (inline with ``background=False``)."""
+
+    def __init__(
+        self,
+        store: TraceWriter,
+        *,
+        background: bool = True,
+        record_weights: bool = True,
+        max_pending: int = MAX_PENDING_WRITES,
+        write_checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+        write_probe: Callable[[int, Any, tuple[str, ...]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.record_weights = record_weights
+        self.max_pending = max_pending
+        self._write_checkpoint = write_checkpoint
+        self._write_probe = write_probe
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="nn_staining") if background else None
+        self._jobs: list[Future] = []
+        self._error: BaseException | None = None
+        self._previous_weights: dict[str, np.ndarray] = {}
+
+    def submit_epoch(self, record: EpochRecord) -> None:
+        """Queue ``record`` for writing, first waiting while ``max_pending`` epochs are in flight."""
+        while len(self._jobs) >= self.max_pending:  # back-pressure: memory stays flat
+            self._jobs.pop(0).result()
+        self._jobs.append(self._run(self._write_epoch, record))
+
+    def submit_meta(self, meta: dict[str, Any]) -> None:
+        """Queue a ``meta.json`` rewrite (after the epochs already queued)."""
+        self._jobs.append(self._run(self.store.write_meta, meta))
+
+    def raise_finished_errors(self) -> None:
+        """Re-raise the error of a write that has already failed (without waiting for running ones)."""
+        while self._jobs and self._jobs[0].done():
+            self._jobs.pop(0).result()
+
+    def flush(self) -> None:
+        """Wait until every queued write is on disk; re-raises an error met while writing."""
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job.result()
+
+    def close(self) -> None:
+        """Flush, then stop the writer thread."""
+        try:
+            self.flush()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def _run(self, fn: Callable[..., None], *args: Any) -> Future:
+        """Run ``fn`` on the writer thread (inline, raising at once, without one)."""
+
+        def guarded() -> None:
+            if self._error is not None:
+                raise RuntimeError(
+                    f"not written: an earlier write to {str(self.store.root)!r} failed"
+                ) from self._error
+            try:
+                fn(*args)
+            except BaseException as exc:
+                self._error = exc
+                raise
+
+        if self._executor is None:
+            guarded()
+            future: Future = Future()
+            future.set_result(None)
+            return future
+        return self._executor.submit(guarded)
+
+    def _write_epoch(self, record: EpochRecord) -> None:
+        """Build and write the epoch's tables (and checkpoint, probe), then ``meta.json``."""
+        for phase in record.phases:
+            tables = epoch_tables(
+                phase,
+                record.layers,
+                record.weights,
+                self._previous_weights,
+                record.num_classes,
+                self.record_weights,
+            )
+            self.store.write_epoch(record.epoch, phase.phase, tables)
+        if record.checkpoint is not None and self._write_checkpoint is not None:
+            self._write_checkpoint(record.epoch, record.checkpoint)
+        if record.probe is not None and self._write_probe is not None:
+            self._write_probe(record.epoch, record.probe, record.layers)
+        self._previous_weights = {k: w.weights for k, w in record.weights.items() if w.weights is not None}
+        self.store.write_meta(record.meta)
