@@ -17,7 +17,6 @@ importance). This module is the one place that changes what a model computes, al
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import numbers
 import os
@@ -34,7 +33,7 @@ from torch import nn
 from . import staining
 from .checkpoints import checkpoint_epochs, checkpoint_path, read_checkpoint
 from .layers import output_layout
-from .signature import is_glob, layer_key, parse_signature
+from .signature import is_glob, layer_key, match_layers, parse_signature
 from .trace import Trace, load_trace
 
 log = logging.getLogger(__name__)
@@ -101,9 +100,7 @@ def _model_layers(model: nn.Module, trace: Trace | None) -> dict[str, _Layer]:
 def _match_layers(pattern: str, layers: Mapping[str, _Layer]) -> list[str]:
     """Layer keys named by ``pattern`` (an exact key first, else a glob); ``KeyError`` listing them otherwise."""
     key = pattern if pattern.startswith("L_") else f"L_{pattern}"
-    if key in layers:
-        return [key]
-    hits = [k for k in layers if is_glob(key) and fnmatch.fnmatchcase(k, key)]
+    hits = match_layers(key, layers)
     if not hits:
         raise KeyError(f"layer {pattern!r} matches no layer; layers: {', '.join(layers)}")
     return hits

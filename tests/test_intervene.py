@@ -22,7 +22,7 @@ from torch import nn
 
 from nn_staining import NetworkTrace, intervene, load_trace
 from nn_staining import staining as st
-from nn_staining.checkpoints import checkpoint_epochs, write_checkpoint
+from nn_staining.checkpoints import checkpoint_epochs
 
 torch.set_num_threads(1)
 
@@ -334,7 +334,9 @@ def trained(tmp_path_factory):
     x, y = planted_data(2)
     store = tmp_path_factory.mktemp("trained") / "run"
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with NetworkTrace(model, store, num_classes=C, background=False, epoch_intervals=[0, 2, 3]) as trace:
+    with NetworkTrace(
+        model, store, num_classes=C, epoch_intervals=[0, 2, 3], record_checkpoints=True
+    ) as trace:
         for epoch in range(4):
             trace.start_epoch(epoch)
             for start in range(0, len(x), 60):
@@ -345,8 +347,6 @@ def trained(tmp_path_factory):
                 loss.backward()
                 opt.step()
             trace.end_epoch()
-            if trace.is_recorded(epoch):
-                write_checkpoint(store, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
     x_test, y_test = planted_data(3)
     return model, load_trace(store), x_test, y_test
 
