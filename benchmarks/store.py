@@ -30,7 +30,7 @@ sys.path.insert(0, {root!r})
 from nn_staining import load_trace
 start = time.perf_counter()
 t = load_trace({store!r})
-frame = t.query({signature!r})
+frame = {expression}
 elapsed = time.perf_counter() - start
 # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, inherited at fork)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
@@ -70,9 +70,22 @@ def record(store: str, epochs: int, width: int, keep_weights: bool) -> tuple[flo
     return time.perf_counter() - start, spent_in_end, rss
 
 
-def query(store: str, signature: str) -> dict:
-    """Run one query in a fresh process; returns its seconds, rows and peak RSS."""
-    script = QUERY_SCRIPT.format(root=ROOT, store=store, signature=signature)
+#: Averaging ``act_mean`` per layer per epoch: through DuckDB (``Trace.sql``) and through pandas.
+AGGREGATES = {
+    "per-layer per-epoch mean, t.sql": (
+        't.sql("SELECT epoch, layer, avg(act_mean) AS m FROM neurons GROUP BY ALL")'
+    ),
+    "per-layer per-epoch mean, pandas": (
+        't.to_dataframe(columns=["act_mean"]).groupby(["epoch", "layer"])["act_mean"].mean()'
+    ),
+}
+
+
+def query(store: str, signature: str | None = None, expression: str | None = None) -> dict:
+    """Run one query (a signature, or a Python expression of ``t``) in a fresh process; returns
+    its seconds, rows and peak RSS."""
+    expression = expression or f"t.query({signature!r})"
+    script = QUERY_SCRIPT.format(root=ROOT, store=store, expression=expression)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -130,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             secs = sorted(r["seconds"] for r in results)[len(results) // 2]
             rss = max(r["peak_rss_mib"] for r in results)
             print(f"| {name} | `{signature}` | {results[0]['rows']:,} | {secs:.3f} | {rss:.0f} |", flush=True)
+        for name, expression in AGGREGATES.items():
+            results = [query(store, expression=expression) for _ in range(args.repeats)]
+            secs = sorted(r["seconds"] for r in results)[len(results) // 2]
+            rss = max(r["peak_rss_mib"] for r in results)
+            print(f"| {name} | all rows | {results[0]['rows']:,} | {secs:.3f} | {rss:.0f} |", flush=True)
         print(
             f"\nstore: {nbytes / 2**30:.2f} GiB neurons table, {epochs} part files; "
             f"machine: {os.cpu_count()} cores"

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 
 from .rows import RowLayout
 from .signature import Signature, epoch_key, is_glob, neuron_key, parse_key, parse_signature
-from .store import INDEX_COLUMNS, PHASES, SCHEMAS, read_epochs, read_meta, store_size
+from .store import INDEX_COLUMNS, PHASES, SCHEMAS, part_name, read_epochs, read_meta, store_size
 
 #: Columns returned when none are asked for (``weights`` is a list per neuron: ask for it).
 DEFAULT_COLUMNS = {
@@ -208,6 +209,54 @@ class Trace(Mapping):
         from .probes import probe_info
 
         return np.asarray(probe_info(self.meta)["labels"], dtype=np.int64)
+
+    # -- engines ---------------------------------------------------------------------------------
+    def part_files(self, table: str = "neurons") -> list[str]:
+        """The Parquet parts of ``table`` for this phase's recorded epochs, in epoch order."""
+        if table not in SCHEMAS:
+            raise ValueError(f"table {table!r} is not one of {', '.join(SCHEMAS)}")
+        name = part_name(self.phase)
+        paths = [self.path / table / f"epoch={e}" / name for e in self.epochs]
+        return [os.fspath(p) for p in paths if p.is_file()]
+
+    def dataset(self, table: str = "neurons") -> ds.Dataset:
+        """``table`` as a :class:`pyarrow.dataset.Dataset` of this phase's completed epochs, with the
+        int32 ``epoch`` column from the hive folder names: hand it to any engine that scans Arrow."""
+        files = self.part_files(table)
+        schema = SCHEMAS[table].append(pa.field("epoch", pa.int32()))
+        if not files:
+            return ds.dataset(schema.empty_table())
+        partitioning = ds.partitioning(pa.schema([("epoch", pa.int32())]), flavor="hive")
+        return ds.dataset(
+            files,
+            schema=schema,
+            format="parquet",
+            partitioning=partitioning,
+            partition_base_dir=os.fspath(self.path / table),
+        )
+
+    def sql(self, query: str) -> pd.DataFrame:
+        """Run a DuckDB SQL ``query`` over the store's tables (views ``neurons``, ``classes``,
+        ``inputs``, ``batches``: this phase's completed epochs, with an ``epoch`` column)."""
+        try:
+            import duckdb
+        except ImportError:
+            raise ImportError("Trace.sql needs DuckDB: pip install duckdb") from None
+        con = duckdb.connect()
+        try:
+            for table in SCHEMAS:
+                files = self.part_files(table)
+                if files:
+                    listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+                    con.execute(
+                        f"CREATE VIEW {table} AS SELECT * REPLACE (CAST(epoch AS INTEGER) AS epoch) "
+                        f"FROM read_parquet([{listed}], hive_partitioning = true)"
+                    )
+                else:
+                    con.from_arrow(self.dataset(table).to_table()).create_view(table)
+            return con.execute(query).df()
+        finally:
+            con.close()
 
     # -- signature → what to read ----------------------------------------------------------------
     def _epochs(self, sig: Signature) -> list[int]:

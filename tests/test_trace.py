@@ -375,3 +375,73 @@ def test_foreign_meta_json_is_not_a_trace(tmp_path: Path, content: str) -> None:
 def test_unknown_phase(mlp_run: Run) -> None:
     with pytest.raises(ValueError, match="phase"):
         load_trace(mlp_run.store, phase="test")
+
+
+# -- engines: Trace.sql and Trace.dataset answer what Trace.query does ---------------------------------
+@pytest.mark.parametrize("table", ["neurons", "classes", "inputs", "batches"])
+def test_dataset_holds_exactly_the_rows_query_gives(mlp_run: Run, table: str) -> None:
+    t = load_trace(mlp_run.store)
+    frame = t.query("E_*/L_*", table=table)
+    index = list(frame.index.names)
+    got = t.dataset(table).to_table().to_pandas()
+    got["layer"] = got["layer"].astype(str)
+    assert got["epoch"].dtype == np.int32
+    got = got.set_index(index).sort_index()[list(frame.columns)]
+    pd.testing.assert_frame_equal(got, frame.sort_index(), check_dtype=False)
+
+
+def test_sql_aggregate_equals_pandas_on_query(mlp_run: Run) -> None:
+    t = load_trace(mlp_run.store)
+    got = t.sql(
+        "SELECT epoch, layer, avg(act_mean) AS mean, max(act_max) AS top, count(*) AS n "
+        "FROM neurons GROUP BY ALL ORDER BY epoch, layer"
+    ).set_index(["epoch", "layer"])
+    frame = t.query("E_*/L_*").reset_index()
+    expected = frame.groupby(["epoch", "layer"]).agg(
+        mean=("act_mean", "mean"), top=("act_max", "max"), n=("act_mean", "size")
+    )
+    assert list(got.index) == list(expected.index)
+    np.testing.assert_allclose(got["mean"], expected["mean"], rtol=1e-6)
+    np.testing.assert_array_equal(got["top"], expected["top"])
+    np.testing.assert_array_equal(got["n"], expected["n"])
+
+
+def test_sql_joins_tables_and_sees_only_this_phase(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    from nn_staining import NetworkTrace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    with NetworkTrace(model, tmp_path / "t", num_classes=2, record_eval=True) as trace:
+        for epoch in range(2):
+            trace.start_epoch(epoch)
+            trace.set_targets(y)
+            model(x)
+            model.eval()
+            model(x[:5])
+            model.train()
+            trace.end_epoch()
+    train, evaluation = load_trace(tmp_path / "t"), load_trace(tmp_path / "t", phase="eval")
+    assert train.sql("SELECT DISTINCT phase FROM neurons")["phase"].tolist() == ["train"]
+    counts = evaluation.sql("SELECT DISTINCT act_count FROM neurons")["act_count"].tolist()
+    assert counts == [5]
+    joined = train.sql(
+        "SELECT n.epoch, n.layer, n.neuron, c.class, c.act_mean FROM neurons n JOIN classes c "
+        "USING (epoch, layer, neuron) WHERE n.layer = 'L_2' ORDER BY n.epoch, n.neuron, c.class"
+    )
+    expected = train.classes("E_*/L_2")["act_mean"].to_numpy()
+    np.testing.assert_array_equal(joined["act_mean"].to_numpy(), expected)
+
+
+def test_sql_on_a_trace_with_no_epochs_sees_empty_tables(tmp_path: Path) -> None:
+    from torch import nn
+
+    from nn_staining import NetworkTrace
+
+    NetworkTrace(nn.Sequential(nn.Linear(2, 2)), tmp_path / "t").close()
+    t = load_trace(tmp_path / "t")
+    assert t.sql("SELECT count(*) AS n FROM neurons")["n"].tolist() == [0]
+    assert t.dataset("classes").count_rows() == 0
