@@ -62,6 +62,7 @@ class NetworkTrace:
         record_eval: bool = False,
         record_weights: bool = True,
         record_checkpoints: bool = False,
+        probe: Any = None,
         class_names: Sequence[str] | None = None,
         overwrite: bool = False,
         background: bool = True,
@@ -84,6 +85,7 @@ class NetworkTrace:
         except TypeError as exc:
             raise TypeError(f"config values must be JSON-serialisable: {exc}") from None
         self._layer_patterns = layers
+        self._probe = _probe_set(probe)
         self._tap = HookTap(model, select_layers(model, layers))
         store_writer = TraceWriter(self.store, overwrite=overwrite)
         self._writer = EpochWriter(
@@ -91,6 +93,7 @@ class NetworkTrace:
             background=background,
             record_weights=record_weights,
             write_checkpoint=_checkpoint_writer(self.store) if record_checkpoints else None,
+            write_probe=_probe_writer(self.store) if self._probe is not None else None,
         )
         self._phases: dict[str, PhaseStats] = {}
         self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
@@ -203,15 +206,17 @@ class NetworkTrace:
         if records:
             for record in records:
                 self._recorded[record.phase].append(epoch)
+            weights = snapshot_weights(self._tap.modules, self._tap.layouts)
             self._writer.submit_epoch(
                 EpochRecord(
                     epoch=epoch,
                     phases=records,
-                    weights=snapshot_weights(self._tap.modules, self._tap.layouts),
+                    weights=weights,
                     layers=tuple(self._tap.ordered_layers()),
                     num_classes=self.num_classes or 0,
                     meta=self._meta(),
                     checkpoint=_state_copy(self.model) if self.record_checkpoints else None,
+                    probe=self._run_probe(),
                 )
             )
         for stats in phases:
@@ -223,6 +228,14 @@ class NetworkTrace:
                     f"seen from {labels.low} to {labels.high}); those samples are missing from the per-class "
                     "statistics. The epoch was still written; pass the right num_classes="
                 )
+
+    def _run_probe(self) -> Any:
+        """The probe set's representations at this epoch's end (hooks already removed), or None."""
+        if self._probe is None:
+            return None
+        from .probes import run_probe
+
+        return run_probe(self.model, self._tap.modules, self._probe)
 
     def log_metrics(self, epoch: int | None = None, **values: Any) -> None:
         """Keep training metrics (loss, accuracy, a confusion matrix…) in ``meta.json`` beside the trace.
@@ -255,6 +268,7 @@ class NetworkTrace:
             "class_names": self.class_names,
             "epochs": {phase: sorted(e) for phase, e in self._recorded.items()},
             "row_group_size": ROW_GROUP_ROWS,
+            "probe": _probe_meta(self._probe),
             "metrics": {key: dict(values) for key, values in self._metrics.items()},
             "config": {
                 "epoch_intervals": jsonable_intervals(self.epoch_intervals),
@@ -310,6 +324,29 @@ def normalise_targets(targets: Tensor) -> Tensor:
 def _state_copy(model: nn.Module) -> dict[str, Tensor]:
     """Contiguous CPU copies of the model's ``state_dict`` that later steps cannot change."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _probe_set(probe: Any) -> Any:
+    """``probe=`` validated as a :class:`~nn_staining.probes.ProbeSet` (None without one)."""
+    if probe is None:
+        return None
+    from .probes import ProbeSet
+
+    return ProbeSet.from_arg(probe)
+
+
+def _probe_meta(probe: Any) -> dict[str, Any] | None:
+    if probe is None:
+        return None
+    from .probes import probe_meta
+
+    return probe_meta(probe)
+
+
+def _probe_writer(store: str):
+    from .probes import write_probe
+
+    return lambda epoch, record, layers: write_probe(store, epoch, record, layers)
 
 
 def _checkpoint_writer(store: str):
