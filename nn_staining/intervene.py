@@ -466,22 +466,14 @@ def _check_layers(t: Trace, layers: Sequence[str] | str | None) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _control_neurons(
-    frame: pd.DataFrame, stain_class: int, count: int, control: str, rng: np.random.Generator
-) -> np.ndarray:
-    """``count`` neurons of one layer's selectivity rows not stained ``stain_class`` and not dead:
-    unstained ones first (``control="unstained"``) or any of them (``"random"``)."""
+def _control_neurons(frame: pd.DataFrame, count: int, control: str, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``count`` live neurons of one layer's selectivity rows, drawn without replacement: the
+    unstained ones (``control="unstained"``) or any (``"random"``)."""
     neurons = frame.index.get_level_values("neuron").to_numpy()
-    alive = ~frame["dead"].to_numpy()
-    stain = frame["stain"].to_numpy()
-    others = neurons[alive & (stain != stain_class)]
-    if control == "random":
-        return rng.choice(others, size=min(count, len(others)), replace=False)
-    unstained = neurons[alive & (stain == staining.UNSTAINED)]
-    first = rng.choice(unstained, size=min(count, len(unstained)), replace=False)
-    rest = np.setdiff1d(others, unstained)
-    extra = rng.choice(rest, size=min(count - len(first), len(rest)), replace=False)
-    return np.concatenate([first, extra])
+    pool = ~frame["dead"].to_numpy()
+    if control == "unstained":
+        pool &= frame["stain"].to_numpy() == staining.UNSTAINED
+    return np.sort(rng.choice(neurons[pool], size=min(count, int(pool.sum())), replace=False))
 
 
 def _random_edges(
@@ -489,16 +481,33 @@ def _random_edges(
 ) -> list[Edge]:
     """As many random edges per layer as ``edges`` has there, none of them in ``edges``."""
     out: list[Edge] = []
-    taken = set(edges)
-    per_layer: dict[str, int] = {}
-    for layer, _, _ in edges:
-        per_layer[layer] = per_layer.get(layer, 0) + 1
-    for layer, count in per_layer.items():
-        weight = model_layers[layer].module.weight
-        rows, cols = int(weight.shape[0]), int(weight.shape[1])
-        free = [i for i in range(rows * cols) if (layer, i // cols, i % cols) not in taken]
-        for i in rng.choice(free, size=min(count, len(free)), replace=False):
-            out.append((layer, int(i) // cols, int(i) % cols))
+    per_layer: dict[str, set[int]] = {}
+    for layer, j, k in edges:
+        cols = int(model_layers[layer].module.weight.shape[1])
+        per_layer.setdefault(layer, set()).add(j * cols + k)
+    for layer, taken in per_layer.items():
+        rows, cols = (int(n) for n in model_layers[layer].module.weight.shape[:2])
+        size = min(rows * cols, 2 * len(taken))
+        drawn = [int(i) for i in rng.choice(rows * cols, size=size, replace=False) if int(i) not in taken]
+        out += [(layer, i // cols, i % cols) for i in drawn[: len(taken)]]
+    return out
+
+
+def class_pathway_edges(t: Trace, epoch: int, top_k: int) -> dict[int, list[Edge]]:
+    """Per class c, the edges of its ``top_k`` pathways (``staining.pathways``) at ``epoch``; each layer's
+    contributions are read once for all classes. Empty when the trace has no Linear chain to the logits."""
+    try:
+        chain = staining.linear_chain(t)
+    except ValueError as exc:
+        log.info("no pathways: %s", exc)
+        return {}
+    contributions = [staining.contributions(t, layer, epoch) for layer in chain]
+    out = {}
+    for c in range(min(staining._require_classes(t), t.layer_info(chain[-1])["neurons"])):
+        shares = [staining.edge_shares(contrib[c]) for contrib in contributions]
+        _, paths = staining.top_paths(shares, c, top_k)
+        edges = {(chain[i], path[i + 1], path[i]): None for path in paths for i in range(len(chain))}
+        out[c] = list(edges)
     return out
 
 
@@ -561,9 +570,9 @@ def stain_effects(
     """Per layer and stain class c, what ablating the neurons stained c does to each class on ``(x, y)``.
 
     One row per (unit, epoch, layer, stain_class, eval_class): the class's accuracy and mean true-class
-    logit change, and the same for a control of as many other neurons (``control="unstained"``: unstained
-    live neurons first, then ones stained another class; ``"random"``: any live neuron not stained c),
-    averaged over ``controls`` seeded draws. ``unit="edges"`` rows (``layer="pathways"``) zero the edges
+    logit change, and the same for a control of as many live neurons of the layer, drawn at random
+    (seeded) from its unstained ones (``control="unstained"``; fewer when it has fewer, see
+    ``n_control``) or from all (``"random"``), averaged over ``controls`` draws. ``unit="edges"`` rows (``layer="pathways"``) zero the edges
     of class c's ``top_k`` pathways against as many random edges per layer. ``epoch``: an epoch, a list,
     or ``"all"`` (every recorded epoch with a checkpoint); checkpoints are loaded and the model restored.
     """
@@ -576,8 +585,13 @@ def stain_effects(
     keys = _check_layers(t, layers)
     model_layers = _model_layers(model, t)
     rows: list[dict[str, Any]] = []
-    for at in _resolve_epochs(t, epoch):
-        stains = staining.selectivity(t, at).droplevel("epoch")
+    epochs = _resolve_epochs(t, epoch)
+    every = staining.selectivity(t) if len(epochs) > 1 else None  # one read for all epochs
+    for at in epochs:
+        stains = (
+            staining.selectivity(t, at) if every is None else every.xs(at, level="epoch", drop_level=False)
+        )
+        stains = stains.droplevel("epoch")
         with _model_at(model, t, at):
             ev = _Evaluator(model, x, y, classes, batch_size)
             for li, key in enumerate(keys):
@@ -590,7 +604,7 @@ def stain_effects(
                     draws = []
                     n_control = 0
                     for _ in range(controls):
-                        picked = _control_neurons(frame, c, len(chosen), control, rng)
+                        picked = _control_neurons(frame, len(chosen), control, rng)
                         n_control = len(picked)
                         if n_control:
                             with ablate(model, {key: picked.tolist()}, mode, trace=t, epoch=at):
@@ -623,13 +637,7 @@ def _pathway_rows(
     seed: int,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for c in range(ev.classes):
-        try:
-            paths = staining.pathways(t, c, epoch, top_k=top_k)
-        except (ValueError, KeyError) as exc:
-            log.info("no pathways at epoch %d: %s", epoch, exc)
-            return rows
-        edges = pathway_edges(paths)
+    for c, edges in class_pathway_edges(t, epoch, top_k).items():
         if not edges:
             continue
         with ablate_edges(model, edges, trace=t):

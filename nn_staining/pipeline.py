@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoints import CHECKPOINTS, checkpoint_epochs
 from .data import load_dataset
+from .intervene import INTERVENTIONS
 from .models import build_model
 from .recorder import NetworkTrace
 
@@ -38,6 +40,8 @@ class RunConfig:
     output_dir: str = "results"
     run_name: str | None = None
     figures: bool = True
+    checkpoints: bool = True
+    interventions: bool = True
 
     @property
     def store(self) -> Path:
@@ -105,14 +109,16 @@ def run_pipeline(config: RunConfig, on_epoch: Callable[[EpochResult], None] | No
         record_eval=config.record_eval,
         class_names=data.class_names,
         overwrite=True,
+        record_checkpoints=config.checkpoints,
         config={
             "pipeline": _config_dict(config),
             "feature_names": data.feature_names,
             "image_shape": list(data.image_shape) if data.image_shape else None,
         },
     )
-    if replacing:
-        shutil.rmtree(config.store / "figures", ignore_errors=True)  # figures of the replaced run
+    if replacing:  # figures, checkpoints and interventions of the replaced run
+        for folder in ("figures", CHECKPOINTS, INTERVENTIONS):
+            shutil.rmtree(config.store / folder, ignore_errors=True)
     with trace:
         for epoch in range(config.epochs):
             trace.start_epoch(epoch)
@@ -152,7 +158,25 @@ def run_pipeline(config: RunConfig, on_epoch: Callable[[EpochResult], None] | No
                 on_epoch(epoch_result)
         result.confusion = _confusion(predictions, data.y_test.numpy(), data.num_classes)
         trace.log_metrics(None, test_confusion=result.confusion, dataset=config.dataset)
+    if config.interventions:
+        measure_interventions(model, config.store, x_test, data.y_test, over_training=config.checkpoints)
     return result
+
+
+def measure_interventions(
+    model: nn.Module, store: Path, x: torch.Tensor, y: torch.Tensor, over_training: bool = True
+) -> None:
+    """The causal check of the stains on held-out ``(x, y)``, stored in ``<store>/interventions/``:
+    ``stain_effects`` at every epoch with a checkpoint (or the last), ``neuron_effects`` at the last."""
+    from . import intervene
+    from .trace import load_trace
+
+    t = load_trace(store)
+    if not t.num_classes or not t.epochs:
+        return
+    epochs = "all" if over_training and checkpoint_epochs(t) else -1
+    intervene.save_effects(t, intervene.stain_effects(model, t, x, y, epoch=epochs))
+    intervene.save_effects(t, intervene.neuron_effects(model, t, x, y), name="neuron_effects")
 
 
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, trace: NetworkTrace):

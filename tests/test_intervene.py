@@ -490,3 +490,29 @@ def test_captum_is_optional():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install captum" in out
+
+
+def test_class_pathway_edges_are_those_of_staining_pathways(trained):
+    _, t, _, _ = trained
+    for epoch in t.epochs:
+        for top_k in (1, 4):
+            edges = intervene.class_pathway_edges(t, epoch, top_k)
+            assert sorted(edges) == list(range(C))
+            for c in range(C):
+                assert edges[c] == intervene.pathway_edges(st.pathways(t, c, epoch, top_k=top_k))
+
+
+def test_controls_unstained_and_random(planted):
+    model, t, x, y = planted
+    out = intervene.stain_effects(model, t, x, y, layers=["L_out"], pathways=False)
+    assert (out["n_control"] == 0).all() and out["control_acc_change"].isna().all()  # no unstained logit
+    first = intervene.stain_effects(model, t, x, y, layers=["L_hidden"], control="random", pathways=False)
+    again = intervene.stain_effects(model, t, x, y, layers=["L_hidden"], control="random", pathways=False)
+    pd.testing.assert_frame_equal(first, again)
+    assert (first["n_control"] == 2).all()
+    # random pairs of the 8 hidden neurons often hit planted ones: the control now moves classes
+    assert (first["control_logit_change"] < 0).any()
+    other = intervene.stain_effects(
+        model, t, x, y, layers=["L_hidden"], control="random", seed=1, pathways=False
+    )
+    assert not np.allclose(first["control_logit_change"], other["control_logit_change"])
