@@ -1039,3 +1039,167 @@ def plot_unit_health(trace: Trace, health: staining.UnitHealth | None = None) ->
     axes[-1].legend(fontsize=8, title="layer", title_fontsize=8)
     fig.suptitle(f"Unit health — run '{_run(trace)}', {_epoch_span(trace)}", fontsize=11)
     return fig
+
+
+# -- interventions -------------------------------------------------------------------------------
+def _effects(trace: Trace, effects: pd.DataFrame | None) -> pd.DataFrame:
+    """``effects`` or the run's stored ``intervene.stain_effects`` frame; a clear error when it has none."""
+    if effects is not None:
+        return effects
+    from .intervene import load_effects
+
+    stored = load_effects(trace.path)
+    if stored is None:
+        raise ValueError(
+            f"run {str(trace.path)!r} has no stored stain effects: compute them with "
+            "intervene.stain_effects(...) and intervene.save_effects(run, frame) (main.py does)"
+        )
+    return stored
+
+
+def _effect_panels(trace: Trace, frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """(unit, layer) of each panel: the neuron layers in model order, then the pathways."""
+    neurons = set(frame.loc[frame["unit"] == "neurons", "layer"])
+    panels = [("neurons", k) for k in trace.layers if k in neurons]
+    panels += [("neurons", k) for k in sorted(neurons - set(trace.layers))]
+    panels += [("edges", k) for k in sorted(set(frame.loc[frame["unit"] == "edges", "layer"]))]
+    return panels
+
+
+def _signed(value: float) -> str:
+    """A whole number with its sign, never "-0"."""
+    return f"{int(round(value)):+d}"
+
+
+def _effect_name(unit: str, layer: str) -> str:
+    return f"top pathways' edges ({layer})" if unit == "edges" else layer
+
+
+def plot_effect_matrix(trace: Trace, effects: pd.DataFrame | None = None, epoch: int = -1) -> Figure:
+    """Per layer, held-out accuracy change (points) of each class (columns) when the neurons stained each
+    class (rows) are ablated, from ``intervene.stain_effects``; a last panel for the top pathways' edges.
+    A causal stain darkens the diagonal; the title gives the specificity and its control's."""
+    from .intervene import specificity
+
+    effects = _effects(trace, effects)
+    epochs = sorted(effects["epoch"].unique())
+    if not epochs:
+        raise ValueError("the effects frame is empty")
+    if epoch < 0:
+        epoch = epochs[epoch]
+    if epoch not in epochs:
+        raise KeyError(
+            f"no stain effects at epoch {epoch}; epochs with effects: {', '.join(map(str, epochs))}"
+        )
+    frame = effects[effects["epoch"] == epoch]
+    spec = specificity(frame)
+    classes = trace.num_classes or int(frame["eval_class"].max()) + 1
+    panels = _effect_panels(trace, frame)
+    ncols = min(len(panels), 2 if classes > 4 else 4)
+    nrows = -(-len(panels) // ncols)
+    cell = 0.42 if classes > 4 else 0.9
+    side = max(3.2, cell * classes + 1.6)
+    fig = Figure(figsize=(side * ncols + 1.2, side * nrows + 1.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    cmap = mpl.colormaps["RdBu"].with_extremes(bad="#e6e6e6")
+    norm = mpl.colors.Normalize(-100, 100)
+    labels = [_class_label(trace, c) for c in range(classes)]
+    image = None
+    for ax, (unit, layer) in zip(axes, panels):
+        part = frame[(frame["unit"] == unit) & (frame["layer"] == layer)]
+        matrix = part.pivot_table(
+            index="stain_class", columns="eval_class", values="acc_change", aggfunc="first"
+        )
+        matrix = matrix.reindex(index=range(classes), columns=range(classes)) * 100
+        ablated = part.groupby("stain_class")["n_ablated"].first().reindex(range(classes))
+        image = ax.imshow(matrix.to_numpy(), cmap=cmap, norm=norm)
+        for (i, j), value in np.ndenumerate(matrix.to_numpy()):
+            if np.isfinite(value):
+                ax.text(
+                    j, i, _signed(value), ha="center", va="center", fontsize=6 if classes > 6 else 9,
+                    color="white" if abs(value) > 60 else "black",
+                )  # fmt: skip
+        for c in range(classes):
+            ax.add_patch(mpl.patches.Rectangle((c - 0.5, c - 0.5), 1, 1, fill=False, lw=1.2, ec="black"))
+        rows = [
+            f"{labels[c]} ({int(n)} {'edges' if unit == 'edges' else 'neurons'})"
+            if np.isfinite(n)
+            else f"{labels[c]} (none)"
+            for c, n in enumerate(ablated.to_numpy(dtype=float))
+        ]
+        ax.set_yticks(range(classes), rows, fontsize=7)
+        ax.set_xticks(
+            range(classes),
+            labels,
+            fontsize=7,
+            rotation=45 if classes > 4 else 0,
+            ha="right" if classes > 4 else "center",
+        )
+        ax.set_xlabel("class evaluated", fontsize=8)
+        ax.set_ylabel("stain class ablated" if unit == "neurons" else "pathways of class cut", fontsize=8)
+        row = spec.loc[(unit, epoch, layer)]
+        control = row["control_specificity"]
+        control = "no unstained neurons" if np.isnan(control) else _signed(control * 100)
+        ax.set_title(
+            f"{_effect_name(unit, layer)}\nspecificity {_signed(row['specificity'] * 100)} points (control: {control})",
+            fontsize=9,
+        )
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.colorbar(
+        image, ax=axes[: len(panels)].tolist(), label="held-out accuracy change (points)", shrink=0.8
+    )
+    fig.suptitle(
+        f"Effect of ablating stained neurons — run '{_run(trace)}', epoch {epoch}, held-out split\n"
+        "row: the neurons stained that class are zeroed; column: that class's accuracy change; grey: no neurons",
+        fontsize=10,
+    )
+    return fig
+
+
+def plot_specificity(trace: Trace, effects: pd.DataFrame | None = None) -> Figure:
+    """Specificity of stain ablations over training per layer (solid) against its control (dashed): the
+    accuracy drop of the stained class minus the mean drop of the others, and the same for the logit."""
+    from .intervene import specificity
+
+    spec = specificity(_effects(trace, effects))
+    panels = _effect_panels(trace, spec.reset_index())
+    colours = mpl.colormaps["Dark2"].colors
+    fig = Figure(figsize=(13, 4.4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, (column, scale, label) in zip(
+        axes,
+        [
+            ("specificity", 100, "accuracy specificity (points)"),
+            ("logit_specificity", 1, "true-class logit specificity"),
+        ],
+    ):
+        for i, (unit, layer) in enumerate(panels):
+            data = spec.xs((unit, layer), level=("unit", "layer")).sort_index()
+            colour = "black" if unit == "edges" else colours[i % len(colours)]
+            ax.plot(
+                data.index,
+                data[column] * scale,
+                marker="o",
+                ms=3,
+                color=colour,
+                label=_effect_name(unit, layer),
+            )
+            ax.plot(data.index, data[f"control_{column}"] * scale, ls="--", lw=1, color=colour, alpha=0.7)
+        ax.axhline(0, color="#888888", lw=0.8)
+        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    handles.append(
+        Line2D([], [], color="#555555", ls="--", lw=1, label="control (as many unstained or random)")
+    )
+    axes[1].legend(handles=handles, fontsize=8, title="ablated", title_fontsize=8)
+    axes[0].set_title("accuracy: drop of the stained class − mean drop of the others", fontsize=9)
+    axes[1].set_title("logit: drop of the stained class's logit − mean drop of the others'", fontsize=9)
+    fig.suptitle(
+        f"Are the stains causal? Ablation specificity — run '{_run(trace)}', {_epoch_span(trace)}",
+        fontsize=11,
+    )
+    return fig
