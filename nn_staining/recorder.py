@@ -168,25 +168,32 @@ class NetworkTrace:
             raise
         self.end_epoch()
 
-    def set_targets(self, targets: Tensor) -> None:
+    def set_targets(self, targets: Tensor | None, mask: Tensor | None = None) -> None:
         """Give the class labels of the next forward pass's batch (enables per-class statistics).
 
         Accepts (batch,) integer or 0/1 float labels, (batch, 1), or one-hot / probability
         (batch, classes) rows. Negative labels (``ignore_index``) count as unlabelled; labels
-        ``>= num_classes`` are counted on the device and reported at ``end_epoch``.
+        ``>= num_classes`` are counted on the device and reported at ``end_epoch``. ``mask``
+        ((batch,) or (batch, positions), nonzero = keep, e.g. an attention mask or a padding
+        mask for duplicated samples) excludes masked samples / positions from every statistic.
         """
         if not self._phases:  # not a recorded epoch: nothing to do
             return
-        targets = normalise_targets(targets)
-        if self.num_classes is None:
-            self.num_classes = max(2, int(targets.max()) + 1) if targets.numel() else 2
-            log.info(
-                "num_classes inferred from the first labels: %d (pass num_classes= to fix it)",
-                self.num_classes,
-            )
-            for stats in self._phases.values():
-                stats.set_num_classes(self.num_classes)
-        self._tap.targets = targets
+        if targets is not None:
+            targets = normalise_targets(targets)
+            if self.num_classes is None:
+                self.num_classes = max(2, int(targets.max()) + 1) if targets.numel() else 2
+                log.info(
+                    "num_classes inferred from the first labels: %d (pass num_classes= to fix it)",
+                    self.num_classes,
+                )
+                for stats in self._phases.values():
+                    stats.set_num_classes(self.num_classes)
+        if mask is not None:
+            mask = normalise_mask(mask, None if targets is None else targets.shape[0])
+            if not self.drop_batches:
+                raise ValueError("set_targets(mask=...) is not supported with drop_batches=False")
+        self._tap.targets, self._tap.mask = targets, mask
 
     def end_epoch(self) -> None:
         """Reduce the epoch, snapshot weights and biases, and hand the epoch to the writer.
@@ -319,6 +326,19 @@ def normalise_targets(targets: Tensor) -> Tensor:
         )
     targets = targets.detach()
     return targets if targets.dtype == torch.int64 else targets.to(torch.int64)
+
+
+def normalise_mask(mask: Tensor, labels: int | None) -> Tensor:
+    """A (batch, …) bool keep-mask; its batch must match the labels given with it."""
+    if not isinstance(mask, Tensor):
+        mask = torch.as_tensor(mask)
+    if mask.dim() == 0 or (labels is not None and mask.shape[0] != labels):
+        raise ValueError(
+            f"set_targets mask of shape {tuple(mask.shape)} does not match the batch"
+            + (f" of {labels} labels" if labels is not None else "")
+            + "; give (batch,) or (batch, positions) with nonzero = keep"
+        )
+    return mask.detach() != 0
 
 
 def _state_copy(model: nn.Module) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +27,15 @@ from .records import ActivationStats, BatchStats, ClassMeans, LayerStats, PhaseR
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 #: At most this many batches are buffered before a reduction.
 MAX_BATCHES_PER_CHUNK = 64
+
+
+class Segment(NamedTuple):
+    """One batch's run of rows in a layer's buffer: its batch index, its rows and its samples
+    (the size of the layer output's batch dimension, which labels and masks must match)."""
+
+    batch: int
+    rows: int
+    samples: int
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class Moments:
     class_only: bool = False
     shift: torch.Tensor | None = None
     count: int = 0
+    kept: torch.Tensor | None = None  # observations of masked chunks, counted on the device
     sum: torch.Tensor = field(init=False)
     sum_sq: torch.Tensor = field(init=False)
     minimum: torch.Tensor = field(init=False)
@@ -79,32 +90,45 @@ class Moments:
         self,
         rows: torch.Tensor,
         labels: torch.Tensor | None = None,
-        segments: list[tuple[int, int]] | None = None,
+        segments: list[Segment] | None = None,
         scratch: Scratch | None = None,
+        dropped: torch.Tensor | None = None,
     ) -> None:
         """Fold a chunk of observations ``rows`` (n, features) into the sums.
 
         ``labels`` (n,) int64 gives each row's class, ``num_classes`` for rows without a valid
-        label (None without labels); ``segments`` are (batch, rows) runs for per-batch rows;
+        label (None without labels); ``segments`` are the chunk's per-batch runs (for per-batch
+        rows); ``dropped`` (n, 1) bool marks rows that are not observations (masked positions);
         ``scratch`` holds reusable temporaries (fresh multi-MB allocations cost page faults).
         """
         scratch = scratch or Scratch()
         if self.shift is None:
             self.shift = torch.nan_to_num(rows.mean(0), nan=0.0, posinf=0.0, neginf=0.0)
         centred = torch.sub(rows, self.shift, out=scratch.take(0, rows.shape, rows.device))
-        self.count += rows.shape[0]
+        if dropped is None:
+            self.count += rows.shape[0]
+        else:
+            centred.masked_fill_(dropped, 0.0)
+            kept = (~dropped).sum(dtype=torch.float64)
+            self.kept = kept if self.kept is None else self.kept + kept
+            if labels is not None:
+                labels = labels.masked_fill(dropped[:, 0], self.num_classes)
         total = self._class_sums(centred, labels) if labels is not None else None
         if self.class_only:
             return
         self.sum += centred.sum(0) if total is None else total
         work = scratch.take(1, rows.shape, rows.device)
         self.sum_sq += torch.mul(centred, centred, out=work).sum(0)
-        torch.minimum(self.minimum, rows.amin(0), out=self.minimum)
-        torch.maximum(self.maximum, rows.amax(0), out=self.maximum)
-        self.active += torch.gt(rows, 0, out=work).sum(0)  # a float 0/1 mask sums faster than a bool one
-        if rows.is_cuda or not bool(torch.isfinite(self.sum).all()):
+        low = rows if dropped is None else rows.masked_fill(dropped, math.inf)
+        high = rows if dropped is None else rows.masked_fill(dropped, -math.inf)
+        torch.minimum(self.minimum, low.amin(0), out=self.minimum)
+        torch.maximum(self.maximum, high.amax(0), out=self.maximum)
+        active = torch.gt(rows, 0, out=work)  # a float 0/1 mask sums faster than a bool one
+        self.active += (active if dropped is None else active.masked_fill_(dropped, 0.0)).sum(0)
+        if rows.is_cuda or dropped is not None or not bool(torch.isfinite(self.sum).all()):
             # on the CPU the NaN/Inf count is taken only once the sums show a non-finite value
-            self.nonfinite += (~torch.isfinite(rows)).sum(0)
+            bad = ~torch.isfinite(rows)
+            self.nonfinite += (bad if dropped is None else bad & ~dropped).sum(0)
         if self.keep_batches and segments:
             self._update_batches(rows, segments)
 
@@ -121,13 +145,13 @@ class Moments:
         self.class_count += counts[:c]
         return sums.sum(0)
 
-    def _update_batches(self, rows: torch.Tensor, segments: list[tuple[int, int]]) -> None:
+    def _update_batches(self, rows: torch.Tensor, segments: list[Segment]) -> None:
         """Per-batch count, mean, std, min and max of the chunk, stacked as (5, batches, features)."""
-        batch_ids = [b for b, _ in segments]
+        batch_ids = [s.batch for s in segments]
         unique = sorted(set(batch_ids))
         position = {b: i for i, b in enumerate(unique)}
         host_index = torch.repeat_interleave(
-            torch.tensor([position[b] for b in batch_ids]), torch.tensor([n for _, n in segments])
+            torch.tensor([position[b] for b in batch_ids]), torch.tensor([s.rows for s in segments])
         )
         seg_index = host_index.to(rows.device, non_blocking=True)
         nb, f = len(unique), rows.shape[1]
@@ -152,9 +176,13 @@ class Moments:
         mean = torch.where(counts > 0, self.class_sum / counts.clamp_min(1) + shift, math.nan)
         return ClassMeans(self.class_count.round().to(torch.int64).cpu().numpy(), mean.cpu().numpy())
 
+    def observations(self) -> int:
+        """How many observations (rows not masked out) were folded in."""
+        return self.count + (0 if self.kept is None else round(float(self.kept)))
+
     def result(self) -> LayerStats:
         """The epoch's statistics as host numpy arrays (one device-to-host transfer per tensor)."""
-        n = self.count
+        n = self.observations()
         shift = self.shift.to(torch.float64) if self.shift is not None else 0.0
         mean_centred = self.sum / n
         var = (self.sum_sq / n - mean_centred * mean_centred).clamp_min(0.0)
@@ -199,7 +227,7 @@ class _Buffer:
     rows: torch.Tensor
     capacity: int
     fill: int = 0
-    segments: list[tuple[int, int]] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
 
 
 class Chunk:
@@ -211,6 +239,7 @@ class Chunk:
         self.labels: torch.Tensor | None = None
         self.label_fill = 0
         self.label_runs: dict[int, tuple[int, int]] = {}
+        self.masks: dict[int, torch.Tensor] = {}
         self.batches = 0
         self.nbytes = 0
 
@@ -226,6 +255,7 @@ class Chunk:
             buf.segments = []
         self.label_fill = 0
         self.label_runs = {}
+        self.masks = {}
         self.batches = 0
         self.nbytes = 0
 
@@ -293,8 +323,9 @@ class PhaseStats:
             self.num_classes = num_classes
 
     # -- per batch -------------------------------------------------------------------------------
-    def start_batch(self, labels: torch.Tensor | None) -> None:
-        """Begin a forward pass; ``labels`` (batch,) int64 on any device, or None.
+    def start_batch(self, labels: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
+        """Begin a forward pass; ``labels`` (batch,) int64 on any device, or None; ``mask``
+        (batch, …) bool marks the samples / positions that are observations (None: all).
 
         The chunk is reduced first when it holds ``chunk_bytes`` or ``MAX_BATCHES_PER_CHUNK`` batches.
         """
@@ -307,6 +338,8 @@ class PhaseStats:
         self._batch += 1
         chunk.batches += 1
         self._pending_labels = labels
+        if mask is not None:
+            chunk.masks[self._batch] = mask
 
     def drop_labels(self) -> None:
         """Forget the labels given for the current batch (they did not fit it)."""
@@ -316,12 +349,18 @@ class PhaseStats:
         """The number of labels given for the current batch and not yet stored, or None."""
         return None if self._pending_labels is None else self._pending_labels.shape[0]
 
-    def add(self, layer: str, rows: torch.Tensor, *, inputs: bool = False) -> None:
-        """Copy one batch of a layer's observations (n, features) into its buffer (the hot path)."""
+    def add(
+        self, layer: str, rows: torch.Tensor, samples: int | None = None, *, inputs: bool = False
+    ) -> None:
+        """Copy one batch of a layer's observations (n, features) into its buffer (the hot path).
+
+        ``samples`` is the size of the output's batch dimension (default: one sample per row);
+        the batch's labels and mask apply only when it equals their sample count.
+        """
         buf = self._room(layer, inputs, rows.shape[0], rows.shape[1], rows.device)
         if buf is not None:
             buf.rows[buf.fill : buf.fill + rows.shape[0]].copy_(rows)
-            self._filled(buf, rows.shape[0], rows.device)
+            self._filled(buf, rows.shape[0], rows.device, rows.shape[0] if samples is None else samples)
 
     def add_mean(self, layer: str, values: torch.Tensor, dims: tuple[int, ...]) -> None:
         """Like :meth:`add` for the mean of ``values`` over ``dims`` (convolution channels).
@@ -336,7 +375,7 @@ class PhaseStats:
                 torch.mean(values, dim=dims, out=target)
             else:
                 target.copy_(values.mean(dim=dims, dtype=torch.float32))
-            self._filled(buf, n, values.device)
+            self._filled(buf, n, values.device, n)
 
     def _room(self, layer: str, inputs: bool, n: int, f: int, device: torch.device) -> _Buffer | None:
         """The layer's buffer with room for ``n`` rows, or None for an empty batch."""
@@ -349,9 +388,9 @@ class PhaseStats:
             buf = self._make_room(layer, inputs, n, f, device)
         return buf
 
-    def _filled(self, buf: _Buffer, n: int, device: torch.device) -> None:
+    def _filled(self, buf: _Buffer, n: int, device: torch.device, samples: int) -> None:
         buf.fill += n
-        buf.segments.append((self._batch, n))
+        buf.segments.append(Segment(self._batch, n, samples))
         self._chunk.nbytes += n * buf.rows.shape[1] * 4
         self.has_rows = True
         if self._pending_labels is not None:
@@ -423,7 +462,8 @@ class PhaseStats:
         return torch.device("cpu")
 
     def _reduce(self, chunk: Chunk) -> None:
-        row_labels: dict[tuple, torch.Tensor] = {}
+        row_labels: dict[tuple, torch.Tensor | None] = {}
+        row_drops: dict[tuple, torch.Tensor | None] = {}
         for layer, inputs, buf in chunk.buffers():
             if buf.fill == 0:
                 continue
@@ -433,30 +473,57 @@ class PhaseStats:
                 keep = self.keep_batches and not inputs
                 f, device = buf.rows.shape[1], buf.rows.device
                 moments = table[layer] = Moments(f, self.num_classes, device, keep, class_only=inputs)
-            labels = None
-            if self.num_classes:
-                runs = tuple(buf.segments)
-                if runs not in row_labels:
-                    row_labels[runs] = self._row_labels(chunk, buf.segments, buf.rows.device)
-                labels = row_labels[runs]
-            moments.update(buf.rows[: buf.fill], labels, buf.segments, self.pool.scratch)
+            runs = tuple(buf.segments)
+            if runs not in row_labels:  # layers with the same runs share their row labels
+                row_labels[runs] = self._row_labels(chunk, buf.segments, buf.rows.device)
+                row_drops[runs] = self._row_drops(chunk, buf.segments, buf.rows.device)
+            moments.update(
+                buf.rows[: buf.fill], row_labels[runs], buf.segments, self.pool.scratch, row_drops[runs]
+            )
 
-    def _row_labels(
-        self, chunk: Chunk, segments: list[tuple[int, int]], device: torch.device
-    ) -> torch.Tensor:
-        """Each buffered row's class; ``num_classes`` marks rows without a valid label."""
+    def _row_labels(self, chunk: Chunk, segments: list[Segment], device: torch.device) -> torch.Tensor | None:
+        """Each buffered row's class (``num_classes`` for rows without a valid label), or None
+        without classes. A batch's labels apply to a layer only when the layer's output has as
+        many samples as there are labels (an output shared by the batch, such as a position
+        embedding of batch size 1, gets none); each sample's rows carry its label."""
+        if not self.num_classes:
+            return None
         parts = []
-        for batch, n in segments:
-            run = chunk.label_runs.get(batch)
-            if run is None or n % run[1]:  # no labels, or rows that do not split among the samples
-                parts.append(torch.full((n,), self.num_classes, dtype=torch.int64, device=device))
+        for segment in segments:
+            run = chunk.label_runs.get(segment.batch)
+            if run is None or run[1] != segment.samples or segment.rows % run[1]:
+                parts.append(torch.full((segment.rows,), self.num_classes, dtype=torch.int64, device=device))
                 continue
             start, size = run
             labels = chunk.labels[start : start + size]
-            parts.append(labels if n == size else labels.repeat_interleave(n // size))
+            parts.append(labels if segment.rows == size else labels.repeat_interleave(segment.rows // size))
         labels = parts[0] if len(parts) == 1 else torch.cat([p.to(device, non_blocking=True) for p in parts])
         invalid = (labels < 0) | (labels >= self.num_classes)
         return labels.to(device, non_blocking=True).masked_fill(invalid, self.num_classes)
+
+    def _row_drops(self, chunk: Chunk, segments: list[Segment], device: torch.device) -> torch.Tensor | None:
+        """(rows, 1) bool: the buffered rows a mask excludes (None when no batch of these runs has one).
+
+        A (batch, …) mask applies to a layer whose output has the batch's samples: position by
+        position when the layer has one row per mask element, sample by sample (a sample counts
+        while any of its positions does) when it has one row per sample.
+        """
+        if not any(s.batch in chunk.masks for s in segments):
+            return None
+        parts = []
+        for segment in segments:
+            mask = chunk.masks.get(segment.batch)
+            keep = None
+            if mask is not None and mask.shape[0] == segment.samples:
+                if segment.rows == mask.numel():
+                    keep = mask.reshape(-1)
+                elif segment.rows % segment.samples == 0:
+                    per_sample = mask.reshape(segment.samples, -1).any(1)
+                    keep = per_sample.repeat_interleave(segment.rows // segment.samples)
+            if keep is None:
+                keep = torch.ones(segment.rows, dtype=torch.bool, device=device)
+            parts.append(keep.to(device, non_blocking=True))
+        return ~torch.cat(parts).unsqueeze(1)
 
     def finish(self) -> PhaseRecord:
         """Reduce what is left and bring the phase's statistics to the host (once per epoch)."""

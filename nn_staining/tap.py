@@ -33,6 +33,7 @@ class HookTap:
         self.layouts: dict[str, OutputLayout] = {}
         self.descriptions: dict[str, dict[str, Any]] = {}
         self.targets: Tensor | None = None
+        self.mask: Tensor | None = None
         self._phases: dict[str, PhaseStats] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._current: PhaseStats | None | object = _NO_PASS
@@ -63,7 +64,7 @@ class HookTap:
         self._handles = []
         self._phases = {}
         self._last_output = None
-        self.targets = None
+        self.targets = self.mask = None
 
     def _phase_stats(self, module: nn.Module) -> PhaseStats | None:
         """The statistics of the phase ``module``'s mode selects (None when it is not recorded)."""
@@ -75,8 +76,8 @@ class HookTap:
         stats = self._phase_stats(module)
         self._current, self._fired = stats, set()
         if stats is not None:
-            stats.start_batch(self.targets)
-        self.targets = None
+            stats.start_batch(self.targets, self.mask)
+        self.targets = self.mask = None
         self._last_output = None
 
     def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -98,8 +99,8 @@ class HookTap:
             if stats is None:
                 return
             if direct and (not self._fired or key in self._fired):  # a new call of the submodules
-                stats.start_batch(self.targets)
-                self.targets, self._fired = None, set()
+                stats.start_batch(self.targets, self.mask)
+                self.targets, self.mask, self._fired = None, None, set()
             raw = output if isinstance(output, Tensor) else _first_tensor(output)
             if raw is None or not raw.is_floating_point() or raw.dim() == 0:
                 return
@@ -108,15 +109,16 @@ class HookTap:
             if layout.width(out) != layout.neurons:
                 self._warn_width(key, layout, out)
                 return
+            samples = layout.samples(out)
             if stats.pending_labels() is not None:
-                self._check_batch(key, stats, out, layout)
+                self._check_batch(key, stats, samples)
             if layout.channel_first:
                 stats.add_mean(key, out, layout.spatial_dims(out))
             else:
-                stats.add(key, layout.rows(out))
+                stats.add(key, layout.rows(out), samples)
             if linear and stats.num_classes and args and isinstance(args[0], Tensor):
                 inputs = args[0].detach()  # laid out like the layer's own output rows
-                stats.add(key, layout.rows(inputs, inputs.shape[-1]), inputs=True)
+                stats.add(key, layout.rows(inputs, inputs.shape[-1]), samples, inputs=True)
             self._last_output = (weakref.ref(raw), key)
             self._fired.add(key)
 
@@ -133,9 +135,9 @@ class HookTap:
                 layout.neurons,
             )
 
-    def _check_batch(self, key: str, stats: PhaseStats, out: Tensor, layout: OutputLayout) -> None:
+    def _check_batch(self, key: str, stats: PhaseStats, batch: int) -> None:
+        """The first layer of a pass must see as many samples as set_targets gave labels."""
         labels = stats.pending_labels()
-        batch = out.shape[layout.batch_dim] if out.dim() > 1 else out.shape[0]
         if batch != labels:
             self.targets = None
             stats.drop_labels()
