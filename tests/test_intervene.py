@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.patches import Rectangle
 from torch import nn
 
 from nn_staining import NetworkTrace, intervene, load_trace
@@ -516,3 +517,63 @@ def test_controls_unstained_and_random(planted):
         model, t, x, y, layers=["L_hidden"], control="random", seed=1, pathways=False
     )
     assert not np.allclose(first["control_logit_change"], other["control_logit_change"])
+
+
+# -- figures -------------------------------------------------------------------------------------
+def test_effect_matrix_draws_the_effects(planted, tmp_path):
+    from nn_staining import plots
+
+    model, t, x, y = planted
+    effects = intervene.stain_effects(model, t, x, y, layers=["L_hidden", "L_out"], top_k=2)
+    fig = plots.plot_effect_matrix(t, effects)
+    axes = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title().split("\n")[0] for ax in axes] == [
+        "L_hidden",
+        "L_out",
+        "top pathways' edges (pathways)",
+    ]
+    for ax, (unit, layer) in zip(
+        axes, [("neurons", "L_hidden"), ("neurons", "L_out"), ("edges", "pathways")]
+    ):
+        part = effects[(effects["unit"] == unit) & (effects["layer"] == layer)]
+        expected = part.pivot(index="stain_class", columns="eval_class", values="acc_change").to_numpy() * 100
+        np.testing.assert_allclose(ax.images[0].get_array().filled(np.nan), expected)
+        diagonal = [p for p in ax.patches if isinstance(p, Rectangle)]
+        assert sorted(p.get_xy() for p in diagonal) == [(c - 0.5, c - 0.5) for c in range(C)]
+        texts = {(round(tx.get_position()[0]), round(tx.get_position()[1])): tx.get_text() for tx in ax.texts}
+        assert texts[(0, 0)] == f"{int(round(expected[0, 0])):+d}" and texts[(1, 0)] == "+0"
+    spec = intervene.specificity(effects).loc[("neurons", t.epochs[-1], "L_hidden"), "specificity"]
+    assert f"specificity {int(round(spec * 100)):+d} points (control: +0)" in axes[0].get_title()
+    assert "control: no unstained neurons" in axes[1].get_title()
+    with pytest.raises(ValueError, match="has no stored stain effects"):
+        plots.plot_effect_matrix(t)
+    with pytest.raises(KeyError, match="no stain effects at epoch 0; epochs with effects: 1"):
+        plots.plot_effect_matrix(t, effects, epoch=0)
+
+
+def test_specificity_figure_draws_the_curves(trained):
+    from nn_staining import plots
+
+    model, t, x, y = trained
+    effects = intervene.stain_effects(model, t, x, y, epoch="all", layers=["L_hidden", "L_relu"], controls=2)
+    spec = intervene.specificity(effects)
+    fig = plots.plot_specificity(t, effects)
+    left, right = fig.axes[:2]
+    solid = {
+        line.get_label(): line
+        for line in left.lines
+        if line.get_linestyle() == "-" and line.get_marker() == "o"
+    }
+    assert list(solid) == ["L_hidden", "L_relu", "top pathways' edges (pathways)"]
+    dashed = [line for line in left.lines if line.get_linestyle() == "--"]
+    for (label, line), control in zip(solid.items(), dashed):
+        unit, layer = ("edges", "pathways") if label.startswith("top") else ("neurons", label)
+        data = spec.xs((unit, layer), level=("unit", "layer")).sort_index()
+        np.testing.assert_array_equal(line.get_xdata(), [0, 2, 3])
+        np.testing.assert_allclose(line.get_ydata(), data["specificity"] * 100)
+        np.testing.assert_allclose(control.get_ydata(), data["control_specificity"] * 100)
+        assert control.get_color() == line.get_color()
+    logit = [line for line in right.lines if line.get_marker() == "o"]
+    np.testing.assert_allclose(
+        logit[0].get_ydata(), spec.xs(("neurons", "L_hidden"), level=("unit", "layer"))["logit_specificity"]
+    )
