@@ -1,4 +1,4 @@
-"""The command line: ``python -m nn_staining {run,query,info}`` (``main.py`` is ``run``)."""
+"""The command line: ``python -m nn_staining {run,query,info,report}`` (``main.py`` is ``run``)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ def run_parser(prog: str = "main.py") -> argparse.ArgumentParser:
         help="run folder name (default: the data set's name); replaced if it exists",
     )
     p.add_argument("--no-figures", action="store_true", help="skip drawing the figures")
+    p.add_argument("--no-report", action="store_true", help="skip writing the interactive report.html")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return p
 
@@ -136,10 +137,26 @@ def run_command(args: argparse.Namespace) -> int:
         f"{trace.size_bytes() / 1024:.0f} KiB)"
     )
     if config.figures:
-        from .figures import save_figures
+        from .figures import figure_names, save_figures
 
-        paths = save_figures(trace, result.store / "figures")
-        print(f"figures: {result.store / 'figures'}/ ({len(paths)} PNG)")
+        names = figure_names(trace)
+        with tqdm(total=len(names), desc="drawing figures…", unit="figure", leave=False) as figure_bar:
+
+            def on_figure(name: str) -> None:
+                figure_bar.set_postfix_str(name)
+                figure_bar.update(1)
+
+            paths = save_figures(trace, result.store / "figures", progress=on_figure)
+        kinds = ", ".join(f"{sum(p.suffix == s for p in paths)} {s[1:].upper()}" for s in (".png", ".gif"))
+        print(f"figures: {result.store / 'figures'}/ ({kinds})")
+    if not args.no_report:
+        from .report import write_report
+
+        print("writing report…", end="", flush=True)
+        report = write_report(trace)
+        print(
+            f"\rreport: {report} ({report.stat().st_size / 1e6:.1f} MB; open it in a browser, no server needed)"
+        )
     layer = "L_hidden_1" if "L_hidden_1" in trace.layers else trace.layers[min(1, len(trace.layers) - 1)]
     neuron = 20 if trace.layer_info(layer)["neurons"] > 20 else 0
     signature = f"E_*/{layer}/n_{neuron}"
@@ -200,6 +217,15 @@ def info_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_command(args: argparse.Namespace) -> int:
+    """Write a run's interactive report (``<run>/report.html``) and print where it is."""
+    from .report import write_report
+
+    path = write_report(args.store, args.output, top_k=args.top_k, max_nodes=args.max_nodes)
+    print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB; open it in a browser, no server needed)")
+    return 0
+
+
 def _ranges(values: list[int]) -> str:
     out, start, prev = [], None, None
     for v in values + [None]:
@@ -221,7 +247,7 @@ def _human(n: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``python -m nn_staining {run,query,info}``."""
+    """``python -m nn_staining {run,query,info,report}``."""
     parser = argparse.ArgumentParser(
         prog="python -m nn_staining", description="Record and query network traces."
     )
@@ -249,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a trace: layers, neurons, epochs, classes, size")
     info.add_argument("store", help="a trace folder, e.g. results/breast_cancer")
     info.set_defaults(func=info_command)
+    report = sub.add_parser(
+        "report",
+        help="write the run's interactive report.html (one self-contained file)",
+        description="Write <run>/report.html: summary, training curves, the staining graph with an epoch "
+        "slider and neuron histories, brain scans (and representation and intervention views when the run "
+        "has them). One file that opens offline in a browser.",
+    )
+    report.add_argument("store", help="a trace folder, e.g. results/breast_cancer")
+    report.add_argument("--output", help="where to write it (default: <store>/report.html)")
+    report.add_argument("--top-k", type=_positive, default=None, help="pathways per output neuron")
+    report.add_argument("--max-nodes", type=_positive, default=96, help="neurons drawn per layer at most")
+    report.set_defaults(func=report_command)
     return parser
 
 

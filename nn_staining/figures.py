@@ -1,4 +1,4 @@
-"""Save every figure of a trace as PNG (used by ``main.py``)."""
+"""Save every figure of a trace as PNG, and the staining graph's animation as GIF (used by ``main.py``)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,27 @@ log = logging.getLogger(__name__)
 DPI = 120
 
 
-def save_figures(trace: Trace, folder: str | Path) -> list[Path]:
-    """Draw the trace's figures into ``folder`` as PNG; returns their paths.
+def figure_names(trace: Trace) -> list[str]:
+    """The files ``save_figures`` writes for ``trace``, without their suffix, in order."""
+    names = []
+    if trace.epochs and trace.num_classes:
+        names += ["staining_graph", "brain_scan", "class_means", "stain_evolution", "weight_drift"]
+    if trace.epochs:
+        names.append("unit_health")
+        if not trace.metrics.empty:
+            names.append("training_curves")
+        if "test_confusion" in trace.run_metrics:
+            names.append("confusion")
+        if trace.num_classes:
+            names.append("staining_graph_animation")
+    return names
+
+
+def save_figures(
+    trace: Trace, folder: str | Path, progress: Callable[[str], None] | None = None
+) -> list[Path]:
+    """Draw the trace's figures into ``folder`` (PNG, and the staining graph over epochs as GIF); returns
+    their paths. ``progress(name)`` is called after each one.
 
     Figures whose data the trace lacks (per-class statistics, metrics, a confusion matrix) are skipped.
     """
@@ -27,29 +46,35 @@ def save_figures(trace: Trace, folder: str | Path) -> list[Path]:
     if not trace.epochs:
         log.info("trace %s has no recorded epochs: no figures", trace.path)
         return []
-    figures: list[tuple[str, Callable[[], Figure]]] = []
+    draw: dict[str, Callable[[], Figure]] = {}
+    stains = None
     if trace.num_classes:
         stains = staining.selectivity(trace)
         last = stains.xs(trace.epochs[-1], level="epoch", drop_level=False)
-        figures += [
-            ("staining_graph", lambda: plots.plot_staining_graph(trace, -1, stains=last)),
-            ("brain_scan", lambda: plots.plot_brain_scan(trace, -1, stains=last)),
-            (
-                "stain_evolution",
-                lambda: plots.plot_stain_evolution(trace, staining.stain_evolution(trace, stains)),
+        draw |= {
+            "staining_graph": lambda: plots.plot_staining_graph(trace, -1, stains=last),
+            "brain_scan": lambda: plots.plot_brain_scan(trace, -1, stains=last),
+            "class_means": lambda: plots.plot_class_means(trace, -1),
+            "stain_evolution": lambda: plots.plot_stain_evolution(
+                trace, staining.stain_evolution(trace, stains)
             ),
-            ("weight_drift", lambda: plots.plot_weight_drift(trace, stains=last)),
-        ]
+            "weight_drift": lambda: plots.plot_weight_drift(trace, stains=last),
+        }
     else:
         log.info("trace %s has no per-class statistics: no staining figures", trace.path)
-    figures.append(("unit_health", lambda: plots.plot_unit_health(trace)))
-    if not trace.metrics.empty:
-        figures.append(("training_curves", lambda: plots.plot_training_curves(trace)))
-    if "test_confusion" in trace.run_metrics:
-        figures.append(("confusion", lambda: plots.plot_confusion(trace)))
+    draw |= {
+        "unit_health": lambda: plots.plot_unit_health(trace),
+        "training_curves": lambda: plots.plot_training_curves(trace),
+        "confusion": lambda: plots.plot_confusion(trace),
+    }
     paths = []
-    for name, draw in figures:
-        path = folder / f"{name}.png"
-        draw().savefig(path, dpi=DPI)
+    for name in figure_names(trace):
+        if name == "staining_graph_animation":
+            path = plots.save_staining_animation(trace, folder / f"{name}.gif", stains=stains)
+        else:
+            path = folder / f"{name}.png"
+            draw[name]().savefig(path, dpi=DPI)
         paths.append(path)
+        if progress is not None:
+            progress(name)
     return paths

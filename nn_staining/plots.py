@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib as mpl
 import numpy as np
@@ -47,6 +48,70 @@ _DISTINCT = [
     "#17becf",  # cyan
     "#393b79",  # indigo (replaces tab10's grey, which would read as unstained)
 ]
+
+
+#: Colours of layers (lines of per-layer figures): tab10, then tab20's light shades, then spaced hues.
+_LAYER_COLOURS = [mpl.colormaps["tab10"](i)[:3] for i in range(10)] + [
+    mpl.colormaps["tab20"](2 * i + 1)[:3] for i in range(10)
+]
+#: Markers cycled with the layer colours, so that lines stay apart in grey print too.
+LAYER_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
+
+
+def layer_palette(num_layers: int) -> list[tuple[float, float, float]]:
+    """One distinct colour per layer: the 10 tab10 colours, then tab20's 10 light ones, then spaced hues."""
+    extra = max(num_layers - len(_LAYER_COLOURS), 0)
+    hues = [
+        tuple(float(v) for v in mpl.colors.hsv_to_rgb((i / max(extra, 1), 0.6, 0.6))) for i in range(extra)
+    ]
+    return ([tuple(float(v) for v in c) for c in _LAYER_COLOURS] + hues)[:num_layers]
+
+
+@dataclass
+class ColourScale:
+    """Limits of a heatmap's colour scale: sequential from 0 for non-negative data, otherwise centred
+    on 0; ``clipped`` when some values lie beyond the limits (the ``percentile``-th of |values|)."""
+
+    vmin: float
+    vmax: float
+    sequential: bool
+    clipped: bool
+    percentile: float
+
+    def describe(self) -> str:
+        """Where the colours clip, e.g. ``±0.83 (99th percentile of |values|)``."""
+        bound = f"{self.vmax:.3g}" if self.sequential else f"±{self.vmax:.3g}"
+        return f"{bound} ({self.percentile:g}th percentile of {'values' if self.sequential else '|values|'})"
+
+    def norm(self) -> mpl.colors.Normalize:
+        """A matplotlib norm for these limits."""
+        if self.sequential:
+            return mpl.colors.Normalize(self.vmin, self.vmax)
+        return mpl.colors.TwoSlopeNorm(0.0, self.vmin, self.vmax)
+
+    @property
+    def cmap(self) -> str:
+        """``viridis`` for non-negative data, ``RdBu_r`` (red positive, blue negative) otherwise."""
+        return "viridis" if self.sequential else "RdBu_r"
+
+    @property
+    def extend(self) -> str:
+        """The colour bar's ``extend``: arrows on the clipped ends."""
+        if not self.clipped:
+            return "neither"
+        return "max" if self.sequential else "both"
+
+
+def colour_scale(values: np.ndarray, percentile: float = 99.0) -> ColourScale:
+    """The colour scale of a heatmap of ``values``: sequential when none is negative, centred on 0
+    otherwise; limits at the ``percentile``-th percentile of |values|, so that outliers saturate."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    magnitude = np.abs(finite)
+    limit = max(float(np.percentile(magnitude, percentile)) if finite.size else 1.0, 1e-6)
+    sequential = bool(finite.size) and bool((finite >= 0).all())
+    clipped = bool((magnitude > limit).any())
+    return ColourScale(0.0 if sequential else -limit, limit, sequential, clipped, percentile)
 
 
 def class_palette(num_classes: int) -> list[tuple[float, float, float]]:
@@ -179,24 +244,23 @@ def graph_layout(
     order: pd.DataFrame | None = None,
     keep: dict[str, set[int]] | None = None,
     aspect: float = 0.3,
+    paths: GraphPaths | None = None,
 ) -> GraphLayout:
     """The staining graph's nodes (sorted by stain, wide layers sampled) and the edges of the ``top_k``
     pathways into each output neuron, with their signs.
 
     ``order`` (a selectivity frame) fixes the node order, e.g. to the last epoch's so that nodes stay in
     place across epochs; ``keep`` names nodes a sample must keep; ``aspect`` is a column's width over
-    the plot's height (it makes an input pixel grid square).
+    the plot's height (it makes an input pixel grid square); ``paths`` reuses a :func:`graph_paths`.
     """
     epoch = staining.resolve_epoch(trace, epoch)
     frame = _selection(trace, epoch, stains)
     ordering = frame if order is None else _selection(trace, _frame_epoch(order, epoch), order)
-    num_classes = trace.num_classes or 0
-    top_k = default_top_k(num_classes) if top_k is None else top_k
-    palette = class_palette(num_classes)
-    chain, paths, x_column = _graph_paths(trace, epoch, top_k)
+    palette = class_palette(trace.num_classes or 0)
+    paths = graph_paths(trace, epoch, top_k) if paths is None else paths
+    chain, x_column, edges, evidence = paths.chain, paths.x_column, paths.edges, paths.evidence
     columns = (["x"] if x_column == "x" else []) + trace.layers
     image_shape = _image_shape(trace, chain) if x_column == "x" else None
-    edges, evidence = _graph_edges(trace, epoch, chain, paths, x_column)
     forced = _edge_nodes(edges)
     for layer, ids in (keep or {}).items():
         forced.setdefault(layer, set()).update(ids)
@@ -256,11 +320,50 @@ def graph_layout(
         )
     nodes = pd.concat(rows, ignore_index=True).set_index(["layer", "neuron"])
     nodes["path_score"] = _node_scores(edges).reindex(nodes.index).fillna(0.0).to_numpy()
+    if image_shape is not None:  # a pixel on a path takes the colour of the class of its strongest path
+        starts = edges[edges["source"].str.startswith("x/")].sort_values("score", kind="stable")
+        for c, source in zip(starts["target_class"], starts["source"]):
+            nodes.at[("x", _split(source)[1]), "colour"] = tuple(palette[c])
+            nodes.at[("x", _split(source)[1]), "evidence"] = evidence.get((c, _split(source)[1]), 1)
+        nodes["evidence"] = nodes.get("evidence", pd.Series(0, index=nodes.index)).fillna(0).astype(np.int64)
     edges = _place_edges(edges, nodes, columns, widths)
     labels = [_column_label(trace, layer, chain) for layer in columns]
     return GraphLayout(
-        epoch, columns, labels, widths, notes, nodes, edges, evidence, image_shape, x_column, chain, top_k
+        epoch,
+        columns,
+        labels,
+        widths,
+        notes,
+        nodes,
+        edges,
+        evidence,
+        image_shape,
+        x_column,
+        chain,
+        paths.top_k,
     )
+
+
+@dataclass
+class GraphPaths:
+    """The staining graph's pathways at one epoch: the Linear ``chain``, the column of its inputs
+    (``"x"``, the layer before the chain, or None), the signed ``edges`` and the inputs' ``evidence``
+    (see :class:`GraphLayout`)."""
+
+    chain: list[str]
+    x_column: str | None
+    edges: pd.DataFrame
+    evidence: pd.Series
+    top_k: int
+
+
+def graph_paths(trace: Trace, epoch: int = -1, top_k: int | None = None) -> GraphPaths:
+    """The ``top_k`` pathways into each output neuron (:func:`staining.pathways`) as signed edges per class."""
+    epoch = staining.resolve_epoch(trace, epoch)
+    top_k = default_top_k(trace.num_classes or 0) if top_k is None else top_k
+    chain, paths, x_column, shares = _graph_paths(trace, epoch, top_k)
+    edges, evidence = _graph_edges(trace, epoch, chain, paths, shares, x_column)
+    return GraphPaths(chain, x_column, edges, evidence, top_k)
 
 
 #: ``stain`` of an input-feature node (input features are not stained).
@@ -285,27 +388,28 @@ def _image_shape(trace: Trace, chain: list[str]) -> tuple[int, int] | None:
 
 
 def _graph_edges(
-    trace: Trace, epoch: int, chain: list[str], paths: list[tuple[int, pd.DataFrame]], x_column: str | None
+    trace: Trace,
+    epoch: int,
+    chain: list[str],
+    paths: list[tuple[int, np.ndarray, list]],
+    shares: dict,
+    x_column: str | None,
 ) -> tuple[pd.DataFrame, pd.Series]:
     """The edges of the drawn paths per class (summed score, sign) and the evidence sign of their inputs."""
     columns = ["target_class", "source", "target", "score", "sign"]
     if not paths:
         return pd.DataFrame(columns=columns), pd.Series(dtype=np.int64)
-    shares = {layer: staining.edge_shares(staining.contributions(trace, layer, epoch)) for layer in chain}
     means = trace.inputs(f"E_{epoch}/{chain[0]}")["mean"]
     means = means.droplevel(["epoch", "layer"])
     rows: dict[tuple[int, str, str], list[float]] = {}
     evidence: dict[tuple[int, int], int] = {}
-    inputs = "x" if x_column in ("x", None) else x_column
-    for c, frame in paths:
-        for score, path in zip(frame["score"], frame["path"]):
+    names = ["x" if x_column in ("x", None) else x_column, *chain]
+    for c, scores, nodes in paths:
+        for score, ids in zip(scores, nodes):
             if not score > 0:
                 continue
-            ids = [int(sig.rsplit("/n_", 1)[1]) for sig in path]
-            names = [inputs, *chain]
             k = ids[0]
-            mean = means.get((k, c), np.nan)
-            evidence[(c, k)] = 1 if mean > 0 else -1
+            evidence[(c, k)] = 1 if means.get((k, c), np.nan) > 0 else -1
             for i in range(1, len(ids)):
                 if i == 1 and x_column is None:
                     continue
@@ -519,16 +623,8 @@ def _draw_pixel_grid(ax, group: pd.DataFrame, layout: GraphLayout, palette, n_co
     """Input features on their image grid: a square per pixel, in the colour of the class whose
     strongest path starts there (white otherwise), marked with the evidence (high or low values)."""
     h, w = layout.image_shape
-    colours = np.tile(np.array(to_rgb(INPUT_COLOUR)), (len(group), 1))
-    marks: dict[int, str] = {}
-    best: dict[int, float] = {}
-    starts = layout.edges[layout.edges["source"].str.startswith("x/")]
-    for c, source, score in zip(starts["target_class"], starts["source"], starts["score"]):
-        k = _split(source)[1]
-        if score > best.get(k, 0.0):
-            best[k] = score
-            colours[group.index.get_loc(k)] = palette[c]
-            marks[k] = HIGH_MARK if layout.evidence.get((c, k), 1) > 0 else LOW_MARK
+    colours = np.array(group["colour"].tolist())
+    marks = {k: HIGH_MARK if e > 0 else LOW_MARK for k, e in group["evidence"].items() if e != 0}
     width_in = graph_size(n_columns)[0]
     pitch = abs(group["x"].iloc[1] - group["x"].iloc[0]) if len(group) > 1 else 0.1
     points = pitch * (width_in - LEGEND_WIDTH - 0.8) / n_columns * 72  # one cell's side, in points
@@ -711,19 +807,22 @@ def _graph_legend(trace: Trace, layout: GraphLayout, palette, top: float, rings:
 
 def _graph_paths(
     trace: Trace, epoch: int, top_k: int
-) -> tuple[list[str], list[tuple[int, pd.DataFrame]], str | None]:
-    """The Linear chain, each class's top pathways (from ``x/n_k``) and the column of their input features.
+) -> tuple[list[str], list[tuple[int, np.ndarray, list]], str | None, dict]:
+    """The Linear chain, each class's top pathways (node ids from the input feature to the output neuron,
+    as :func:`staining.pathways` finds them), the column of their input features, and the edge shares.
 
     The inputs ``x/n_k`` get their own column when the chain starts at the model's first layer; they
     are drawn on the recorded layer just before the chain when it has as many neurons (a Flatten
-    before a CNN's classifier), and left out otherwise.
+    before a CNN's classifier), and left out otherwise. Each layer's shares are computed once for
+    every class (``staining.pathways`` would read the weights once per class).
     """
     try:
         chain = staining.linear_chain(trace)
     except ValueError:
-        return [], [], None
-    if trace.layer_info(chain[-1])["neurons"] < (trace.num_classes or 0):
-        return [], [], None
+        return [], [], None, {}
+    classes = trace.num_classes or 0
+    if trace.layer_info(chain[-1])["neurons"] < classes:
+        return [], [], None, {}
     first = trace.layers.index(chain[0])
     if first == 0:
         x_column = "x"
@@ -731,8 +830,12 @@ def _graph_paths(
         x_column = trace.layers[first - 1]
     else:
         x_column = None
-    paths = [(c, staining.pathways(trace, c, epoch, top_k)) for c in range(trace.num_classes or 0)]
-    return chain, paths, x_column
+    shares = {layer: staining.edge_shares(staining.contributions(trace, layer, epoch)) for layer in chain}
+    paths = []
+    for c in range(classes):
+        scores, nodes = staining.top_paths([shares[layer][c] for layer in chain], c, top_k)
+        paths.append((c, scores, nodes))
+    return chain, paths, x_column, shares
 
 
 def _sample(order: np.ndarray, keep: set[int], limit: int) -> np.ndarray:
@@ -759,7 +862,9 @@ def plot_brain_scan(
     trace: Trace, epoch: int = -1, layers: Sequence[str] | None = None, stains: pd.DataFrame | None = None
 ) -> Figure:
     """Per layer: mean activation per epoch × neuron, and per class × neuron at ``epoch``; neurons in the
-    order of their final stain (strip above each panel)."""
+    order of their final stain (strip above each panel). Non-negative panels use a sequential colour map,
+    signed ones a diverging map centred on 0; colours clip at the 99th percentile (the colour bar's arrows
+    and label say so)."""
     epoch = staining.resolve_epoch(trace, epoch)
     last = trace.epochs[-1]
     final = _selection(trace, last, stains)
@@ -779,10 +884,14 @@ def plot_brain_scan(
         )
         left, right = fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1])
         for ax, data in ((left, history), (right, per_class)):
-            values = data.to_numpy()
-            norm = _centred_norm(values)
-            image = ax.imshow(values, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
-            fig.colorbar(image, ax=ax, label="mean activation", fraction=0.05, pad=0.01)
+            values = data.to_numpy(dtype=np.float64)
+            scale = colour_scale(values)
+            image = ax.imshow(
+                values, aspect="auto", cmap=scale.cmap, norm=scale.norm(), interpolation="nearest"
+            )
+            label = "mean activation" + (f"\nclipped at {scale.describe()}" if scale.clipped else "")
+            bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.01, extend=scale.extend)
+            bar.set_label(label, fontsize=7)
         _epoch_ticks(left, history.index.to_numpy())
         left.set_ylabel("epoch")
         left.set_title(f"{layer}: mean activation per epoch", fontsize=9, loc="left")
@@ -817,13 +926,6 @@ def plot_brain_scan(
     return fig
 
 
-def _centred_norm(values: np.ndarray) -> mpl.colors.Normalize:
-    """A colour scale centred on 0 that spans the 99th percentile of |values| (outliers saturate)."""
-    finite = np.abs(values[np.isfinite(values)])
-    limit = max(float(np.percentile(finite, 99)) if finite.size else 1.0, 1e-6)
-    return mpl.colors.TwoSlopeNorm(0.0, -limit, limit)
-
-
 def _epoch_ticks(ax, epochs: np.ndarray) -> None:
     step = max(1, int(np.ceil(len(epochs) / 8)))
     ticks = list(range(0, len(epochs), step))
@@ -839,41 +941,72 @@ def _neuron_ticks(ax, order: np.ndarray) -> None:
 
 
 # -- stain evolution -------------------------------------------------------------------------------
+def _layer_style(i: int, n: int) -> dict:
+    """Colour and marker of the i-th of n layers' lines (distinct for ≥ 12 layers)."""
+    return {"color": layer_palette(n)[i], "marker": LAYER_MARKERS[i % len(LAYER_MARKERS)]}
+
+
+def _layer_legend(fig: Figure, handles: list, title: str = "layer") -> None:
+    """A legend outside the axes, on the right of the figure, so that it covers no data."""
+    if handles:
+        fig.legend(
+            handles=handles,
+            loc="outside right upper",
+            fontsize=8,
+            title=title,
+            title_fontsize=8,
+            ncol=1 if len(handles) <= 24 else 2,
+        )
+
+
 def plot_stain_evolution(trace: Trace, evolution: staining.StainEvolution | None = None) -> Figure:
     """The fraction of stained (and dead) neurons per layer over epochs; a histogram of settling epochs."""
     evolution = staining.stain_evolution(trace) if evolution is None else evolution
     layers = [k for k in trace.layers if k in set(evolution.layers.index.get_level_values("layer"))]
-    colours = mpl.colormaps["Dark2"].colors
-    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    fig = Figure(figsize=(14, 4.8), layout="constrained")
     left, right = fig.subplots(1, 2)
+    handles = []
+    any_dead = False
     for i, layer in enumerate(layers):
         data = evolution.layers.xs(layer, level="layer")
-        colour = colours[i % len(colours)]
-        left.plot(data.index, data["stained_frac"], marker="o", ms=3, color=colour, label=f"{layer} stained")
+        style = _layer_style(i, len(layers))
+        (line,) = left.plot(data.index, data["stained_frac"], ms=4, label=layer, **style)
+        handles.append(line)
         if data["dead_frac"].fillna(0).any():
-            left.plot(data.index, data["dead_frac"], ls="--", color=colour, label=f"{layer} dead")
+            any_dead = True
+            left.plot(data.index, data["dead_frac"], ls="--", color=style["color"], label=f"{layer} dead")
+    if any_dead:
+        handles.append(Line2D([], [], color="#555555", ls="--", label="dashed: dead fraction"))
     left.set_ylim(-0.02, 1.02)
     left.set_xlabel("epoch")
     left.set_ylabel("fraction of the layer's neurons")
-    left.set_title("stained neurons per layer (dashed: dead)", fontsize=10)
-    left.legend(fontsize=8)
+    left.set_title("stained neurons per layer" + (" (dashed: dead)" if any_dead else ""), fontsize=10)
     left.grid(alpha=0.3)
 
     epochs = np.asarray(evolution.stains.columns)
     stained = evolution.neurons[evolution.neurons["final_stain"] >= 0]
     edges = np.append(epochs, epochs[-1] + (epochs[-1] - epochs[-2] if len(epochs) > 1 else 1)) - 0.5
-    data = [stained.xs(k, level="layer")["settling_epoch"].to_numpy() for k in layers]
-    right.hist(
-        data,
-        bins=edges,
-        stacked=True,
-        label=layers,
-        color=[colours[i % len(colours)] for i in range(len(layers))],
-    )
+    data = [
+        stained.xs(k, level="layer")["settling_epoch"].to_numpy() if k in stained.index else []
+        for k in layers
+    ]
+    if len(stained):
+        right.hist(
+            data,
+            bins=edges,
+            stacked=True,
+            label=layers,
+            color=[layer_palette(len(layers))[i] for i in range(len(layers))],
+        )
+    else:
+        right.text(0.5, 0.5, "no neuron is stained at the last epoch", transform=right.transAxes, ha="center")
     right.set_xlabel("settling epoch (stain never changes after it)")
     right.set_ylabel("neurons stained at the last epoch")
-    right.set_title(f"settling epochs ({len(stained)} neurons stained at epoch {epochs[-1]})", fontsize=10)
-    right.legend(fontsize=8, title="layer", title_fontsize=8)
+    right.set_title(
+        f"settling epochs ({len(stained)} neurons stained at epoch {epochs[-1]}; bars stacked by layer)",
+        fontsize=10,
+    )
+    _layer_legend(fig, handles, "layer (line and bar colour)")
     fig.suptitle(f"Stain evolution — run '{_run(trace)}', {_epoch_span(trace)}", fontsize=11)
     return fig
 
@@ -889,20 +1022,22 @@ def plot_weight_drift(trace: Trace, stains: pd.DataFrame | None = None, max_line
     biases = trace.query("E_*/L_*", columns=["bias"])["bias"].dropna()
     with_bias = [k for k in trace.layers if k in set(biases.index.get_level_values("layer"))]
     layers = [k for k in trace.layers if k in set(drift.index.get_level_values("layer"))]
-    colours = mpl.colormaps["Dark2"].colors
 
-    fig = Figure(figsize=(max(12, 4 * len(with_bias)), 8), layout="constrained")
-    grid = fig.add_gridspec(2, max(len(with_bias), 1))
+    columns = min(max(len(with_bias), 1), 4)
+    rows = int(np.ceil(len(with_bias) / columns)) if with_bias else 0
+    fig = Figure(figsize=(14, 4.2 + 3.2 * rows), layout="constrained")
+    grid = fig.add_gridspec(1 + rows, columns, height_ratios=[4.2] + [3.2] * rows)
     top = fig.add_subplot(grid[0, :])
+    handles = []
     for i, layer in enumerate(layers):
         data = drift.xs(layer, level="layer")
-        colour = colours[i % len(colours)]
-        top.plot(data.index, data["median"], marker="o", ms=3, color=colour, label=f"{layer} median")
-        top.fill_between(data.index, data["q25"], data["q75"], color=colour, alpha=0.2, lw=0)
+        style = _layer_style(i, len(layers))
+        (line,) = top.plot(data.index, data["median"], ms=4, label=layer, **style)
+        top.fill_between(data.index, data["q25"], data["q75"], color=style["color"], alpha=0.15, lw=0)
+        handles.append(line)
     if layers:
         top.set_yscale("log")
-        top.fill_between([], [], [], color="#888888", alpha=0.3, label="25–75th percentile of neurons")
-        top.legend(fontsize=8, ncol=2)
+        handles.append(Patch(facecolor="#888888", alpha=0.3, label="band: 25–75th percentile"))
     else:
         top.text(
             0.5,
@@ -913,15 +1048,23 @@ def plot_weight_drift(trace: Trace, stains: pd.DataFrame | None = None, max_line
         )
     top.set_xlabel("epoch")
     top.set_ylabel("‖Δw‖ per neuron since the previous recorded epoch")
-    top.set_title("weight drift per layer", fontsize=10)
+    top.set_title("weight drift per layer: median over the layer's neurons", fontsize=10)
     top.grid(alpha=0.3)
+    top.legend(
+        handles=handles,
+        fontsize=7,
+        title="layer",
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+    )
 
     for i, layer in enumerate(with_bias):
-        ax = fig.add_subplot(grid[1, i])
+        ax = fig.add_subplot(grid[1 + i // columns, i % columns])
         wide = biases.xs(layer, level="layer").unstack("neuron")
-        rows = final.xs(layer, level="layer")
-        order = _sample(neuron_order(rows), set(), max_lines)
-        sel = rows.loc[order]
+        sel_rows = final.xs(layer, level="layer")
+        order = _sample(neuron_order(sel_rows), set(), max_lines)
+        sel = sel_rows.loc[order]
         colours_n = stain_colours(sel["stain"].to_numpy(), np.ones(len(sel)), palette)
         for n, colour in zip(order[::-1], colours_n[::-1]):
             ax.plot(wide.index, wide[n], color=colour, lw=0.9, alpha=0.9)
@@ -963,7 +1106,9 @@ def plot_training_curves(trace: Trace) -> Figure:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.get_lines():
-            ax.legend(fontsize=9)
+            ax.legend(fontsize=9, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no metrics logged", transform=ax.transAxes, ha="center")
     left.set_title("loss", fontsize=10)
     right.set_title("accuracy", fontsize=10)
     span = f"epochs {metrics.index[0]}–{metrics.index[-1]}" if len(metrics) else "no metrics logged"
@@ -972,37 +1117,39 @@ def plot_training_curves(trace: Trace) -> Figure:
 
 
 def plot_confusion(trace: Trace, matrix: np.ndarray | None = None) -> Figure:
-    """The held-out confusion matrix after the last epoch (``trace.run_metrics["test_confusion"]``)."""
+    """The held-out confusion matrix after the last epoch (``trace.run_metrics["test_confusion"]``):
+    rows are the true classes, columns the predicted ones (a seaborn heatmap)."""
+    import seaborn as sns
+
     matrix = np.asarray(trace.run_metrics["test_confusion"] if matrix is None else matrix)
     n = matrix.shape[0]
     labels = [_class_label(trace, c) for c in range(n)]
     size = min(max(4.5, 0.55 * n + 3), 11)
     fig = Figure(figsize=(size + 1.2, size), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(matrix, cmap="Blues")
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for (i, j), value in np.ndenumerate(matrix):
-        ax.text(
-            j,
-            i,
-            str(value),
-            ha="center",
-            va="center",
-            fontsize=8 if n > 6 else 11,
-            color="white" if value > threshold else "black",
-        )
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
+    sns.heatmap(
+        matrix,
+        ax=ax,
+        annot=True,
+        fmt="d",
+        cmap="Blues",
+        square=True,
+        linewidths=0.5,
+        linecolor="white",
+        annot_kws={"fontsize": 8 if n > 6 else 11},
+        cbar_kws={"label": "held-out samples", "shrink": 0.8},
+        xticklabels=labels,
+        yticklabels=labels,
+    )
     ax.set_xticklabels(labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8)
-    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_yticklabels(labels, rotation=0, fontsize=8)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    fig.colorbar(image, ax=ax, label="held-out samples", shrink=0.8)
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     last = trace.epochs[-1] if trace.epochs else "?"
     fig.suptitle(
         f"Confusion matrix (held-out split) — run '{_run(trace)}', after epoch {last}\n"
-        f"accuracy {accuracy:.3f} on {matrix.sum()} samples",
+        f"accuracy {accuracy:.3f} on {matrix.sum()} samples (diagonal: correct)",
         fontsize=10,
     )
     return fig
@@ -1010,35 +1157,191 @@ def plot_confusion(trace: Trace, matrix: np.ndarray | None = None) -> Figure:
 
 # -- unit health -------------------------------------------------------------------------------
 def plot_unit_health(trace: Trace, health: staining.UnitHealth | None = None) -> Figure:
-    """Fractions of dead, saturated and exploding units per layer over epochs."""
+    """Fractions of dead, saturated and exploding units per layer over epochs; a panel with nothing to
+    show says why instead of drawing flat lines."""
     health = staining.unit_health(trace) if health is None else health
     layers = [k for k in trace.layers if k in set(health.layers.index.get_level_values("layer"))]
-    colours = mpl.colormaps["Dark2"].colors
-    fig = Figure(figsize=(14, 4.2), layout="constrained")
+    bounded = [k for k in layers if trace.layer_info(k).get("activation") in staining.BOUNDED_ACTIVATIONS]
+    fig = Figure(figsize=(15, 4.4), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
-    for ax, (column, title) in zip(
-        axes,
-        [
-            ("dead_frac", "dead (never > 0 after a ReLU; logits not judged)"),
-            ("saturated_frac", "saturated (tanh/sigmoid near ±1)"),
-            ("exploding_frac", "exploding (NaN/Inf seen)"),
-        ],
-    ):
-        for i, layer in enumerate(layers):
-            data = health.layers.xs(layer, level="layer")
-            ax.plot(data.index, data[column], marker="o", ms=3, color=colours[i % len(colours)], label=layer)
-        if not (health.layers[column] > 0).any():  # overlapping zero lines hide each other: say it
+    panels = [
+        (
+            "dead_frac",
+            "dead (never > 0 before a ReLU; logits not judged)",
+            layers,
+            "no dead units in any layer, any epoch",
+        ),
+        (
+            "saturated_frac",
+            "saturated (tanh/sigmoid output near ±1)",
+            bounded,
+            "none saturated in any tanh or sigmoid layer"
+            if bounded
+            else "no tanh or sigmoid layers:\nnothing can saturate",
+        ),
+        ("exploding_frac", "exploding (NaN/Inf seen)", layers, "no NaN or Inf in any layer, any epoch"),
+    ]
+    handles: dict[str, Line2D] = {}
+    for ax, (column, title, judged, empty) in zip(axes, panels):
+        values = health.layers[column]
+        shown = [k for k in judged if (values.xs(k, level="layer") > 0).any()]
+        for layer in shown:
+            data = values.xs(layer, level="layer")
+            style = _layer_style(layers.index(layer), len(layers))
+            (handles[layer],) = ax.plot(data.index, data, ms=4, label=layer, **style)
+        if not shown:
             ax.text(
-                0.5, 0.5, "none in any layer, any epoch", transform=ax.transAxes, ha="center", color="#555555"
+                0.5,
+                0.5,
+                empty,
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="#555555",
+                fontsize=10,
             )
+        elif len(shown) < len(judged):
+            ax.text(
+                0.02, 0.97, f"{len(judged) - len(shown)} other layers: 0 throughout", transform=ax.transAxes,
+                va="top", fontsize=7, color="#555555",
+            )  # fmt: skip
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.set_ylabel("fraction of the layer's neurons")
-    axes[-1].legend(fontsize=8, title="layer", title_fontsize=8)
+    _layer_legend(fig, [handles[k] for k in layers if k in handles])
     fig.suptitle(f"Unit health — run '{_run(trace)}', {_epoch_span(trace)}", fontsize=11)
     return fig
+
+
+# -- class means, clustered --------------------------------------------------------------------------
+#: Rows of one layer's clustered class-mean map at most (an even sample in stain order beyond).
+MAX_CLUSTER_ROWS = 64
+
+
+def plot_class_means(
+    trace: Trace, epoch: int = -1, layers: Sequence[str] | None = None, max_rows: int = MAX_CLUSTER_ROWS
+) -> Figure:
+    """Per layer, each neuron's class means at ``epoch`` z-scored across classes (seaborn heatmap), rows
+    clustered by average-linkage on those profiles (dendrogram on the left), final stain on the right."""
+    import seaborn as sns
+    from scipy.cluster import hierarchy
+
+    epoch = staining.resolve_epoch(trace, epoch)
+    frame = _selection(trace, epoch, None)
+    layers = [k for k in (layers or trace.layers) if trace.layer_info(k)["neurons"] >= 2]
+    palette = class_palette(trace.num_classes or 0)
+    means = trace.classes(f"E_{epoch}/L_*", columns=["act_mean"])["act_mean"]
+    columns = min(len(layers), 4) or 1
+    rows = int(np.ceil(len(layers) / columns)) or 1
+    fig = Figure(figsize=(4.2 * columns + 1.5, 5.2 * rows + 0.8), layout="constrained")
+    grid = fig.add_gridspec(rows, columns)
+    for i, layer in enumerate(layers):
+        sel = frame.xs(layer, level="layer")
+        shown = _sample(neuron_order(sel), set(), max_rows)
+        wide = means.xs((epoch, layer), level=["epoch", "layer"]).unstack("class").reindex(shown)
+        values = wide.to_numpy(dtype=np.float64)
+        spread = values.std(axis=1, keepdims=True)
+        z = np.where(
+            spread > 0, (values - values.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1), 0.0
+        )
+        z = np.nan_to_num(z)
+        order = hierarchy.leaves_list(hierarchy.linkage(z, "average")) if len(z) > 1 else np.arange(len(z))
+        cell = grid[i // columns, i % columns].subgridspec(1, 3, width_ratios=[0.8, 4, 0.25], wspace=0.02)
+        tree, ax, strip_ax = (fig.add_subplot(cell[0, k]) for k in range(3))
+        if len(z) > 1:
+            hierarchy.dendrogram(
+                hierarchy.linkage(z, "average"), ax=tree, orientation="left", no_labels=True,
+                color_threshold=0, above_threshold_color="#666666",
+            )  # fmt: skip
+            tree.invert_yaxis()
+        tree.set_axis_off()
+        sns.heatmap(
+            z[order], ax=ax, cmap="RdBu_r", center=0, vmin=-2.5, vmax=2.5, cbar=False,
+            xticklabels=[_class_label(trace, int(c)) for c in wide.columns],
+            yticklabels=[f"n_{n}" for n in shown[order]] if len(order) <= 40 else False,
+        )  # fmt: skip
+        ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+        ax.tick_params(axis="y", labelsize=6)
+        ax.set_xlabel("class")
+        ax.set_ylabel("neuron (clustered)" if i % columns == 0 else "")
+        note = f", {len(shown)} of {len(sel)}" if len(shown) < len(sel) else ""
+        ax.set_title(f"{layer}{note}", fontsize=9)
+        picked = sel.loc[shown[order]]
+        strip = stain_colours(picked["stain"].to_numpy(), picked["selectivity"].to_numpy(), palette)
+        strip[picked["dead"].to_numpy()] = to_rgb(DEAD_COLOUR)
+        strip_ax.imshow(strip[:, None, :], aspect="auto", interpolation="nearest")
+        strip_ax.set_axis_off()
+    maps = [ax for ax in fig.axes if ax.collections and ax.get_xlabel() == "class"]
+    if maps:
+        fig.colorbar(
+            maps[-1].collections[0],
+            ax=maps,
+            label="class mean, z-scored per neuron",
+            extend="both",
+            shrink=0.8,
+        )
+    handles = _stain_legend(trace, palette, dead=False, tint=False) + [
+        Patch(facecolor=DEAD_COLOUR, label="dead")
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7), fontsize=8,
+               title="strip right of each map: stain at this epoch", title_fontsize=8)  # fmt: skip
+    fig.suptitle(
+        f"Class-mean profiles, clustered — run '{_run(trace)}', epoch {epoch}: red = the classes a neuron "
+        "responds to most (z-score across classes; colours clip at ±2.5)",
+        fontsize=11,
+    )
+    return fig
+
+
+# -- animation -----------------------------------------------------------------------------------------
+#: Frames of the staining graph's animation at most (epochs evenly spaced, the first and last kept).
+MAX_FRAMES = 10
+
+
+def save_staining_animation(
+    trace: Trace,
+    path: str | Path,
+    *,
+    epochs: Sequence[int] | None = None,
+    stains: pd.DataFrame | None = None,
+    fps: float = 1.5,
+    dpi: int = 60,
+    max_frames: int = MAX_FRAMES,
+) -> Path:
+    """The staining graph at each of ``epochs`` (default: up to ``max_frames`` evenly spaced) as an
+    animated GIF (matplotlib's Pillow writer); nodes stay where the last epoch's stains put them."""
+    from matplotlib.animation import PillowWriter
+
+    path = Path(path)
+    recorded = trace.epochs
+    if epochs is None:
+        picks = np.unique(
+            np.linspace(0, len(recorded) - 1, min(max_frames, len(recorded))).round().astype(int)
+        )
+        epochs = [recorded[i] for i in picks]
+    epochs = [staining.resolve_epoch(trace, e) for e in epochs]
+    stains = staining.selectivity(trace) if stains is None else stains
+    order = stains.xs(recorded[-1], level="epoch")
+    paths = {e: graph_paths(trace, e) for e in epochs}
+    keep: dict[str, set[int]] = {}
+    for p in paths.values():
+        for layer, ids in _edge_nodes(p.edges).items():
+            keep.setdefault(layer, set()).update(ids)
+    n_columns = len(trace.layers) + 1
+    fig = Figure(figsize=graph_size(n_columns), layout="constrained")
+    writer = PillowWriter(fps=fps)
+    with writer.saving(fig, str(path), dpi):
+        for e in epochs:
+            fig.clear()
+            layout = graph_layout(
+                trace, e, stains=stains.xs(e, level="epoch"), order=order, keep=keep,
+                aspect=_aspect(n_columns), paths=paths[e],
+            )  # fmt: skip
+            draw_staining_graph(fig, trace, layout)
+            writer.grab_frame()
+    return path
 
 
 # -- interventions -------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ def test_stain_evolution(trace, tmp_path):
     left, right = fig.axes
     assert left.get_xlabel() == "epoch" and "fraction" in left.get_ylabel()
     assert "settling epoch" in right.get_xlabel()
-    assert [t.get_text() for t in right.get_legend().get_texts()] == trace.layers
+    assert legend_labels(fig)[: len(trace.layers)] == trace.layers  # outside the axes, on the right
+    assert not any(ax.get_legend() for ax in fig.axes)
     assert_saves(fig, tmp_path / "evolution.png")
 
 
@@ -169,13 +170,16 @@ def test_save_figures_writes_every_png_and_leaves_no_pyplot_state(trace, tmp_pat
     assert [p.name for p in paths] == [
         "staining_graph.png",
         "brain_scan.png",
+        "class_means.png",
         "stain_evolution.png",
         "weight_drift.png",
         "unit_health.png",
         "training_curves.png",
         "confusion.png",
+        "staining_graph_animation.gif",
     ]
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths[:-1])
+    assert paths[-1].read_bytes()[:6] == b"GIF89a"
     assert plt.get_fignums() == []
 
 
