@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .distributed import RankGroup, merge_epoch
 from .layers import select_layers, snapshot_weights
 from .records import EpochRecord
 from .rows import assign_offsets
@@ -31,7 +32,7 @@ from .schedule import EpochIntervals, EpochSchedule, epoch_rule, jsonable_interv
 from .stats import ChunkPool, PhaseStats
 from .store import FORMAT_NAME, FORMAT_VERSION, ROW_GROUP_ROWS, TraceWriter
 from .tap import HookTap
-from .writer import MAX_PENDING_WRITES, EpochWriter
+from .writer import MAX_PENDING_WRITES, EpochWriter, NoWriter
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -86,15 +87,26 @@ class NetworkTrace:
             raise TypeError(f"config values must be JSON-serialisable: {exc}") from None
         self._layer_patterns = layers
         self._probe = _probe_set(probe)
-        self._tap = HookTap(model, select_layers(model, layers))
-        store_writer = TraceWriter(self.store, overwrite=overwrite)
-        self._writer = EpochWriter(
-            store_writer,
-            background=background,
-            record_weights=record_weights,
-            write_checkpoint=_checkpoint_writer(self.store) if record_checkpoints else None,
-            write_probe=_probe_writer(self.store) if self._probe is not None else None,
-        )
+        self._group = RankGroup.current()
+        if self._group is not None and not drop_batches:
+            raise ValueError(
+                "drop_batches=False is not supported under torch.distributed (per-batch rows are per rank); "
+                "record with the default drop_batches=True"
+            )
+        self.model = unwrap_model(model)
+        _check_unsharded(self.model, record_weights)
+        self._tap = HookTap(self.model, select_layers(self.model, layers))
+        store_writer = self._open_store(overwrite)
+        if store_writer is None:
+            self._writer: EpochWriter | NoWriter = NoWriter()
+        else:
+            self._writer = EpochWriter(
+                store_writer,
+                background=background,
+                record_weights=record_weights,
+                write_checkpoint=_checkpoint_writer(self.store) if record_checkpoints else None,
+                write_probe=_probe_writer(self.store) if self._probe is not None else None,
+            )
         self._phases: dict[str, PhaseStats] = {}
         self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
         self._pool = ChunkPool()
@@ -102,7 +114,22 @@ class NetworkTrace:
         self._metrics: dict[str, dict[str, Any]] = {}
         # an empty but valid trace from the start: a crash before the first epoch leaves a store
         # that loads (no epochs) and that overwrite=True may replace
-        store_writer.write_meta(self._meta())
+        if store_writer is not None:
+            store_writer.write_meta(self._meta())
+
+    def _open_store(self, overwrite: bool) -> TraceWriter | None:
+        """Create (or replace) the store; under torch.distributed only rank 0 touches it, and its
+        error, if any, is raised on every rank."""
+        if self._group is None:
+            return TraceWriter(self.store, overwrite=overwrite)
+        writer, error = None, None
+        if self._group.is_writer:
+            try:
+                writer = TraceWriter(self.store, overwrite=overwrite)
+            except (OSError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        self._group.broadcast_error(error, self.store)
+        return writer
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -203,29 +230,31 @@ class NetworkTrace:
         worker thread (no tensor work there); :meth:`flush` or :meth:`close` waits for it.
         """
         epoch = self._schedule.close()
-        phases = [s for s in self._phases.values() if s.has_rows]
+        all_phases, self._phases = self._phases, {}
         self._tap.detach()
-        self._phases = {}
         self._writer.raise_finished_errors()
+        if self._group is not None:
+            merge_epoch(self._group, epoch, bool(all_phases), all_phases, self.num_classes or 0)
+        phases = [s for s in all_phases.values() if s.has_rows]
         if not phases:
             return
         records = tuple(r for r in (stats.finish() for stats in phases) if r.outputs)
         if records:
             for record in records:
                 self._recorded[record.phase].append(epoch)
-            weights = snapshot_weights(self._tap.modules, self._tap.layouts)
-            self._writer.submit_epoch(
-                EpochRecord(
-                    epoch=epoch,
-                    phases=records,
-                    weights=weights,
-                    layers=tuple(self._tap.ordered_layers()),
-                    num_classes=self.num_classes or 0,
-                    meta=self._meta(),
-                    checkpoint=_state_copy(self.model) if self.record_checkpoints else None,
-                    probe=self._run_probe(),
+            if self._group is None or self._group.is_writer:
+                self._writer.submit_epoch(
+                    EpochRecord(
+                        epoch=epoch,
+                        phases=records,
+                        weights=snapshot_weights(self._tap.modules, self._tap.layouts),
+                        layers=tuple(self._tap.ordered_layers()),
+                        num_classes=self.num_classes or 0,
+                        meta=self._meta(),
+                        checkpoint=_state_copy(self.model) if self.record_checkpoints else None,
+                        probe=self._run_probe(),
+                    )
                 )
-            )
         for stats in phases:
             labels = stats.label_summary()
             if labels is not None and labels.out_of_range:
@@ -326,6 +355,37 @@ def normalise_targets(targets: Tensor) -> Tensor:
         )
     targets = targets.detach()
     return targets if targets.dtype == torch.int64 else targets.to(torch.int64)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that computes: inside ``DistributedDataParallel`` / ``DataParallel`` (``.module``)
+    and ``torch.compile`` (``._orig_mod``) wrappers, so layer names do not depend on the wrapper."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _check_unsharded(model: nn.Module, record_weights: bool) -> None:
+    """Sharded parameters (FSDP) hold each rank's shard only: their per-neuron weights cannot be
+    snapshot without gathering them, so recording weights of such a model is refused."""
+    sharded = [
+        name
+        for name, p in model.named_parameters()
+        if type(p).__name__ == "DTensor"
+        or type(getattr(p, "data", None)).__name__ == "DTensor"
+        or "_fsdp_wrapped_module" in name
+        or "_flat_param" in name
+    ]
+    if sharded and record_weights:
+        raise ValueError(
+            f"the model's parameters are sharded (FSDP: {sharded[0]}, …); nn_staining cannot snapshot "
+            "per-neuron weights of a shard. Pass record_weights=False to record activation statistics, "
+            "which are merged across ranks as under DDP"
+        )
 
 
 def normalise_mask(mask: Tensor, labels: int | None) -> Tensor:

@@ -176,6 +176,19 @@ class Moments:
         mean = torch.where(counts > 0, self.class_sum / counts.clamp_min(1) + shift, math.nan)
         return ClassMeans(self.class_count.round().to(torch.int64).cpu().numpy(), mean.cpu().numpy())
 
+    def recentre(self, shift: torch.Tensor) -> None:
+        """Express the sums around ``shift`` instead of the current one, exactly:
+        with d = old − new, S2' = S2 + 2d·S1 + n·d², S1' = S1 + n·d, per-class sums + n_c·d."""
+        shift = shift.to(self.class_sum.device, torch.float32)
+        if self.shift is not None:
+            d = self.shift.to(torch.float64) - shift.to(torch.float64)
+            self.class_sum += self.class_count.unsqueeze(1) * d
+            if not self.class_only:
+                n = float(self.observations())
+                self.sum_sq += 2 * d * self.sum + n * d * d
+                self.sum += n * d
+        self.shift = shift
+
     def observations(self) -> int:
         """How many observations (rows not masked out) were folded in."""
         return self.count + (0 if self.kept is None else round(float(self.kept)))
@@ -524,6 +537,32 @@ class PhaseStats:
                 keep = torch.ones(segment.rows, dtype=torch.bool, device=device)
             parts.append(keep.to(device, non_blocking=True))
         return ~torch.cat(parts).unsqueeze(1)
+
+    def reduce_pending(self) -> None:
+        """Fold the buffered batches into the running sums now (before a merge across ranks)."""
+        self._reduce_chunk()
+
+    def layer_moments(self, inputs: bool = False) -> dict[str, Moments]:
+        """Each layer's running sums (of its outputs, or with ``inputs`` of a Linear's inputs)."""
+        return self.inputs if inputs else self.moments
+
+    def add_layer(self, layer: str, width: int, device: torch.device, inputs: bool = False) -> Moments:
+        """Empty running sums for a layer this phase has not seen (another rank has)."""
+        keep = self.keep_batches and not inputs
+        moments = Moments(width, self.num_classes, device, keep, class_only=inputs)
+        self.layer_moments(inputs)[layer] = moments
+        self.has_rows = True
+        return moments
+
+    def label_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(out-of-range count, lowest, highest) label tensors on the device, or None."""
+        if self._label_low is None:
+            return None
+        return self._label_bad, self._label_low, self._label_high
+
+    def set_label_state(self, bad: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Replace the label counts (with those merged across ranks)."""
+        self._label_bad, self._label_low, self._label_high = bad, low, high
 
     def finish(self) -> PhaseRecord:
         """Reduce what is left and bring the phase's statistics to the host (once per epoch)."""

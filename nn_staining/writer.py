@@ -117,3 +117,22 @@ class EpochWriter:
             self._write_probe(record.epoch, record.probe, record.layers)
         self._previous_weights = {k: w.weights for k, w in record.weights.items() if w.weights is not None}
         self.store.write_meta(record.meta)
+
+
+class NoWriter:
+    """The writer of a rank that does not write (ranks other than 0 under ``torch.distributed``)."""
+
+    def submit_epoch(self, record: EpochRecord) -> None:
+        """Drop ``record``: rank 0 writes the merged epoch."""
+
+    def submit_meta(self, meta: dict[str, Any]) -> None:
+        """Drop ``meta``: rank 0 writes ``meta.json``."""
+
+    def raise_finished_errors(self) -> None:
+        """Nothing is written here, so nothing can fail."""
+
+    def flush(self) -> None:
+        """Nothing to wait for."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
