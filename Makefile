@@ -4,14 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+#: the run that `make notebook` and `make report` read (the notebook records it first when it is missing)
+RUN ?= results/breast_cancer
 
-.PHONY: venv run test lint format bench bench-store notebook clean
+.PHONY: venv run test lint format bench bench-store notebook lab report clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name nn_staining --display-name "Python (nn_staining)" >/dev/null
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -43,5 +46,14 @@ bench-store: $(STAMP)  ## store write throughput and query latency at 100M rows 
 clean:
 	rm -rf $(VENV) results/*/ .pytest_cache .ruff_cache
 
-notebook: $(STAMP)  ## run analysis.ipynb top to bottom, headless (outputs are not saved)
-	$(BIN)/jupyter-execute analysis.ipynb
+notebook: $(STAMP)  ## run analysis.ipynb headless; the executed copy goes to $(RUN)/analysis.ipynb and .html
+	NN_STAINING_RUN=$(RUN) $(BIN)/jupyter nbconvert --log-level WARN --to notebook --execute analysis.ipynb \
+		--ExecutePreprocessor.timeout=600 --output-dir $(RUN) --output analysis
+	$(BIN)/jupyter nbconvert --log-level WARN --to html $(RUN)/analysis.ipynb --output-dir $(RUN)
+	@echo "executed notebook: $(RUN)/analysis.ipynb and $(RUN)/analysis.html"
+
+lab: $(STAMP)  ## open analysis.ipynb in JupyterLab with the venv's nn_staining kernel
+	$(BIN)/jupyter lab analysis.ipynb
+
+report: $(STAMP)  ## write $(RUN)/report.html, the interactive report (main.py writes it too)
+	$(BIN)/python -m nn_staining report $(RUN)

@@ -1297,7 +1297,7 @@ def plot_class_means(
 
 # -- animation -----------------------------------------------------------------------------------------
 #: Frames of the staining graph's animation at most (epochs evenly spaced, the first and last kept).
-MAX_FRAMES = 10
+MAX_FRAMES = 8
 
 
 def save_staining_animation(

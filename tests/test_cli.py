@@ -121,7 +121,16 @@ def test_not_a_trace_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 def test_main_py_trains_records_and_reports(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "main.py", "--epochs", "2", "--output-dir", str(tmp_path), "--no-figures"],
+        [
+            sys.executable,
+            "main.py",
+            "--epochs",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--no-figures",
+            "--no-report",
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -135,4 +144,35 @@ def test_main_py_trains_records_and_reports(tmp_path: Path) -> None:
     assert t.class_names == ["malignant", "benign"]
     assert str(store) in result.stdout
     assert (t.to_dataframe()["act_count"] == 426).all(), "75% of the 569 breast-cancer samples"
-    assert not (store / "figures").exists()
+    assert not (store / "figures").exists() and not (store / "report.html").exists()
+
+
+def test_main_py_draws_figures_and_writes_the_report_and_says_so(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "main.py", "--dataset", "moons", "--epochs", "2", "--hidden", "4", "--output-dir",
+         str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "drawing figures…" in result.stderr  # the progress bar (tqdm writes to stderr)
+    figures = sorted(p.name for p in (tmp_path / "moons" / "figures").iterdir())
+    assert "staining_graph_animation.gif" in figures and "staining_graph.png" in figures
+    assert f"figures: {tmp_path / 'moons' / 'figures'}/ ({len(figures) - 1} PNG, 1 GIF)" in result.stdout
+    report = tmp_path / "moons" / "report.html"  # written by default
+    assert "writing report…" in result.stdout and f"report: {report}" in result.stdout
+    assert report.stat().st_size < 10_000_000
+
+
+def test_make_venv_registers_the_kernel_the_notebook_selects() -> None:
+    """`make venv` installs the `nn_staining` kernel into the venv (ipykernel --sys-prefix), and
+    analysis.ipynb's metadata selects it, so JupyterLab opens the notebook on this environment."""
+    import json
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    assert "ipykernel install --sys-prefix --name nn_staining" in (ROOT / "Makefile").read_text()
+    spec = KernelSpecManager().get_kernel_spec("nn_staining")
+    assert Path(spec.resource_dir).resolve().is_relative_to(Path(sys.prefix).resolve())
+    assert Path(spec.argv[0]).resolve() == Path(sys.executable).resolve()
+    metadata = json.loads((ROOT / "analysis.ipynb").read_text())["metadata"]
+    assert metadata["kernelspec"]["name"] == "nn_staining"

@@ -32,7 +32,9 @@ def test_committed_notebook_has_no_outputs() -> None:
     for cell in code:
         assert cell.outputs == [], cell.source[:80]
         assert cell.execution_count is None, cell.source[:80]
-    assert nb.metadata.kernelspec.name == "python3"
+    assert (
+        nb.metadata.kernelspec.name == "nn_staining"
+    )  # the kernel `make venv` registers (test_cli checks it)
     assert code[0].source.count("run_pipeline(") == 1 and "load_trace(RUN)" in code[0].source
 
 
