@@ -22,6 +22,15 @@ from nn_staining.layers import select_layers
 N_PROBE = 30
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """Small numpy linear algebra: one BLAS thread avoids spin-waiting on a busy 2-core machine."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
 # -- recording helper shared with test_representations -------------------------------------------
 def record_with_probe(
     model: nn.Module,
