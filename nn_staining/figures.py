@@ -30,6 +30,17 @@ def figure_names(trace: Trace) -> list[str]:
             names.append("confusion")
         if trace.num_classes:
             names.append("staining_graph_animation")
+            names += _intervention_figures(trace)
+    return names
+
+
+def _intervention_figures(trace: Trace) -> list[str]:
+    """The figures of the run's stored stain effects (``intervene.save_effects``; ``main.py`` stores them)."""
+    from .intervene import effects_path
+
+    names = ["effect_matrix", "stain_specificity"] if effects_path(trace).is_file() else []
+    if effects_path(trace, "neuron_effects").is_file():
+        names.append("causal_staining_graph")
     return names
 
 
@@ -59,6 +70,11 @@ def save_figures(
                 trace, staining.stain_evolution(trace, stains)
             ),
             "weight_drift": lambda: plots.plot_weight_drift(trace, stains=last),
+            "effect_matrix": lambda: plots.plot_effect_matrix(trace),
+            "stain_specificity": lambda: plots.plot_specificity(trace),
+            "causal_staining_graph": lambda: plots.plot_staining_graph(
+                trace, -1, stains=last, neuron_rings=_causal_rings(trace)
+            ),
         }
     else:
         log.info("trace %s has no per-class statistics: no staining figures", trace.path)
@@ -78,3 +94,10 @@ def save_figures(
         if progress is not None:
             progress(name)
     return paths
+
+
+def _causal_rings(trace: Trace):
+    """Ring values of the causal staining graph: ``intervene.causal_rings`` of the stored neuron effects."""
+    from .intervene import causal_rings, load_effects
+
+    return causal_rings(trace, load_effects(trace, "neuron_effects"))

@@ -735,6 +735,16 @@ def neuron_effects(
     return out
 
 
+def causal_rings(t: Trace | str | os.PathLike, neuron_effects: pd.DataFrame) -> pd.Series:
+    """``neuron_effects``' ``effect`` (own-class logit drop of a stained neuron ablated alone) as the
+    ``plots.plot_staining_graph(neuron_rings=...)`` values; the logits layer is left out, since ablating
+    a logit removes its class by construction and its rings would dwarf the hidden layers'."""
+    t = _as_trace(t)
+    rings = neuron_effects["effect"].astype(np.float64)
+    rings = rings[rings.index.get_level_values("layer") != t.layers[-1]]
+    return rings.rename("own-class logit drop, ablated alone")
+
+
 # -- Captum baseline -----------------------------------------------------------------------------
 def _captum():
     try:

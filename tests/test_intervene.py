@@ -577,3 +577,32 @@ def test_specificity_figure_draws_the_curves(trained):
     np.testing.assert_allclose(
         logit[0].get_ydata(), spec.xs(("neurons", "L_hidden"), level=("unit", "layer"))["logit_specificity"]
     )
+
+
+def test_pipeline_stores_checkpoints_effects_and_causal_rings(tmp_path):
+    from nn_staining import plots
+    from nn_staining.figures import figure_names
+    from nn_staining.pipeline import RunConfig, run_pipeline
+
+    result = run_pipeline(RunConfig(dataset="moons", epochs=3, hidden=6, output_dir=str(tmp_path)))
+    t = load_trace(result.store)
+    assert checkpoint_epochs(t) == t.epochs == [0, 1, 2]
+    effects = intervene.load_effects(t)
+    assert sorted(effects["epoch"].unique()) == [0, 1, 2] and set(effects["unit"]) == {"neurons", "edges"}
+    neurons = intervene.load_effects(t, "neuron_effects")
+    assert neurons.index.names == ["layer", "neuron"] and (neurons["epoch"] == 2).all()
+    assert figure_names(t)[-3:] == ["effect_matrix", "stain_specificity", "causal_staining_graph"]
+    rings = intervene.causal_rings(t, neurons)
+    assert set(rings.index.get_level_values("layer")) == {"L_input", "L_hidden_1"}  # the logits left out
+    fig = plots.plot_staining_graph(t, -1, neuron_rings=rings)
+    drawn = [c for ax in fig.axes for c in ax.collections if c.get_gid() == "rings"]
+    positive = rings[rings > 0]
+    assert len(positive) >= 2
+    (collection,) = drawn
+    widths = np.sort(collection.get_linewidths())
+    np.testing.assert_allclose(widths, np.sort(0.5 + 3.5 * positive.to_numpy() / positive.max()))
+    # a replaced run loses the old run's checkpoints and effects
+    run_pipeline(
+        RunConfig(dataset="moons", epochs=1, hidden=6, output_dir=str(tmp_path), interventions=False)
+    )
+    assert checkpoint_epochs(t) == [0] and intervene.load_effects(t) is None
