@@ -42,6 +42,7 @@ class RunConfig:
     figures: bool = True
     checkpoints: bool = True
     interventions: bool = True
+    probe: int = 256  # held-out samples run as the probe set at each recorded epoch (0: none)
 
     @property
     def store(self) -> Path:
@@ -56,6 +57,8 @@ class RunConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr!r} must be positive")
+        if self.probe < 0:
+            raise ValueError(f"probe={self.probe!r} must be a sample count >= 0 (0: no probe set)")
 
 
 @dataclass
@@ -110,6 +113,7 @@ def run_pipeline(config: RunConfig, on_epoch: Callable[[EpochResult], None] | No
         class_names=data.class_names,
         overwrite=True,
         record_checkpoints=config.checkpoints,
+        probe=(x_test[: config.probe], data.y_test[: config.probe]) if config.probe else None,
         config={
             "pipeline": _config_dict(config),
             "feature_names": data.feature_names,
