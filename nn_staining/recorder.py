@@ -30,7 +30,7 @@ from .records import EpochRecord
 from .rows import assign_offsets
 from .schedule import EpochIntervals, EpochSchedule, epoch_rule, jsonable_intervals
 from .stats import ChunkPool, PhaseStats
-from .store import FORMAT_NAME, FORMAT_VERSION, ROW_GROUP_ROWS, TraceWriter
+from .store import EPOCH_FOLDERS, FORMAT_NAME, FORMAT_VERSION, ROW_GROUP_ROWS, TraceWriter, read_meta
 from .tap import HookTap
 from .writer import MAX_PENDING_WRITES, EpochWriter, NoWriter
 
@@ -66,11 +66,16 @@ class NetworkTrace:
         probe: Any = None,
         class_names: Sequence[str] | None = None,
         overwrite: bool = False,
+        resume: bool = False,
         background: bool = True,
         config: dict[str, Any] | None = None,
     ) -> None:
         if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
             raise ValueError(f"num_classes={num_classes!r} must be a positive int or None")
+        if overwrite and resume:
+            raise ValueError(
+                "pass overwrite=True (replace the stored trace) or resume=True (continue it), not both"
+            )
         self.model = model
         self.store = os.fspath(store)
         self._schedule = EpochSchedule(epoch_intervals, total_epochs)
@@ -96,7 +101,14 @@ class NetworkTrace:
         self.model = unwrap_model(model)
         _check_unsharded(self.model, record_weights)
         self._tap = HookTap(self.model, select_layers(self.model, layers))
-        store_writer = self._open_store(overwrite)
+        self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
+        self._metrics: dict[str, dict[str, Any]] = {}
+        self._created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self._resumed: dict[str, Any] | None = None  # the stored meta.json until the first new epoch
+        self._stored_layers: list[dict[str, Any]] | None = None
+        if resume and os.path.exists(os.path.join(self.store, "meta.json")):
+            self._continue(read_meta(self.store))
+        store_writer = self._open_store(overwrite, resume)
         if store_writer is None:
             self._writer: EpochWriter | NoWriter = NoWriter()
         else:
@@ -108,28 +120,78 @@ class NetworkTrace:
                 write_probe=_probe_writer(self.store) if self._probe is not None else None,
             )
         self._phases: dict[str, PhaseStats] = {}
-        self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
         self._pool = ChunkPool()
-        self._created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        self._metrics: dict[str, dict[str, Any]] = {}
         # an empty but valid trace from the start: a crash before the first epoch leaves a store
         # that loads (no epochs) and that overwrite=True may replace
-        if store_writer is not None:
+        if store_writer is not None and self._resumed is None:
             store_writer.write_meta(self._meta())
 
-    def _open_store(self, overwrite: bool) -> TraceWriter | None:
-        """Create (or replace) the store; under torch.distributed only rank 0 touches it, and its
-        error, if any, is raised on every rank."""
+    def _open_store(self, overwrite: bool, resume: bool) -> TraceWriter | None:
+        """Create, replace or continue the store; under torch.distributed only rank 0 touches it,
+        and its error, if any, is raised on every rank."""
         if self._group is None:
-            return TraceWriter(self.store, overwrite=overwrite)
+            return TraceWriter(self.store, overwrite=overwrite, resume=resume)
         writer, error = None, None
         if self._group.is_writer:
             try:
-                writer = TraceWriter(self.store, overwrite=overwrite)
+                writer = TraceWriter(self.store, overwrite=overwrite, resume=resume)
             except (OSError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
         self._group.broadcast_error(error, self.store)
         return writer
+
+    # -- resume --------------------------------------------------------------------------------
+    def _continue(self, stored: dict[str, Any]) -> None:
+        """Take over a stored trace (``resume=True``): its epochs, metrics and classes; the model
+        must have the stored layers."""
+        stored_classes = stored.get("num_classes")
+        if self.num_classes is not None and stored_classes is not None and self.num_classes != stored_classes:
+            raise ValueError(
+                f"resume=True: {self.store!r} was recorded with num_classes={stored_classes}, "
+                f"not {self.num_classes}"
+            )
+        self.num_classes = self.num_classes or stored_classes
+        missing = [info["key"] for info in stored["layers"] if info["key"] not in self._tap.modules]
+        if missing:
+            raise ValueError(
+                f"resume=True: the stored trace {self.store!r} has layers this model does not record: "
+                f"{', '.join(missing)}; layers now: {', '.join(self._tap.modules)}"
+            )
+        self.class_names = self.class_names or stored.get("class_names")
+        self._recorded = {phase: list(stored["epochs"].get(phase, [])) for phase in self._recorded}
+        self._metrics = {k: dict(v) for k, v in stored.get("metrics", {}).items()}
+        self._created = stored.get("created", self._created)
+        self._stored_layers = list(stored["layers"])
+        self._resumed = stored
+
+    def _truncate_resumed(self, first: int) -> None:
+        """Keep the stored epochs below ``first``, the first epoch recorded now: ``meta.json`` stops
+        listing the others first, then their parts are deleted, so a reader never sees a listed
+        epoch without its parts. ``weight_delta_norm`` of ``first`` is taken against the last kept
+        epoch's stored weights."""
+        stored, self._resumed = self._resumed, None
+        dropped = sorted({e for phase in self._recorded.values() for e in phase if e >= first})
+        self._recorded = {phase: [e for e in epochs if e < first] for phase, epochs in self._recorded.items()}
+        self._metrics = {k: v for k, v in self._metrics.items() if k == "run" or int(k) < first}
+        if not isinstance(self._writer, EpochWriter):
+            return
+        store = self._writer.store
+        store.write_meta(self._meta())
+        store.drop_epochs(
+            dropped + [e for e in _folder_epochs(self.store) if e >= first and e not in dropped]
+        )
+        kept = self._recorded["train"]
+        if kept:
+            from .trace import load_trace
+
+            t = load_trace(self.store)
+            self._writer.set_previous_weights(
+                {
+                    info["key"]: t.weights(kept[-1], info["key"])
+                    for info in stored["layers"]
+                    if info.get("has_weights") and stored["config"].get("record_weights", True)
+                }
+            )
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -173,6 +235,8 @@ class NetworkTrace:
     # -- training events -----------------------------------------------------------------------
     def start_epoch(self, epoch: int) -> None:
         """Begin ``epoch``: attach the hooks if it is recorded (a non-recorded epoch costs nothing)."""
+        if self._resumed is not None:
+            self._truncate_resumed(int(epoch) if isinstance(epoch, (int, np.integer)) else epoch)
         epoch, recorded = self._schedule.open(epoch, self.store)
         self._tap.targets = None
         if not recorded:
@@ -239,6 +303,8 @@ class NetworkTrace:
         if not phases:
             return
         records = tuple(r for r in (stats.finish() for stats in phases) if r.outputs)
+        if records and self._stored_layers is not None:
+            self._check_resumed_layers()
         if records:
             for record in records:
                 self._recorded[record.phase].append(epoch)
@@ -264,6 +330,22 @@ class NetworkTrace:
                     f"seen from {labels.low} to {labels.high}); those samples are missing from the per-class "
                     "statistics. The epoch was still written; pass the right num_classes="
                 )
+
+    def _check_resumed_layers(self) -> None:
+        """After a resume, the layers seen now must be the stored ones (names, neurons, kind)."""
+        stored, self._stored_layers = self._stored_layers, None
+        fields = ("key", "neurons", "kind", "type", "in_features")
+        now = [
+            {f: d.get(f) for f in fields}
+            for d in (self._tap.descriptions[k] for k in self._tap.ordered_layers())
+        ]
+        before = [{f: d.get(f) for f in fields} for d in stored]
+        if now != before:
+            diff = next(
+                (f"{a} recorded now, {b} stored" for a, b in zip(now, before) if a != b),
+                f"{len(now)} layers recorded now, {len(before)} stored",
+            )
+            raise ValueError(f"resume=True: the model does not match the stored trace {self.store!r}: {diff}")
 
     def _run_probe(self) -> Any:
         """The probe set's representations at this epoch's end (hooks already removed), or None."""
@@ -291,7 +373,10 @@ class NetworkTrace:
     # -- meta.json -----------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
         """A snapshot of ``meta.json`` (taken on the training thread, written by the writer)."""
-        layers = assign_offsets([self._tap.descriptions[k] for k in self._tap.ordered_layers()])
+        if self._stored_layers is not None:  # resumed, and this run's layers are not known yet
+            layers = self._stored_layers
+        else:
+            layers = assign_offsets([self._tap.descriptions[k] for k in self._tap.ordered_layers()])
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -355,6 +440,16 @@ def normalise_targets(targets: Tensor) -> Tensor:
         )
     targets = targets.detach()
     return targets if targets.dtype == torch.int64 else targets.to(torch.int64)
+
+
+def _folder_epochs(store: str) -> list[int]:
+    """Every epoch that has a folder of parts in the store (listed in meta.json or not)."""
+    epochs = set()
+    for folder in EPOCH_FOLDERS:
+        path = os.path.join(store, folder)
+        if os.path.isdir(path):
+            epochs |= {int(n[6:]) for n in os.listdir(path) if n.startswith("epoch=") and n[6:].isdigit()}
+    return sorted(epochs)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "nn_staining.trace"
 FORMAT_VERSION = 1
 TABLES = ("neurons", "classes", "inputs", "batches")
+#: Every folder of per-epoch parts (``epoch=<e>`` subfolders): the tables, probe records, checkpoints.
+EPOCH_FOLDERS = TABLES + ("probes", "checkpoints")
 PHASES = ("train", "eval")
 #: Rows per Parquet row group: a query reads whole row groups, so smaller is more selective.
 ROW_GROUP_ROWS = 8192
@@ -196,26 +198,34 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 class TraceWriter:
     """Creates a store and writes one epoch's tables at a time, crash-safely."""
 
-    def __init__(self, root: str | os.PathLike, overwrite: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> None:
         self.root = Path(root)
         meta = self.root / "meta.json"
-        tables = [self.root / t for t in TABLES if (self.root / t).exists()]
+        folders = [self.root / t for t in EPOCH_FOLDERS if (self.root / t).exists()]
         if meta.exists():
+            read_meta(self.root)  # only a folder that really is a trace is continued or cleared
+            if resume:
+                return
             if not overwrite:
                 raise FileExistsError(
-                    f"{str(self.root)!r} already holds a trace; pass overwrite=True to replace it "
-                    "or choose another store path"
+                    f"{str(self.root)!r} already holds a trace; pass resume=True to continue it, "
+                    "overwrite=True to replace it, or choose another store path"
                 )
-            read_meta(self.root)  # only a folder that really is a trace is cleared
-            for table in tables:
-                shutil.rmtree(table)
+            for folder in folders:
+                shutil.rmtree(folder)
             meta.unlink()
-        elif tables:
+        elif folders:
             raise FileExistsError(
                 f"{str(self.root)!r} is not an nn_staining trace but has folders named like its tables "
-                f"({', '.join(t.name for t in tables)}); choose another store path"
+                f"({', '.join(t.name for t in folders)}); choose another store path"
             )
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def drop_epochs(self, epochs: Iterable[int]) -> None:
+        """Delete every part of ``epochs`` (call after ``meta.json`` stopped listing them)."""
+        for epoch in epochs:
+            for folder in EPOCH_FOLDERS:
+                shutil.rmtree(self.root / folder / f"epoch={epoch}", ignore_errors=True)
 
     def write_epoch(self, epoch: int, phase: str, tables: dict[str, pa.Table]) -> int:
         """Write every table's part for (epoch, phase) under temporary names, then rename them

@@ -48,6 +48,11 @@ class EpochWriter:
         self._error: BaseException | None = None
         self._previous_weights: dict[str, np.ndarray] = {}
 
+    def set_previous_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """The weights ``weight_delta_norm`` of the next epoch is taken against (after a resume)."""
+        self.flush()
+        self._previous_weights = dict(weights)
+
     def submit_epoch(self, record: EpochRecord) -> None:
         """Queue ``record`` for writing, first waiting while ``max_pending`` epochs are in flight."""
         while len(self._jobs) >= self.max_pending:  # back-pressure: memory stays flat
