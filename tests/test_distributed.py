@@ -119,3 +119,21 @@ def test_ranks_that_disagree_get_an_error_on_every_rank(tmp_path: Path, mode: st
         assert r.returncode == 3, r.stdout
         assert f"rank {rank} error: the ranks disagree on {message}" in r.stdout
     assert load_trace(tmp_path / "trace").epochs == []  # nothing written for the epoch in dispute
+
+
+def test_the_readme_torchrun_example_records_the_whole_data_set(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + [str(ROOT / "examples" / "ddp_digits.py"), "--store", str(tmp_path / "t"), "--epochs", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    t = load_trace(tmp_path / "t")
+    assert t.epochs == [0, 1]
+    # 1,797 digits; DistributedSampler pads one repeated sample so both ranks get 899
+    assert (t.query("E_*/L_*")["act_count"] == 1798).all()
+    assert (t.classes("E_1/L_4").groupby(level="neuron")["act_count"].sum() == 1798).all()
