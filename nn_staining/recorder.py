@@ -24,13 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .catalog import FORMAT_NAME, FORMAT_VERSION, new_run_id, read_commits, read_meta
 from .distributed import RankGroup, merge_epoch
 from .layers import select_layers, snapshot_weights
-from .records import EpochRecord
+from .records import EpochRecord, PhaseRecord
 from .rows import assign_offsets
 from .schedule import EpochIntervals, EpochSchedule, epoch_rule, jsonable_intervals
 from .stats import ChunkPool, PhaseStats
-from .store import EPOCH_FOLDERS, FORMAT_NAME, FORMAT_VERSION, ROW_GROUP_ROWS, TraceWriter, read_meta
+from .store import ROW_GROUP_ROWS, TraceWriter
 from .tap import HookTap
 from .writer import MAX_PENDING_WRITES, EpochWriter, NoWriter
 
@@ -102,7 +103,8 @@ class NetworkTrace:
         _check_unsharded(self.model, record_weights)
         self._tap = HookTap(self.model, select_layers(self.model, layers))
         self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
-        self._metrics: dict[str, dict[str, Any]] = {}
+        self._row_layouts: list[dict[str, list[str]]] = []
+        self._run_id = new_run_id()
         self._created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self._resumed: dict[str, Any] | None = None  # the stored meta.json until the first new epoch
         self._stored_layers: list[dict[str, Any]] | None = None
@@ -158,30 +160,27 @@ class NetworkTrace:
                 f"{', '.join(missing)}; layers now: {', '.join(self._tap.modules)}"
             )
         self.class_names = self.class_names or stored.get("class_names")
-        self._recorded = {phase: list(stored["epochs"].get(phase, [])) for phase in self._recorded}
-        self._metrics = {k: dict(v) for k, v in stored.get("metrics", {}).items()}
+        commits = read_commits(self.store, stored)
+        self._recorded = {phase: sorted(commits.get(phase, {})) for phase in self._recorded}
+        self._row_layouts = [dict(layout) for layout in stored["layouts"]]
+        self._run_id = stored["run_id"]
         self._created = stored.get("created", self._created)
         self._stored_layers = list(stored["layers"])
         self._resumed = stored
 
     def _truncate_resumed(self, first: int) -> None:
-        """Keep the stored epochs below ``first``, the first epoch recorded now: ``meta.json`` stops
-        listing the others first, then their parts are deleted, so a reader never sees a listed
-        epoch without its parts. ``weight_delta_norm`` of ``first`` is taken against the last kept
-        epoch's stored weights."""
+        """Keep the stored epochs below ``first``, the first epoch recorded now: the logs stop listing
+        the others first, then their parts are deleted, so a reader never sees a listed epoch without
+        its parts. ``weight_delta_norm`` of ``first`` is taken against the last kept epoch's stored
+        weights."""
         stored, self._resumed = self._resumed, None
-        dropped = sorted({e for phase in self._recorded.values() for e in phase if e >= first})
         self._recorded = {phase: [e for e in epochs if e < first] for phase, epochs in self._recorded.items()}
-        self._metrics = {k: v for k, v in self._metrics.items() if k == "run" or int(k) < first}
         if not isinstance(self._writer, EpochWriter):
             return
-        store = self._writer.store
-        store.write_meta(self._meta())
-        store.drop_epochs(
-            dropped + [e for e in _folder_epochs(self.store) if e >= first and e not in dropped]
-        )
+        self._writer.store.drop_epochs(first)
         kept = self._recorded["train"]
-        if kept:
+        self._writer.committed = sorted(set(kept) | set(self._recorded["eval"]))
+        if kept and stored["config"].get("record_weights", True):
             from .trace import load_trace
 
             t = load_trace(self.store)
@@ -189,7 +188,7 @@ class NetworkTrace:
                 {
                     info["key"]: t.weights(kept[-1], info["key"])
                     for info in stored["layers"]
-                    if info.get("has_weights") and stored["config"].get("record_weights", True)
+                    if info.get("has_weights")
                 }
             )
 
@@ -296,11 +295,11 @@ class NetworkTrace:
         epoch = self._schedule.close()
         all_phases, self._phases = self._phases, {}
         self._tap.detach()
-        self._writer.raise_finished_errors()
         if self._group is not None:
             merge_epoch(self._group, epoch, bool(all_phases), all_phases, self.num_classes or 0)
         phases = [s for s in all_phases.values() if s.has_rows]
         if not phases:
+            self._writer.raise_finished_errors()
             return
         records = tuple(r for r in (stats.finish() for stats in phases) if r.outputs)
         if records and self._stored_layers is not None:
@@ -308,6 +307,7 @@ class NetworkTrace:
         if records:
             for record in records:
                 self._recorded[record.phase].append(epoch)
+            layouts = tuple(self._layout_index(record) for record in records)
             if self._group is None or self._group.is_writer:
                 self._writer.submit_epoch(
                     EpochRecord(
@@ -317,10 +317,12 @@ class NetworkTrace:
                         layers=tuple(self._tap.ordered_layers()),
                         num_classes=self.num_classes or 0,
                         meta=self._meta(),
+                        layouts=layouts,
                         checkpoint=_state_copy(self.model) if self.record_checkpoints else None,
                         probe=self._run_probe(),
                     )
                 )
+        self._writer.raise_finished_errors()
         for stats in phases:
             labels = stats.label_summary()
             if labels is not None and labels.out_of_range:
@@ -330,6 +332,17 @@ class NetworkTrace:
                     f"seen from {labels.low} to {labels.high}); those samples are missing from the per-class "
                     "statistics. The epoch was still written; pass the right num_classes="
                 )
+
+    def _layout_index(self, record: PhaseRecord) -> int:
+        """The index in ``meta["layouts"]`` of the layers this phase's parts hold (added when new)."""
+        layers = self._tap.ordered_layers()
+        layout = {
+            "neurons": [k for k in layers if k in record.outputs],
+            "inputs": [k for k in layers if k in record.inputs],
+        }
+        if layout not in self._row_layouts:
+            self._row_layouts.append(layout)
+        return self._row_layouts.index(layout)
 
     def _check_resumed_layers(self) -> None:
         """After a resume, the layers seen now must be the stored ones (names, neurons, kind)."""
@@ -366,9 +379,7 @@ class NetworkTrace:
             json.dumps(converted)
         except TypeError as exc:
             raise TypeError(f"log_metrics values must be JSON-serialisable: {exc}") from None
-        self._metrics.setdefault(key, {}).update(converted)
-        if self._recorded["train"] or self._recorded["eval"]:
-            self._writer.submit_meta(self._meta())
+        self._writer.submit_metrics(key, converted)
 
     # -- meta.json -----------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -380,17 +391,16 @@ class NetworkTrace:
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
+            "run_id": self._run_id,
             "created": self._created,
-            "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "model": {"class": type(self.model).__name__, "repr": repr(self.model)[:4000]},
             "layers": layers,
             "num_neurons": sum(info["neurons"] for info in layers),
             "num_classes": self.num_classes,
             "class_names": self.class_names,
-            "epochs": {phase: sorted(e) for phase, e in self._recorded.items()},
+            "layouts": [dict(layout) for layout in self._row_layouts],
             "row_group_size": ROW_GROUP_ROWS,
             "probe": _probe_meta(self._probe),
-            "metrics": {key: dict(values) for key, values in self._metrics.items()},
             "config": {
                 "epoch_intervals": jsonable_intervals(self.epoch_intervals),
                 "total_epochs": self.total_epochs,
@@ -440,16 +450,6 @@ def normalise_targets(targets: Tensor) -> Tensor:
         )
     targets = targets.detach()
     return targets if targets.dtype == torch.int64 else targets.to(torch.int64)
-
-
-def _folder_epochs(store: str) -> list[int]:
-    """Every epoch that has a folder of parts in the store (listed in meta.json or not)."""
-    epochs = set()
-    for folder in EPOCH_FOLDERS:
-        path = os.path.join(store, folder)
-        if os.path.isdir(path):
-            epochs |= {int(n[6:]) for n in os.listdir(path) if n.startswith("epoch=") and n[6:].isdigit()}
-    return sorted(epochs)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

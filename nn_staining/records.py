@@ -101,5 +101,6 @@ class EpochRecord:
     layers: tuple[str, ...]
     num_classes: int
     meta: dict[str, Any]
+    layouts: tuple[int, ...] = ()  # each phase's row layout: an index into meta["layouts"]
     checkpoint: dict[str, Any] | None = None  # CPU copies of the model's state_dict (record_checkpoints)
     probe: Any | None = None  # the probe set's representations (probe=)

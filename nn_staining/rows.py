@@ -20,11 +20,10 @@ from .signature import IndexSelection
 
 @dataclass(frozen=True)
 class ReadPlan:
-    """What to read from each epoch's part of a table.
+    """What to read from one epoch's part of a table.
 
-    ``row_ranges`` are half-open row ranges (None: the whole part); they are trusted only when
-    the part holds ``expected_rows`` rows, otherwise ``fallback`` (an Arrow filter) selects the
-    rows instead, e.g. when a layer produced no rows in some epoch.
+    ``row_ranges`` are half-open row ranges (None: the whole part, filtered by ``fallback``);
+    the part must hold exactly ``expected_rows`` rows (None: unknown), or it is damaged.
     """
 
     row_ranges: list[tuple[int, int]] | None
@@ -47,17 +46,51 @@ def assign_offsets(layers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class RowLayout:
-    """The row layout of a trace's parts, read from its ``meta.json`` layer entries."""
+    """The row layout of one epoch's parts: the layers present (all of ``layers`` by default, or
+    those a layout in ``meta.json`` lists), in meta order, with offsets computed from their sizes."""
 
-    def __init__(self, layers: Sequence[dict[str, Any]], num_classes: int | None) -> None:
-        self.layers = {info["key"]: info for info in layers}
+    def __init__(
+        self,
+        layers: Sequence[dict[str, Any]],
+        num_classes: int | None,
+        present: Sequence[str] | None = None,
+        present_inputs: Sequence[str] | None = None,
+    ) -> None:
+        keep = None if present is None else set(present)
+        keep_inputs = None if present_inputs is None else set(present_inputs)
+        self.layers = {info["key"]: info for info in layers if keep is None or info["key"] in keep}
         self.num_classes = num_classes or 0
-        self.num_neurons = sum(info["neurons"] for info in layers)
-        self.num_inputs = sum(info["in_features"] for info in layers if info.get("input_offset") is not None)
+        self.offsets: dict[str, int] = {}
+        self.input_offsets: dict[str, int] = {}
+        offset = input_offset = 0
+        for key, info in self.layers.items():
+            self.offsets[key] = offset
+            offset += info["neurons"]
+        for info in layers:
+            in_features = info.get("in_features")
+            if in_features is None or not (
+                info.get("input_offset") is not None or present_inputs is not None
+            ):
+                continue
+            if keep_inputs is not None and info["key"] not in keep_inputs:
+                continue
+            self.input_offsets[info["key"]] = input_offset
+            input_offset += in_features
+        self.num_neurons, self.num_inputs = offset, input_offset
+        self._sizes = {info["key"]: info for info in layers}
+
+    def rows(self, table: str) -> int | None:
+        """The rows a part of ``table`` holds under this layout (None for ``batches``: per batch)."""
+        c = self.num_classes
+        return {
+            "neurons": self.num_neurons,
+            "classes": self.num_neurons * c,
+            "inputs": self.num_inputs * c,
+        }.get(table)
 
     def neuron_runs(self, layer: str, neurons: IndexSelection | None) -> list[tuple[int, int]]:
         """The half-open neuron runs of ``layer`` that a selection keeps (a range is not enumerated)."""
-        size = self.layers[layer]["neurons"]
+        size = self._sizes[layer]["neurons"]
         if neurons is None or neurons.is_all:
             return [(0, size)] if size else []
         if neurons.values is None:
@@ -70,42 +103,39 @@ class RowLayout:
         runs = [r for k in layers for r in self.neuron_runs(k, neurons)]
         return sorted({i for a, b in runs for i in range(a, b)})
 
-    def plan(self, table: str, layers: Sequence[str], neurons: IndexSelection | None) -> ReadPlan:
-        """The rows of (``layers``, ``neurons``) in each part of ``table``.
+    def check_selection(self, layers: Sequence[str], neurons: IndexSelection | None) -> None:
+        """``KeyError`` listing the layers' neuron ids when the selection names none of them."""
+        if not any(self.neuron_runs(k, neurons) for k in layers):
+            sizes = ", ".join(f"{k}: n_0 … n_{self._sizes[k]['neurons'] - 1}" for k in layers)
+            raise KeyError(f"neuron {neurons} not in {', '.join(layers)}; neurons: {sizes}")
 
-        Raises ``KeyError`` listing the layers' neuron ids when the selection names none of them.
-        """
-        filt = pc.field("layer").isin(list(layers))
-        narrowed = neurons is not None and not neurons.is_all
-        if table == "batches":  # rows are per batch: no fixed layout
-            if narrowed:
+    def plan(self, table: str, layers: Sequence[str], neurons: IndexSelection | None) -> ReadPlan | None:
+        """The rows of (``layers``, ``neurons``) in a part of ``table`` under this layout; None when
+        none of ``layers`` is in it."""
+        if table == "batches":  # rows are per batch: no fixed layout, a filter selects them
+            filt = pc.field("layer").isin(list(layers))
+            if neurons is not None and not neurons.is_all:
                 filt = filt & pc.field("neuron").isin(self.neuron_ids(layers, neurons))
             return ReadPlan(None, None, filt)
+        ranges = []
         if table == "inputs":
-            return self._input_plan(layers)
-        per_row = self.num_classes if table == "classes" else 1
-        ranges = []
-        for key in layers:
-            base = self.layers[key]["row_offset"]
-            ranges += [
-                ((base + a) * per_row, (base + b) * per_row) for a, b in self.neuron_runs(key, neurons)
-            ]
+            c = self.num_classes
+            for key in layers:
+                if key in self.input_offsets:
+                    start = self.input_offsets[key] * c
+                    ranges.append((start, start + self._sizes[key]["in_features"] * c))
+        else:
+            per_row = self.num_classes if table == "classes" else 1
+            for key in layers:
+                if key in self.offsets:
+                    base = self.offsets[key]
+                    ranges += [
+                        ((base + a) * per_row, (base + b) * per_row)
+                        for a, b in self.neuron_runs(key, neurons)
+                    ]
         if not ranges:
-            sizes = ", ".join(f"{k}: n_0 … n_{self.layers[k]['neurons'] - 1}" for k in layers)
-            raise KeyError(f"neuron {neurons} not in {', '.join(layers)}; neurons: {sizes}")
-        if narrowed:
-            filt = filt & pc.field("neuron").isin(self.neuron_ids(layers, neurons))
-        return ReadPlan(ranges, self.num_neurons * per_row, filt)
-
-    def _input_plan(self, layers: Sequence[str]) -> ReadPlan:
-        with_inputs = [k for k in layers if self.layers[k].get("input_offset") is not None]
-        c = self.num_classes
-        ranges = []
-        for key in with_inputs:
-            info = self.layers[key]
-            start = info["input_offset"] * c
-            ranges.append((start, start + info["in_features"] * c))
-        return ReadPlan(ranges, self.num_inputs * c, pc.field("layer").isin(with_inputs))
+            return None
+        return ReadPlan(ranges, self.rows(table), None)
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:

@@ -1,25 +1,25 @@
-"""The trace on disk: a hive-partitioned Parquet dataset plus ``meta.json``.
+"""The trace's Parquet parts: schemas, crash-safe epoch writes and verified row-group reads.
 
 Layout (``epoch`` lives only in the directory name, as pyarrow's ``write_dataset`` does)::
 
-    <store>/meta.json
-    <store>/<table>/epoch=<e>/part-0.parquet      train rows
-    <store>/<table>/epoch=<e>/eval-0.parquet      eval rows (record_eval=True)
+    <store>/meta.json, epochs.jsonl, metrics.jsonl      see :mod:`nn_staining.catalog`
+    <store>/<table>/epoch=<e>/part-0.parquet          train rows
+    <store>/<table>/epoch=<e>/eval-0.parquet          eval rows (record_eval=True)
 
 Every part is written under a dot-prefixed temporary name and renamed into place, the
-``neurons`` part last and ``meta.json`` after it, so readers (which trust ``meta.json``) see
-exactly the completed epochs. Rows are ordered by layer (in ``meta.json`` order) then neuron,
-so a reader turns a signature into row ranges and reads only the row groups that hold them.
-No torch here: the recorder hands over numpy arrays.
+``neurons`` part last; the epoch counts once its line is appended to ``epochs.jsonl``. A failed
+write removes every part of that epoch, so no engine sees half of it. Parts carry page
+checksums, verified on read. Rows are ordered by layer then neuron (:mod:`nn_staining.rows`),
+so a reader reads only the row groups a signature needs. No torch here.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .catalog import (
+    EPOCH_LOG,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    META,
+    METRICS_LOG,
+    Commit,
+    NotATraceError,
+    TraceCorruptError,
+    append_line,
+    commit_line,
+    read_commits,
+    read_meta,
+    read_metrics,
+    regular_file,
+    rewrite_log,
+    write_json_atomic,
+)
 from .records import ACTIVATION_COLUMNS, BATCH_COLUMNS
 from .rows import ReadPlan
 
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "NotATraceError", "SCHEMAS", "TraceWriter", "read_epochs"]
+
 log = logging.getLogger(__name__)
 
-FORMAT_NAME = "nn_staining.trace"
-FORMAT_VERSION = 1
 TABLES = ("neurons", "classes", "inputs", "batches")
 #: Every folder of per-epoch parts (``epoch=<e>`` subfolders): the tables, probe records, checkpoints.
 EPOCH_FOLDERS = TABLES + ("probes", "checkpoints")
@@ -100,10 +118,6 @@ INDEX_COLUMNS = {
     "inputs": ["layer", "feature", "class"],
     "batches": ["batch", "layer", "neuron"],
 }
-
-
-class NotATraceError(ValueError):
-    """The path exists but holds no nn_staining trace."""
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -181,6 +195,7 @@ def _write_table(table: pa.Table, path: Path) -> None:
         row_group_size=ROW_GROUP_ROWS,
         compression="snappy",
         use_dictionary=["phase", "layer"],
+        write_page_checksum=True,
         # statistics only where engines prune on them: a small footer keeps each file quick to open
         write_statistics=[
             c for c in ("layer", "neuron", "feature", "class", "batch") if c in table.column_names
@@ -188,20 +203,18 @@ def _write_table(table: pa.Table, path: Path) -> None:
     )
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON under a temporary name, then rename it into place."""
-    tmp = _temporary(path)
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
+class TraceWriteError(OSError):
+    """Writing an epoch failed; the message names the epoch, the table, the store and the intact epochs."""
 
 
 class TraceWriter:
-    """Creates a store and writes one epoch's tables at a time, crash-safely."""
+    """Creates (or continues) a store and writes one epoch's parts at a time, crash-safely."""
 
     def __init__(self, root: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> None:
         self.root = Path(root)
-        meta = self.root / "meta.json"
+        meta = self.root / META
         folders = [self.root / t for t in EPOCH_FOLDERS if (self.root / t).exists()]
+        self._meta: dict[str, Any] | None = None
         if meta.exists():
             read_meta(self.root)  # only a folder that really is a trace is continued or cleared
             if resume:
@@ -211,9 +224,11 @@ class TraceWriter:
                     f"{str(self.root)!r} already holds a trace; pass resume=True to continue it, "
                     "overwrite=True to replace it, or choose another store path"
                 )
+            meta.unlink()  # first: a reader of the old run now finds no trace, not a mix
             for folder in folders:
                 shutil.rmtree(folder)
-            meta.unlink()
+            for log_name in (EPOCH_LOG, METRICS_LOG):
+                (self.root / log_name).unlink(missing_ok=True)
         elif folders:
             raise FileExistsError(
                 f"{str(self.root)!r} is not an nn_staining trace but has folders named like its tables "
@@ -221,76 +236,135 @@ class TraceWriter:
             )
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def drop_epochs(self, epochs: Iterable[int]) -> None:
-        """Delete every part of ``epochs`` (call after ``meta.json`` stopped listing them)."""
-        for epoch in epochs:
-            for folder in EPOCH_FOLDERS:
-                shutil.rmtree(self.root / folder / f"epoch={epoch}", ignore_errors=True)
-
-    def write_epoch(self, epoch: int, phase: str, tables: dict[str, pa.Table]) -> int:
+    def write_epoch(self, epoch: int, phase: str, tables: dict[str, pa.Table]) -> dict[str, int]:
         """Write every table's part for (epoch, phase) under temporary names, then rename them
-        into place, ``neurons`` last; a failure leaves no part of the epoch. Returns bytes written."""
+        into place, ``neurons`` last. On failure every part of the epoch is removed again (no
+        engine sees half an epoch) and the error names the table. Returns each part's rows."""
         ordered = sorted(tables, key=lambda name: name == "neurons")
         paths = [part_path(self.root, name, epoch, phase) for name in ordered]
+        table = ordered[0] if ordered else "-"
         try:
+            for table, path in zip(ordered, paths):
+                _write_table(tables[table], _temporary(path))
             for name, path in zip(ordered, paths):
-                _write_table(tables[name], _temporary(path))
-        except BaseException:
-            for path in paths:
-                _temporary(path).unlink(missing_ok=True)
-            raise
-        written = 0
+                table = name
+                os.replace(_temporary(path), path)
+        except BaseException as exc:
+            self.remove_parts(epoch, phase, paths)
+            raise _EpochFailure(table, exc) from exc
+        return {name: tables[name].num_rows for name in ordered}
+
+    def remove_parts(self, epoch: int, phase: str, paths: Sequence[Path] | None = None) -> None:
+        """Delete (epoch, phase)'s parts and temporaries, and the epoch folders they leave empty."""
+        if paths is None:
+            paths = [part_path(self.root, name, epoch, phase) for name in TABLES]
         for path in paths:
-            os.replace(_temporary(path), path)
-            written += path.stat().st_size
-        return written
+            for candidate in (path, _temporary(path)):
+                with contextlib.suppress(OSError):
+                    candidate.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only when empty
+
+    def remove_extras(self, epoch: int) -> None:
+        """Delete an uncommitted epoch's probe record and checkpoint folders."""
+        for folder in ("probes", "checkpoints"):
+            shutil.rmtree(self.root / folder / f"epoch={epoch}", ignore_errors=True)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        """Atomically replace ``meta.json``."""
-        write_json_atomic(self.root / "meta.json", meta)
+        """Atomically replace ``meta.json`` when its content changed (it holds nothing per epoch)."""
+        if meta != self._meta:
+            write_json_atomic(self.root / META, meta)
+            self._meta = meta
+
+    def commit(self, commit: Commit) -> None:
+        """Append the (epoch, phase)'s line to the epoch log: from now on readers see it."""
+        append_line(self.root / EPOCH_LOG, commit_line(commit))
+
+    def append_metrics(self, key: str, values: dict[str, Any]) -> None:
+        """Append ``log_metrics`` values for ``key`` (an epoch, or ``"run"``)."""
+        append_line(self.root / METRICS_LOG, {"key": key, "values": values})
+
+    def drop_epochs(self, first: int) -> None:
+        """Forget every epoch from ``first`` on: the logs stop listing them (atomically), then
+        their parts, probe records and checkpoints are deleted."""
+        meta = read_meta(self.root)
+        commits = read_commits(self.root, meta)
+        kept = [commit_line(c) for phase in commits.values() for e, c in sorted(phase.items()) if e < first]
+        rewrite_log(self.root / EPOCH_LOG, kept)
+        metrics = read_metrics(self.root, meta)
+        lines = [{"key": k, "values": v} for k, v in metrics.items() if k == "run" or int(k) < first]
+        rewrite_log(self.root / METRICS_LOG, lines)
+        for folder in EPOCH_FOLDERS:
+            base = self.root / folder
+            if not base.is_dir():
+                continue
+            for child in base.iterdir():
+                number = child.name[6:]
+                if child.name.startswith("epoch=") and number.isdigit() and int(number) >= first:
+                    shutil.rmtree(child, ignore_errors=True)
 
 
-# -- reading ---------------------------------------------------------------------------------
-def read_meta(root: str | os.PathLike) -> dict[str, Any]:
-    """The store's ``meta.json``; a clear error when ``root`` is not a trace."""
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"no trace at {str(root)!r}: the path does not exist")
-    meta_path = root / "meta.json"
-    if not root.is_dir() or not meta_path.exists():
-        raise NotATraceError(
-            f"{str(root)!r} is not an nn_staining trace: expected a folder with meta.json and "
-            f"{', '.join(t + '/' for t in TABLES[:2])}… as written by NetworkTrace"
+class _EpochFailure(Exception):
+    """Internal: which table an epoch's write failed at."""
+
+    def __init__(self, table: str, error: BaseException) -> None:
+        super().__init__(f"{table}: {error}")
+        self.table, self.error = table, error
+
+
+def epoch_write_error(
+    root: Path, epoch: int, phase: str, failure: BaseException, intact: Sequence[int]
+) -> TraceWriteError:
+    """The error a failed epoch write raises: epoch, table, store, cause and the intact epochs."""
+    where = f" at the {failure.table} table" if isinstance(failure, _EpochFailure) else ""
+    cause = failure.error if isinstance(failure, _EpochFailure) else failure
+    shown = list(intact) if len(intact) <= 12 else [*intact[:5], "…", *intact[-3:]]
+    return TraceWriteError(
+        f"writing epoch {epoch} ({phase}) of {str(root)!r} failed{where}: {type(cause).__name__}: {cause}. "
+        f"That epoch is not in the trace and left nothing on disk; the epochs written before are intact: "
+        f"{shown}; later epochs are still written"
+    )
+
+
+def read_part(path: Path, columns: Sequence[str], plan: ReadPlan, epoch: int) -> pa.Table:
+    """Read ``columns`` of the rows ``plan`` selects from one part, touching only their row groups
+    (each read once) and verifying their page checksums.
+
+    A part that is missing, not a regular file, unreadable, or not holding the rows its epoch
+    committed is a :class:`~nn_staining.catalog.TraceCorruptError` naming the file.
+    """
+    try:
+        regular_file(path, f"part of epoch {epoch}")
+        pf = pq.ParquetFile(path, pre_buffer=False, page_checksum_verification=True)
+    except FileNotFoundError:
+        raise TraceCorruptError(
+            f"epoch {epoch} is listed in the trace but its part {str(path)!r} is missing"
+        ) from None
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceCorruptError(
+            f"epoch {epoch}: {str(path)!r} is not a readable Parquet part: {exc}"
+        ) from exc
+    md = pf.metadata
+    if plan.expected_rows is not None and md.num_rows != plan.expected_rows:
+        raise TraceCorruptError(
+            f"epoch {epoch}: {str(path)!r} holds {md.num_rows:,} rows where the trace's metadata says "
+            f"{plan.expected_rows:,}; the part or meta.json/epochs.jsonl is damaged"
         )
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise NotATraceError(f"{str(meta_path)!r} is not valid JSON: {exc}") from exc
-    if meta.get("format") != FORMAT_NAME:
-        raise NotATraceError(
-            f"{str(meta_path)!r} is not an nn_staining trace (format {meta.get('format')!r})"
-        )
-    return meta
+        if plan.row_ranges is None:
+            table = pf.read(columns=list(columns))
+            return table if plan.fallback is None else table.filter(plan.fallback)
+        return _read_ranges(pf, columns, plan.row_ranges)
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceCorruptError(f"epoch {epoch}: {str(path)!r} is damaged: {exc}") from exc
 
 
-def read_part(path: Path, columns: Sequence[str], plan: ReadPlan | None = None) -> pa.Table:
-    """Read ``columns`` of the rows ``plan`` selects from one part, touching only their row groups
-    (each read once). ``columns`` must include those the plan's fallback filter uses.
-
-    When the file does not hold the plan's expected row count (a layer missing that epoch), the
-    row ranges are not trusted and the fallback filter selects the rows instead.
-    """
-    pf = pq.ParquetFile(path, pre_buffer=False)  # a few small column chunks: coalescing reads costs more
+def _read_ranges(
+    pf: pq.ParquetFile, columns: Sequence[str], row_ranges: Sequence[tuple[int, int]]
+) -> pa.Table:
     md = pf.metadata
-    if (
-        plan is None
-        or plan.row_ranges is None
-        or (plan.expected_rows is not None and md.num_rows != plan.expected_rows)
-    ):
-        table = pf.read(columns=list(columns))
-        return table if plan is None or plan.fallback is None else table.filter(plan.fallback)
     starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-    row_ranges = [(lo, hi) for lo, hi in plan.row_ranges if lo < hi]
+    row_ranges = [(lo, hi) for lo, hi in row_ranges if lo < hi]
     groups = sorted(
         {
             g
@@ -317,43 +391,39 @@ def read_part(path: Path, columns: Sequence[str], plan: ReadPlan | None = None) 
 def read_epochs(
     root: str | os.PathLike,
     table: str,
-    epochs: Iterable[int],
+    plans: Sequence[tuple[int, ReadPlan]],
     phase: str,
     columns: Sequence[str],
-    plan: ReadPlan | None = None,
 ) -> pa.Table:
-    """Concatenate the rows ``plan`` selects from ``table`` over ``epochs``, with an int32 ``epoch``
-    column first.
+    """Concatenate the rows each epoch's plan selects from ``table``, with an int32 ``epoch`` column first.
 
-    Parts are read on a few threads (pyarrow decodes without the GIL); an epoch without a part
-    of this table contributes no rows.
+    Parts are read on a few threads (pyarrow decodes without the GIL). Every listed epoch must
+    have its part: a missing or damaged one is an error naming the file, never a short answer.
     """
-    epochs = list(epochs)
     folder, name = os.path.join(os.fspath(root), table), part_name(phase)
-    paths = [os.path.join(folder, f"epoch={e}", name) for e in epochs]
 
-    def one(path: str) -> pa.Table | None:
-        try:
-            return read_part(Path(path), columns, plan)
-        except FileNotFoundError:
-            return None
+    def one(item: tuple[int, ReadPlan]) -> pa.Table:
+        epoch, plan = item
+        return read_part(Path(folder, f"epoch={epoch}", name), columns, plan, epoch)
 
-    if len(paths) > 4:
+    if len(plans) > 4:
         with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 2))) as pool:
-            parts = list(pool.map(one, paths))
+            parts = list(pool.map(one, plans))
     else:
-        parts = [one(p) for p in paths]
-    found = [(e, p) for e, p in zip(epochs, parts) if p is not None]
-    if not found:
+        parts = [one(item) for item in plans]
+    if not parts:
         empty = SCHEMAS[table].empty_table().select(list(columns))
         return empty.add_column(0, "epoch", pa.array([], pa.int32()))
-    data = pa.concat_tables([p for _, p in found], promote_options="permissive")
-    epoch = np.repeat(np.array([e for e, _ in found], dtype=np.int32), [p.num_rows for _, p in found])
+    data = pa.concat_tables(parts, promote_options="permissive")
+    epoch = np.repeat(np.array([e for e, _ in plans], dtype=np.int32), [p.num_rows for p in parts])
     return data.add_column(0, "epoch", pa.array(epoch))
 
 
 def store_size(root: str | os.PathLike) -> int:
-    """Bytes on disk of the trace: ``meta.json`` and every table's parts (not figures beside them)."""
+    """Bytes on disk of the trace: its metadata and logs and every table's parts (not figures beside them)."""
     root = Path(root)
-    files = [root / "meta.json"] + [p for t in TABLES for p in (root / t).rglob("*.parquet")]
+    files = [root / META, root / EPOCH_LOG, root / METRICS_LOG]
+    files += [
+        p for t in EPOCH_FOLDERS for p in (root / t).rglob("*") if p.suffix in (".parquet", ".safetensors")
+    ]
     return sum(p.stat().st_size for p in files if p.is_file())

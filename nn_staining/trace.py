@@ -16,7 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from .rows import RowLayout
+from .catalog import EPOCH_LOG, META, TraceChangedError, TraceCorruptError, read_commits, read_metrics
+from .rows import ReadPlan, RowLayout
 from .signature import Signature, epoch_key, is_glob, neuron_key, parse_key, parse_signature
 from .store import INDEX_COLUMNS, PHASES, SCHEMAS, part_name, read_epochs, read_meta, store_size
 
@@ -27,7 +28,7 @@ DEFAULT_COLUMNS = {
 
 
 def load_trace(path: str | os.PathLike, phase: str = "train") -> Trace:
-    """Open the trace at ``path`` (only ``meta.json`` is read now) for one ``phase``."""
+    """Open the trace at ``path`` for one ``phase`` (only ``meta.json`` and the epoch log are read now)."""
     return Trace(path, phase=phase)
 
 
@@ -38,16 +39,29 @@ class Trace(Mapping):
         if phase not in PHASES:
             raise ValueError(f"phase {phase!r} is not one of {', '.join(PHASES)}")
         self.path = Path(path)
+        self._meta_stat = _stat(self.path / META)
         self.meta = read_meta(self.path)
         self.phase = phase
         self._layers = {info["key"]: info for info in self.meta["layers"]}
-        self._rows = RowLayout(self.meta["layers"], self.meta.get("num_classes"))
+        classes = self.meta.get("num_classes")
+        self._rows = RowLayout(self.meta["layers"], classes)
+        self._layouts = [
+            RowLayout(self.meta["layers"], classes, lay["neurons"], lay["inputs"])
+            for lay in self.meta["layouts"]
+        ]
+        self._commits = read_commits(self.path, self.meta)[phase]
+        self._metrics: dict[str, dict[str, Any]] | None = None
 
     # -- what is recorded ------------------------------------------------------------------------
     @property
     def epochs(self) -> list[int]:
         """The completed, recorded epochs of this phase."""
-        return list(self.meta["epochs"].get(self.phase, []))
+        return sorted(self._commits)
+
+    @property
+    def run_id(self) -> str:
+        """The id of the recording this trace comes from (a re-recording gets a new one)."""
+        return self.meta["run_id"]
 
     @property
     def layers(self) -> list[str]:
@@ -72,7 +86,7 @@ class Trace(Mapping):
     @property
     def metrics(self) -> pd.DataFrame:
         """Per-epoch training metrics given to ``NetworkTrace.log_metrics`` (index: epoch)."""
-        rows = {int(e): v for e, v in self.meta.get("metrics", {}).items() if e != "run"}
+        rows = {int(e): v for e, v in self._all_metrics().items() if e != "run"}
         if not rows:
             return pd.DataFrame(index=pd.Index([], name="epoch"))
         frame = pd.DataFrame.from_dict(rows, orient="index").sort_index()
@@ -82,7 +96,12 @@ class Trace(Mapping):
     @property
     def run_metrics(self) -> dict[str, Any]:
         """Run-level metrics given to ``log_metrics`` without an epoch (e.g. the final confusion matrix)."""
-        return dict(self.meta.get("metrics", {}).get("run", {}))
+        return dict(self._all_metrics().get("run", {}))
+
+    def _all_metrics(self) -> dict[str, dict[str, Any]]:
+        if self._metrics is None:
+            self._metrics = read_metrics(self.path, self.meta)
+        return self._metrics
 
     @property
     def feature_names(self) -> list[str] | None:
@@ -152,9 +171,12 @@ class Trace(Mapping):
         epochs = self._epochs(sig)
         layers = self._select_layers(sig)
         columns = self._columns(table, columns)
-        plan = self._rows.plan(table, layers, sig.neurons)
+        if table != "batches":
+            self._rows.check_selection(layers, sig.neurons)
         read_columns = list(dict.fromkeys(INDEX_COLUMNS[table] + columns))
-        data = read_epochs(self.path, table, epochs, self.phase, read_columns, plan)
+        data = read_epochs(
+            self.path, table, self._plans(table, epochs, layers, sig), self.phase, read_columns
+        )
         return _to_frame(data, table, columns)
 
     def to_dataframe(self, columns: Sequence[str] | None = None, table: str = "neurons") -> pd.DataFrame:
@@ -210,14 +232,62 @@ class Trace(Mapping):
 
         return np.asarray(probe_info(self.meta)["labels"], dtype=np.int64)
 
+    def _plans(
+        self, table: str, epochs: list[int], layers: list[str], sig: Signature
+    ) -> list[tuple[int, ReadPlan]]:
+        """Each selected epoch's read plan, from the row layout it committed; the committed row counts
+        must agree with the layout (tampered metadata is an error, never another layer's rows)."""
+        self._check_unchanged()
+        plans = []
+        for epoch in epochs:
+            commit = self._commits[epoch]
+            if table not in commit.rows:
+                continue  # this epoch has no part of the table (e.g. no labels, no classes)
+            layout = self._layouts[commit.layout]
+            plan = layout.plan(table, layers, sig.neurons)
+            if plan is None:
+                continue  # none of the layers fired in this epoch
+            committed = commit.rows[table]
+            if plan.expected_rows is not None and plan.expected_rows != committed:
+                raise TraceCorruptError(
+                    f"epoch {epoch}: meta.json's layers make {plan.expected_rows:,} {table} rows but the epoch "
+                    f"committed {committed:,} ({str(self.path / EPOCH_LOG)!r}); the metadata is damaged"
+                )
+            plans.append((epoch, ReadPlan(plan.row_ranges, committed, plan.fallback)))
+        return plans
+
+    def _check_unchanged(self) -> None:
+        """Refuse to answer when the store was re-recorded since this trace was loaded."""
+        now = _stat(self.path / META)
+        if now == self._meta_stat:
+            return
+        try:
+            run_id = read_meta(self.path)["run_id"] if now is not None else None
+        except (OSError, ValueError):
+            run_id = None
+        if run_id != self.meta["run_id"]:
+            raise TraceChangedError(
+                f"{str(self.path)!r} was re-recorded (or removed) after this Trace was loaded; "
+                "call load_trace again for the new run"
+            )
+        self._meta_stat = now
+
     # -- engines ---------------------------------------------------------------------------------
     def part_files(self, table: str = "neurons") -> list[str]:
         """The Parquet parts of ``table`` for this phase's recorded epochs, in epoch order."""
         if table not in SCHEMAS:
             raise ValueError(f"table {table!r} is not one of {', '.join(SCHEMAS)}")
+        self._check_unchanged()
         name = part_name(self.phase)
-        paths = [self.path / table / f"epoch={e}" / name for e in self.epochs]
-        return [os.fspath(p) for p in paths if p.is_file()]
+        paths = [
+            (e, self.path / table / f"epoch={e}" / name)
+            for e in self.epochs
+            if table in self._commits[e].rows
+        ]
+        missing = [str(p) for _, p in paths if not p.is_file()]
+        if missing:
+            raise TraceCorruptError(f"listed epochs' parts are missing: {', '.join(missing[:5])}")
+        return [os.fspath(p) for _, p in paths]
 
     def dataset(self, table: str = "neurons") -> ds.Dataset:
         """``table`` as a :class:`pyarrow.dataset.Dataset` of this phase's completed epochs, with the
@@ -227,10 +297,13 @@ class Trace(Mapping):
         if not files:
             return ds.dataset(schema.empty_table())
         partitioning = ds.partitioning(pa.schema([("epoch", pa.int32())]), flavor="hive")
+        verified = ds.ParquetFileFormat(
+            default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+        )
         return ds.dataset(
             files,
             schema=schema,
-            format="parquet",
+            format=verified,
             partitioning=partitioning,
             partition_base_dir=os.fspath(self.path / table),
         )
@@ -360,6 +433,15 @@ class LayerView(Mapping):
 
     def __repr__(self) -> str:
         return f"LayerView(E_{self.epoch}/{self.layer}, neurons={self.size})"
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of ``path``, or None when it is gone: cheap to compare before each read."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def _to_frame(data: pa.Table, table: str, columns: list[str]) -> pd.DataFrame:

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from .catalog import Commit
 from .records import EpochRecord
-from .store import TraceWriter
+from .store import TraceWriter, epoch_write_error
 from .tables import epoch_tables
 
 #: Epochs handed to the writer thread and not yet on disk before ``submit_epoch`` waits for the oldest.
@@ -45,8 +46,8 @@ class EpochWriter:
         self._write_probe = write_probe
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="nn_staining") if background else None
         self._jobs: list[Future] = []
-        self._error: BaseException | None = None
         self._previous_weights: dict[str, np.ndarray] = {}
+        self.committed: list[int] = []  # epochs on disk (for error messages)
 
     def set_previous_weights(self, weights: dict[str, np.ndarray]) -> None:
         """The weights ``weight_delta_norm`` of the next epoch is taken against (after a resume)."""
@@ -59,8 +60,12 @@ class EpochWriter:
             self._jobs.pop(0).result()
         self._jobs.append(self._run(self._write_epoch, record))
 
+    def submit_metrics(self, key: str, values: dict[str, Any]) -> None:
+        """Queue ``log_metrics`` values (appended to the metrics log after the epochs already queued)."""
+        self._jobs.append(self._run(self.store.append_metrics, key, values))
+
     def submit_meta(self, meta: dict[str, Any]) -> None:
-        """Queue a ``meta.json`` rewrite (after the epochs already queued)."""
+        """Queue a ``meta.json`` rewrite (written only if it changed)."""
         self._jobs.append(self._run(self.store.write_meta, meta))
 
     def raise_finished_errors(self) -> None:
@@ -85,43 +90,44 @@ class EpochWriter:
 
     def _run(self, fn: Callable[..., None], *args: Any) -> Future:
         """Run ``fn`` on the writer thread (inline, raising at once, without one)."""
-
-        def guarded() -> None:
-            if self._error is not None:
-                raise RuntimeError(
-                    f"not written: an earlier write to {str(self.store.root)!r} failed"
-                ) from self._error
-            try:
-                fn(*args)
-            except BaseException as exc:
-                self._error = exc
-                raise
-
         if self._executor is None:
-            guarded()
+            fn(*args)
             future: Future = Future()
             future.set_result(None)
             return future
-        return self._executor.submit(guarded)
+        return self._executor.submit(fn, *args)
 
     def _write_epoch(self, record: EpochRecord) -> None:
-        """Build and write the epoch's tables (and checkpoint, probe), then ``meta.json``."""
-        for phase in record.phases:
-            tables = epoch_tables(
-                phase,
-                record.layers,
-                record.weights,
-                self._previous_weights,
-                record.num_classes,
-                self.record_weights,
-            )
-            self.store.write_epoch(record.epoch, phase.phase, tables)
-        if record.checkpoint is not None and self._write_checkpoint is not None:
-            self._write_checkpoint(record.epoch, record.checkpoint)
-        if record.probe is not None and self._write_probe is not None:
-            self._write_probe(record.epoch, record.probe, record.layers)
+        """Write the epoch's parts (and checkpoint, probe) and ``meta.json`` if it changed, then
+        commit it; on failure remove what was written and raise an error that says what is intact."""
+        written: list[tuple[str, dict[str, int]]] = []
+        phase = record.phases[0].phase
+        try:
+            for phase_record in record.phases:
+                phase = phase_record.phase
+                tables = epoch_tables(
+                    phase_record,
+                    record.layers,
+                    record.weights,
+                    self._previous_weights,
+                    record.num_classes,
+                    self.record_weights,
+                )
+                written.append((phase, self.store.write_epoch(record.epoch, phase, tables)))
+            if record.checkpoint is not None and self._write_checkpoint is not None:
+                self._write_checkpoint(record.epoch, record.checkpoint)
+            if record.probe is not None and self._write_probe is not None:
+                self._write_probe(record.epoch, record.probe, record.layers)
+            self.store.write_meta(record.meta)
+            for (phase, rows), layout in zip(written, record.layouts):
+                self.store.commit(Commit(record.epoch, phase, layout, rows))
+        except BaseException as exc:
+            for done, _ in written:
+                self.store.remove_parts(record.epoch, done)
+            self.store.remove_extras(record.epoch)
+            raise epoch_write_error(self.store.root, record.epoch, phase, exc, self.committed) from exc
+        self.committed.append(record.epoch)
         self._previous_weights = {k: w.weights for k, w in record.weights.items() if w.weights is not None}
-        self.store.write_meta(record.meta)
 
 
 class NoWriter:
@@ -132,6 +138,9 @@ class NoWriter:
 
     def submit_meta(self, meta: dict[str, Any]) -> None:
         """Drop ``meta``: rank 0 writes ``meta.json``."""
+
+    def submit_metrics(self, key: str, values: dict[str, Any]) -> None:
+        """Drop the metrics: rank 0 keeps them."""
 
     def raise_finished_errors(self) -> None:
         """Nothing is written here, so nothing can fail."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from nn_staining import load_trace
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "analysis.ipynb"
 #: Epochs of the fresh run the notebook records in the test (the notebook's default is 30).
@@ -58,8 +59,7 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[nbformat.Noteboo
 
 def test_notebook_records_a_fresh_run(executed) -> None:
     nb, run = executed
-    meta = json.loads((run / "meta.json").read_text())
-    assert meta["epochs"]["train"] == list(range(EPOCHS))
+    assert load_trace(run).epochs == list(range(EPOCHS))
     assert not (run / "figures").exists()  # the notebook draws its figures inline only
     assert nb.cells[-1].outputs[0]["text"].strip() == sys.prefix  # the kernel is this environment's Python
 

@@ -74,7 +74,8 @@ def test_layout_is_one_part_per_table_and_epoch(mlp_run: Run) -> None:
     store = mlp_run.store
     files = sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.is_file())
     expected = sorted(
-        ["meta.json"] + [f"{table}/epoch={e}/part-0.parquet" for table in TABLES for e in range(EPOCHS)]
+        ["meta.json", "epochs.jsonl"]
+        + [f"{table}/epoch={e}/part-0.parquet" for table in TABLES for e in range(EPOCHS)]
     )
     assert files == expected, "no temporary, pickled or extra files"
 
@@ -146,7 +147,11 @@ def test_meta_json_describes_the_trace(mlp_run: Run) -> None:
     assert by_key["L_input"]["params"] == {"weight": [HIDDEN, N_FEATURES], "bias": [HIDDEN]}
     assert by_key["L_relu_2"]["params"] == {}
     assert meta["num_classes"] == N_CLASSES
-    assert meta["epochs"]["train"] == list(range(EPOCHS))
+    assert "epochs" not in meta and "metrics" not in meta  # per-epoch facts live in the logs
+    log = [json.loads(line) for line in (mlp_run.store / "epochs.jsonl").read_text().splitlines()]
+    assert [(line["epoch"], line["phase"]) for line in log] == [(e, "train") for e in range(EPOCHS)]
+    assert meta["layouts"] == [{"neurons": MLP_LAYERS, "inputs": ["L_input", "L_hidden_1", "L_output"]}]
+    assert all(line["layout"] == 0 for line in log)
     assert meta["config"]["drop_batches"] is False
     assert {"nn_staining", "torch"} <= set(meta["versions"])
 
@@ -175,7 +180,8 @@ def test_meta_json_lists_epochs_as_they_complete(tmp_path: Path) -> None:
             with trace.epoch(epoch):
                 model(x)
             assert trace.load().epochs == list(range(epoch + 1))
-            assert json.loads((store / "meta.json").read_text())["epochs"]["train"] == list(range(epoch + 1))
+            lines = (store / "epochs.jsonl").read_text().splitlines()
+            assert [json.loads(line)["epoch"] for line in lines] == list(range(epoch + 1))
 
 
 def test_a_crash_while_writing_an_epoch_leaves_the_completed_ones(
@@ -247,7 +253,7 @@ def test_no_pickle_in_the_store(mlp_run: Run) -> None:
     for path in mlp_run.store.rglob("*"):
         if path.is_file():
             head = path.read_bytes()[:4]
-            assert head == b"PAR1" or path.name == "meta.json", path
+            assert head == b"PAR1" or path.name in ("meta.json", "epochs.jsonl", "metrics.jsonl"), path
             assert not head.startswith(b"\x80"), f"{path} looks like a pickle"
 
 
