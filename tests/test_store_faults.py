@@ -1,0 +1,270 @@
+"""A trace you can trust (issue 11): damaged, tampered or hostile stores give a clear error naming the
+file, never a short or wrong answer; the commit of an epoch costs the same at any epoch count."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from nn_staining import NetworkTrace, load_trace
+from nn_staining.catalog import NotATraceError, TraceChangedError, TraceCorruptError
+
+EPOCHS = 5
+
+
+def record(store: Path, epochs: int = EPOCHS, overwrite: bool = False, metrics: bool = False) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    with NetworkTrace(model, store, num_classes=3, overwrite=overwrite) as trace:
+        for epoch in range(epochs):
+            trace.start_epoch(epoch)
+            trace.set_targets(y)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            trace.end_epoch()
+            if metrics:
+                trace.log_metrics(epoch, loss=float(loss))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    record(tmp_path / "t")
+    return tmp_path / "t"
+
+
+def part(store: Path, table: str, epoch: int) -> Path:
+    return store / table / f"epoch={epoch}" / "part-0.parquet"
+
+
+# -- 1. listed epochs missing or short on disk ------------------------------------------------------
+def test_a_deleted_epoch_folder_is_an_error_naming_the_file(store: Path) -> None:
+    shutil.rmtree(store / "neurons" / "epoch=3")
+    t = load_trace(store)
+    assert t.epochs == list(range(EPOCHS))
+    missing = r"epoch 3 is listed in the trace but its part .*neurons/epoch=3/part-0.parquet' is missing"
+    for ask in (
+        lambda: t.query("E_*/L_0/n_1"),
+        lambda: t["E_3"]["L_0"].to_dataframe(),
+        lambda: t.to_dataframe(),
+        lambda: t["E_3/L_0/n_0"],
+    ):
+        with pytest.raises(TraceCorruptError, match=missing):
+            ask()
+    assert len(t.query("E_0:3/L_0/n_1")) == 3  # the intact epochs still answer
+
+
+def test_a_deleted_classes_folder_is_an_error_not_empty_classes(store: Path) -> None:
+    shutil.rmtree(store / "classes" / "epoch=3")
+    t = load_trace(store)
+    with pytest.raises(TraceCorruptError, match="classes/epoch=3/part-0.parquet' is missing"):
+        t.classes()
+    with pytest.raises(TraceCorruptError, match="classes/epoch=3"):
+        t["E_3/L_2/n_0"]
+
+
+def test_a_short_part_is_an_error(store: Path) -> None:
+    path = part(store, "neurons", 2)
+    pq.write_table(pq.read_table(path).slice(0, 7), path)
+    with pytest.raises(
+        TraceCorruptError, match=r"epoch 2: .*neurons/epoch=2/part-0.parquet' holds 7 rows where .* 15"
+    ):
+        load_trace(store).query("E_*/L_2")
+
+
+# -- 2. a store re-recorded under an open Trace ------------------------------------------------------
+def test_an_open_trace_notices_the_store_was_re_recorded(store: Path) -> None:
+    t = load_trace(store)
+    assert len(t.query("E_*/L_0/n_0")) == EPOCHS
+    record(store, epochs=2, overwrite=True)
+    with pytest.raises(TraceChangedError, match="re-recorded .* call load_trace again"):
+        t.query("E_*/L_0/n_0")
+    with pytest.raises(TraceChangedError):
+        t.sql("SELECT count(*) FROM neurons")
+    assert load_trace(store).epochs == [0, 1]
+
+
+# -- 3. garbled bytes inside a data page ---------------------------------------------------------------
+def test_garbled_page_bytes_fail_the_checksum(store: Path) -> None:
+    path = part(store, "neurons", 1)
+    md = pq.ParquetFile(path).metadata
+    column = md.schema.to_arrow_schema().get_field_index("weights")
+    chunk = md.row_group(0).column(column)
+    start = chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    middle = start + chunk.total_compressed_size // 2
+    data[middle : middle + 4] = bytes(b ^ 0xFF for b in data[middle : middle + 4])
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceCorruptError, match=r"epoch 1: .*neurons/epoch=1/part-0.parquet' is damaged"):
+        load_trace(store).weights(1, "L_0")
+
+
+def test_parts_carry_page_checksums(store: Path) -> None:
+    # a reader that verifies checksums reads every page of an intact part without complaint
+    table = pq.ParquetFile(part(store, "neurons", 0), page_checksum_verification=True).read()
+    assert table.num_rows == 15
+
+
+# -- 4. tampered meta.json ------------------------------------------------------------------------------
+def edit_meta(store: Path, change) -> None:
+    meta = json.loads((store / "meta.json").read_text())
+    change(meta)
+    (store / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_tampered_row_offset_is_refused(store: Path) -> None:
+    edit_meta(store, lambda m: m["layers"][2].update(row_offset=0))
+    with pytest.raises(TraceCorruptError, match=r"layers\[2\].row_offset is 0 but the layers before hold 12"):
+        load_trace(store)
+
+
+def test_halved_neurons_are_refused_not_cut_short(store: Path) -> None:
+    def halve(meta):
+        meta["layers"][0]["neurons"] = 3
+        meta["layers"][1]["row_offset"] = 3
+        meta["layers"][2]["row_offset"] = 9
+        meta["num_neurons"] = 12
+
+    edit_meta(store, halve)
+    t = load_trace(store)
+    with pytest.raises(
+        TraceCorruptError, match="meta.json's layers make 12 neurons rows but the epoch committed 15"
+    ):
+        t.query("E_1/L_0")
+
+
+# -- 10. unreadable parts and malformed metadata ---------------------------------------------------------
+def test_a_truncated_part_names_the_file_and_epoch(store: Path) -> None:
+    path = part(store, "neurons", 4)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(
+        TraceCorruptError, match=r"epoch 4: .*neurons/epoch=4/part-0.parquet' is not a readable"
+    ):
+        load_trace(store).query("E_4/L_0")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(layers="x"), "layers must be a list"),
+        (lambda m: m.pop("run_id"), "run_id is missing"),
+        (lambda m: m.update(layouts=[{"neurons": ["L_nope"], "inputs": []}]), "layouts"),
+        (lambda m: m["layers"][0].update(neurons=-2), r"layers\[0\].neurons -2 is not a count"),
+        (lambda m: m.update(num_classes="3"), "num_classes '3' is not a positive count"),
+        (lambda m: m.update(format_version=99), "format_version is 99"),
+    ],
+)
+def test_malformed_meta_json_is_a_clear_error(store: Path, change, message: str) -> None:
+    edit_meta(store, change)
+    with pytest.raises(TraceCorruptError, match=message):
+        load_trace(store)
+
+
+def test_meta_json_of_the_wrong_shape_is_not_a_trace(store: Path) -> None:
+    (store / "meta.json").write_text("[]")
+    with pytest.raises(NotATraceError, match="not an nn_staining trace"):
+        load_trace(store)
+
+
+def test_the_cli_prints_the_damaged_field(store: Path) -> None:
+    edit_meta(store, lambda m: m.pop("layouts"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = subprocess.run(
+        [sys.executable, "-m", "nn_staining", "info", str(store)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode != 0
+    assert "layouts must list the layer keys" in run.stderr
+
+
+def test_a_torn_last_commit_line_is_no_commit(store: Path) -> None:
+    with open(store / "epochs.jsonl", "a") as f:
+        f.write('{"epoch": 5, "phase": "tr')
+    assert load_trace(store).epochs == list(range(EPOCHS))
+
+
+# -- 13. a hostile folder ---------------------------------------------------------------------------------
+def test_a_huge_meta_json_is_refused_without_reading_it(store: Path) -> None:
+    with open(store / "meta.json", "r+b") as f:
+        f.truncate(200 * 2**20)  # sparse: 200 MB on paper
+    with pytest.raises(TraceCorruptError, match=r"meta.json' \(meta.json\) is 209,715,200 bytes"):
+        load_trace(store)
+
+
+def test_a_parquet_bomb_is_refused_before_its_rows_are_read(store: Path) -> None:
+    path = part(store, "neurons", 1)
+    schema = pq.read_schema(path)
+    n = 2_000_000
+    columns = {}
+    for field in schema:
+        if field.name == "layer":
+            columns[field.name] = pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(n, np.int32)), pa.array(["L_0", "L_1", "L_2"])
+            )
+        elif field.name == "phase":
+            columns[field.name] = pa.array(np.full(n, "train"))
+        else:
+            columns[field.name] = pa.nulls(n, field.type)
+    pq.write_table(pa.table(columns, schema=schema), path, compression="snappy")
+    assert path.stat().st_size < 2**20
+    with pytest.raises(TraceCorruptError, match="holds 2,000,000 rows where the trace's metadata says 15"):
+        load_trace(store).query("E_*/L_0/n_1")
+
+
+def test_a_part_that_is_a_fifo_is_refused_without_hanging(store: Path) -> None:
+    path = part(store, "neurons", 2)
+    path.unlink()
+    os.mkfifo(path)
+    outcome: list[BaseException | None] = []
+
+    def query() -> None:
+        try:
+            load_trace(store).query("E_*/L_0/n_1")
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=query, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "the query hung on a FIFO"
+    assert isinstance(outcome[0], TraceCorruptError)
+    assert "is not a regular file" in str(outcome[0])
+
+
+# -- 14. committing an epoch does not grow with the number of epochs -------------------------------------
+def test_meta_json_is_not_rewritten_per_epoch_and_logs_grow_by_one_line(tmp_path: Path) -> None:
+    store = tmp_path / "t"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    inodes = []
+    with NetworkTrace(model, store, num_classes=2, background=False) as trace:
+        for epoch in range(30):
+            trace.start_epoch(epoch)
+            trace.set_targets(y)
+            model(x)
+            trace.end_epoch()
+            trace.log_metrics(epoch, loss=0.1 * epoch)
+            inodes.append(os.stat(store / "meta.json").st_ino)
+            lines = (store / "epochs.jsonl").read_text().splitlines()
+            assert len(lines) == epoch + 1
+    assert len(set(inodes)) == 1  # written once, when the layers became known, then never replaced
+    t = load_trace(store)
+    assert t.epochs == list(range(30))
+    np.testing.assert_allclose(t.metrics["loss"].to_numpy(), 0.1 * np.arange(30))
+    assert len((store / "metrics.jsonl").read_text().splitlines()) == 30
