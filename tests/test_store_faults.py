@@ -268,3 +268,59 @@ def test_meta_json_is_not_rewritten_per_epoch_and_logs_grow_by_one_line(tmp_path
     assert t.epochs == list(range(30))
     np.testing.assert_allclose(t.metrics["loss"].to_numpy(), 0.1 * np.arange(30))
     assert len((store / "metrics.jsonl").read_text().splitlines()) == 30
+
+
+# -- 9. a full disk ----------------------------------------------------------------------------------------
+def test_a_full_disk_names_epoch_table_and_store_and_leaves_no_debris(tmp_path: Path, monkeypatch) -> None:
+    store = tmp_path / "t"
+    real = pq.write_table
+
+    def full_disk(table, where, *args, **kwargs):
+        if "epoch=2" in str(where) and "classes" in str(where):
+            real(table, where, *args, **kwargs)  # half an epoch reaches the disk first
+            raise OSError(28, "No space left on device")
+        real(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    errors = []
+    with NetworkTrace(model, store, num_classes=3) as trace:
+        for epoch in range(5):
+            trace.start_epoch(epoch)
+            trace.set_targets(y)
+            model(x)
+            try:
+                trace.end_epoch()
+                trace.flush()
+            except OSError as exc:
+                errors.append(str(exc))
+    assert len(errors) == 1
+    assert "writing epoch 2 (train) of" in errors[0] and str(store) in errors[0]
+    assert "failed at the classes table: OSError: [Errno 28] No space left on device" in errors[0]
+    assert "intact: [0, 1]" in errors[0]
+    assert load_trace(store).epochs == [0, 1, 3, 4]  # the epochs after the failure are kept
+    assert not list(store.rglob("epoch=2")), "no empty epoch folder"
+    assert not [p for p in store.rglob("*") if p.name.startswith(".")], "no temporary file"
+    import duckdb
+
+    parts = duckdb.sql(
+        f"SELECT count(DISTINCT epoch) FROM read_parquet('{store}/neurons/*/*.parquet')"
+    ).fetchone()
+    assert parts == [(4,)]  # an engine globbing the folders sees exactly the listed epochs
+
+
+def test_a_failed_meta_json_write_leaves_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    from nn_staining import catalog
+
+    path = tmp_path / "meta.json"
+
+    def no_space(self, data, *args, **kwargs):
+        Path.write_bytes(self, data.encode()[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(OSError, match="No space"):
+        catalog.write_json_atomic(path, {"a": 1})
+    assert list(tmp_path.iterdir()) == []
