@@ -307,7 +307,7 @@ def test_a_full_disk_names_epoch_table_and_store_and_leaves_no_debris(tmp_path: 
 
     parts = duckdb.sql(
         f"SELECT count(DISTINCT epoch) FROM read_parquet('{store}/neurons/*/*.parquet')"
-    ).fetchone()
+    ).fetchall()
     assert parts == [(4,)]  # an engine globbing the folders sees exactly the listed epochs
 
 
