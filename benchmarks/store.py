@@ -90,6 +90,38 @@ def query(store: str, signature: str | None = None, expression: str | None = Non
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def checksum_cost(store: str, repeats: int = 5) -> str:
+    """Page checksums: read every neurons part with and without verification, and write one
+    epoch's part with and without them, alternating; returns a one-line summary."""
+    import glob
+    import statistics
+
+    import pyarrow.parquet as pq
+
+    parts = sorted(glob.glob(os.path.join(store, "neurons", "*", "part-0.parquet")))
+    table = pq.read_table(parts[0])
+    reads: dict[bool, list[float]] = {True: [], False: []}
+    writes: dict[bool, list[float]] = {True: [], False: []}
+    target = os.path.join(store, ".checksum-bench.parquet")
+    for _ in range(repeats):
+        for verify in (True, False):
+            start = time.perf_counter()
+            for path in parts:
+                pq.ParquetFile(path, page_checksum_verification=verify).read(columns=["act_mean", "act_std"])
+            reads[verify].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            pq.write_table(table, target, row_group_size=8192, write_page_checksum=verify)
+            writes[verify].append(time.perf_counter() - start)
+    os.remove(target)
+    med = {k: statistics.median(v) for k, v in reads.items()}
+    wmed = {k: statistics.median(v) for k, v in writes.items()}
+    return (
+        f"page checksums: reading 2 columns of {len(parts)} parts {med[True]:.3f} s verified vs "
+        f"{med[False]:.3f} s not ({med[True] / med[False]:.2f}x); writing one epoch's part "
+        f"{wmed[True] * 1e3:.1f} ms with vs {wmed[False] * 1e3:.1f} ms without ({wmed[True] / wmed[False]:.2f}x)"
+    )
+
+
 def table_bytes(store: str, table: str) -> int:
     total = 0
     for folder, _, files in os.walk(os.path.join(store, table)):
@@ -148,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             secs = sorted(r["seconds"] for r in results)[len(results) // 2]
             rss = max(r["peak_rss_mib"] for r in results)
             print(f"| {name} | all rows | {results[0]['rows']:,} | {secs:.3f} | {rss:.0f} |", flush=True)
+        print(checksum_cost(store), flush=True)
         print(
             f"\nstore: {nbytes / 2**30:.2f} GiB neurons table, {epochs} part files; "
             f"machine: {os.cpu_count()} cores"
