@@ -25,7 +25,10 @@ def once(recorded: bool, epochs: int, store: str, nproc: int, backend: str) -> f
     cmd += [os.path.join(ROOT, "examples", "ddp_digits.py"), "--store", store, "--epochs", str(epochs)]
     cmd += ["--backend", backend] + ([] if recorded else ["--no-trace"])
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
+    out = run.stdout
     return float(re.search(r"trained \d+ epochs in ([\d.]+) s", out).group(1))
 
 
