@@ -88,15 +88,24 @@ class SharedActivation(nn.Module):
         return self.act(self.fc2(self.act(self.fc1(x))))
 
 
-def test_module_called_at_two_widths_records_the_first_width(tmp_path: Path) -> None:
+def test_module_called_at_two_widths_records_the_first_width(tmp_path: Path, caplog) -> None:
     torch.manual_seed(0)
     model = SharedActivation()
     x, y = data()
-    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES) as trace:
-        trace.start_epoch(0)
-        trace.set_targets(y)
-        model(x)
-        trace.end_epoch()
+    with (
+        caplog.at_level("WARNING", logger="nn_staining"),
+        NetworkTrace(model, tmp_path / "t", num_classes=CLASSES) as trace,
+    ):
+        for epoch in range(2):
+            trace.start_epoch(epoch)
+            trace.set_targets(y)
+            model(x)
+            trace.end_epoch()
+    widths = [r.getMessage() for r in caplog.records if "several widths" in r.getMessage()]
+    assert widths == [
+        "L_act produced 4 neurons where its first output had 6 (a module called at several widths); "
+        "only calls of the first width are recorded"
+    ]  # once, not per call
     expected = torch.relu(model.fc1(x)).detach().numpy().mean(0)
     np.testing.assert_allclose(neuron_means(tmp_path / "t", "L_act"), expected, rtol=1e-5, atol=1e-6)
     # only act's first-width calls are recorded, and they are exactly fc2's input

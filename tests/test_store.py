@@ -277,3 +277,25 @@ def test_empty_optional_columns_keep_their_types(tmp_path: Path) -> None:
     frame = load_trace(tmp_path / "t").to_dataframe(columns=["act_count", "bias", "weight_norm", "grad_norm"])
     assert (frame["act_count"] == 5).all()
     assert frame[["bias", "weight_norm", "grad_norm"]].isna().all().all()
+
+
+def test_the_neurons_part_is_renamed_into_place_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that sees an epoch's neurons part can read all its other parts: neurons are renamed last."""
+    import os as os_module
+
+    from nn_staining import store as store_module
+
+    renamed: list[str] = []
+    real_replace = os_module.replace
+
+    def spy(src, dst):
+        renamed.append(Path(dst).parent.parent.name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store_module.os, "replace", spy)
+    model = make_mlp()
+    x, y = make_data()
+    with NetworkTrace(model, tmp_path / "t", num_classes=N_CLASSES, background=False) as trace:
+        train(model, x, y, epochs=1, trace=trace)
+    parts = [name for name in renamed if name in TABLES]
+    assert parts[-1] == "neurons" and sorted(parts[:-1]) == ["classes", "inputs"]

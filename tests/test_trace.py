@@ -445,3 +445,13 @@ def test_sql_on_a_trace_with_no_epochs_sees_empty_tables(tmp_path: Path) -> None
     t = load_trace(tmp_path / "t")
     assert t.sql("SELECT count(*) AS n FROM neurons")["n"].tolist() == [0]
     assert t.dataset("classes").count_rows() == 0
+
+
+def test_epoch_and_layer_views_to_dataframe_take_columns(mlp_run: Run) -> None:
+    t = load_trace(mlp_run.store)
+    epoch_frame = t["E_2"].to_dataframe(columns=["act_max", "bias"])
+    assert list(epoch_frame.columns) == ["act_max", "bias"]
+    pd.testing.assert_frame_equal(epoch_frame, t.query("E_2/L_*", columns=["act_max", "bias"]))
+    layer_frame = t["E_2"]["L_output"].to_dataframe(columns=["act_std"])
+    assert list(layer_frame.columns) == ["act_std"]
+    pd.testing.assert_frame_equal(layer_frame, t.query("E_2/L_output", columns=["act_std"]))
