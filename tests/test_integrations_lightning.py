@@ -1,19 +1,17 @@
 """StainingCallback under Lightning (CPU): the trace holds what the test's own hooks saw.
 
-The LightningModule (tests/workers/lightning_ddp_worker.py, also run as 2 DDP processes here)
-captures each layer's outputs per phase and epoch, the labels of every step and the gradient of
-each epoch's last optimizer step; numpy computes the reference statistics.
+The LightningModule captures, with hooks of its own, each layer's outputs per phase and epoch, the
+labels of every step and the gradient of each epoch's last optimizer step; numpy computes the
+reference statistics. Under ``strategy="ddp_fork"`` (2 CPU processes, gloo) each rank saves its
+captures and the test merges them.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,11 +31,57 @@ from nn_staining.integrations._common import default_labels  # noqa: E402
 from nn_staining.integrations.lightning import StainingCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).parent / "workers" / "lightning_ddp_worker.py"
-_spec = importlib.util.spec_from_file_location("lightning_ddp_worker", WORKER)
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
 LAYERS = ("0", "1", "2")  # net.0 Linear, net.1 ReLU, net.2 Linear
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, save_dir: str | None = None) -> None:
+        super().__init__()
+        self.save_dir = save_dir
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.seen: dict[str, list[np.ndarray]] = {}
+        self.last_grad: dict[int, np.ndarray] = {}
+        for name in ("0", "1", "2"):
+            self.net.get_submodule(name).register_forward_hook(self._capture(name))
+
+    def _capture(self, name: str):
+        def hook(module, args, output):
+            phase = "train" if module.training else "eval"
+            self.seen.setdefault(f"{phase}_{name}_{self.current_epoch}", []).append(
+                output.detach().numpy().copy()
+            )
+
+        return hook
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.setdefault(f"train_labels_{self.current_epoch}", []).append(y.numpy().copy())
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.setdefault(f"eval_labels_{self.current_epoch}", []).append(y.numpy().copy())
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def on_train_epoch_end(self):
+        self.log("epoch_marker", 100.0 + self.current_epoch)
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.trainer.is_last_batch:
+            self.last_grad[self.current_epoch] = self.net[0].weight.grad.detach().numpy().copy()
+
+    def on_fit_end(self):
+        if self.save_dir is not None:
+            arrays = {k: np.concatenate(v) for k, v in self.seen.items()}
+            arrays.update({f"grad_{e}": g for e, g in self.last_grad.items()})
+            np.savez(os.path.join(self.save_dir, f"rank{self.global_rank}.npz"), **arrays)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def data(n: int, seed: int) -> TensorDataset:
@@ -64,7 +108,7 @@ def trainer(epochs: int, callbacks: list, **kwargs) -> pl.Trainer:
 def fit_run(tmp_path_factory: pytest.TempPathFactory):
     """2 epochs (50 training samples in batches of 16, 16, 16, 2; 30 validation samples), eval recorded."""
     store = tmp_path_factory.mktemp("lightning") / "trace"
-    module = worker.Classifier()
+    module = Classifier()
     callback = StainingCallback(store, num_classes=3, record_eval=True)
     trainer(2, [callback]).fit(
         module, DataLoader(data(50, 1), batch_size=16), DataLoader(data(30, 2), batch_size=8)
@@ -144,7 +188,7 @@ def test_default_label_extractor() -> None:
     assert default_labels((torch.zeros(2, 3), "not a tensor")) is None
 
 
-class DictClassifier(worker.Classifier):
+class DictClassifier(Classifier):
     """Batches are dicts without a standard label key: labels come from a user label_fn."""
 
     def training_step(self, batch, batch_idx):
@@ -182,14 +226,26 @@ def test_batches_without_labels_warn_and_record_no_classes(tmp_path: Path, caplo
     assert t.classes("E_0/L_2").empty
 
 
+def test_a_module_whose_forward_is_never_called_gets_a_warning(tmp_path: Path, caplog) -> None:
+    """DictClassifier's training_step calls self.net(...), not self(...): the LightningModule's own
+    forward never runs, so its labels would reach no pass."""
+    callback = StainingCallback(tmp_path / "t", label_fn=lambda batch: batch["kind"], num_classes=3)
+    with caplog.at_level(logging.WARNING, logger="nn_staining.integrations.lightning"):
+        trainer(1, [callback], limit_val_batches=0).fit(DictClassifier(), dict_loader(20, 3))
+    warnings = [r.getMessage() for r in caplog.records if "did not call the traced" in r.getMessage()]
+    assert (
+        len(warnings) == 1
+        and "StainingCallback(module=...)" in warnings[0]
+        and "children: net" in warnings[0]
+    )
+
+
 def test_unknown_submodule_is_an_error_naming_the_children(tmp_path: Path) -> None:
     callback = StainingCallback(tmp_path / "t", module="backbone")
     with pytest.raises(
         ValueError, match=r"module='backbone' names no submodule of Classifier; its children: net"
     ):
-        trainer(1, [callback], limit_val_batches=0).fit(
-            worker.Classifier(), DataLoader(data(8, 0), batch_size=8)
-        )
+        trainer(1, [callback], limit_val_batches=0).fit(Classifier(), DataLoader(data(8, 0), batch_size=8))
 
 
 class Crash(pl.Callback):
@@ -208,9 +264,7 @@ def test_resume_from_a_checkpoint_continues_the_trace(tmp_path: Path) -> None:
 
     def run(store: Path, epochs: int, extra: list, ckpt_path: str | None = None, **kwargs) -> None:
         callback = StainingCallback(store, num_classes=3, record_eval=True)
-        trainer(epochs, [callback, *extra], **kwargs).fit(
-            worker.Classifier(), train, val, ckpt_path=ckpt_path
-        )
+        trainer(epochs, [callback, *extra], **kwargs).fit(Classifier(), train, val, ckpt_path=ckpt_path)
 
     run(tmp_path / "full", 4, [])
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
@@ -228,42 +282,17 @@ def test_resume_from_a_checkpoint_continues_the_trace(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(full.metrics, resumed.metrics)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_merge_into_whole_data_statistics(tmp_path: Path) -> None:
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp_path / "trace"), str(tmp_path)],
-            env=dict(
-                os.environ,
-                PYTHONPATH=str(ROOT),
-                OMP_NUM_THREADS="1",
-                LOCAL_RANK=str(rank),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a rank hung")
-        assert p.returncode == 0, out
+    """strategy="ddp_fork": 2 forked CPU ranks (gloo), each seeing half of 51 samples padded to 52.
+    training_step calls self(x), so Lightning enters the LightningModule twice per step."""
+    module = Classifier(save_dir=str(tmp_path))
+    callback = StainingCallback(tmp_path / "trace", num_classes=3, record_eval=True)
+    ddp = trainer(2, [callback], devices=2, strategy="ddp_fork")
+    ddp.fit(module, DataLoader(data(51, 1), batch_size=8), DataLoader(data(51, 1), batch_size=8))
     ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
     merged = {key: [r[key] for r in ranks] for key in ranks[0] if not key.startswith("grad_")}
-    for phase in ("train", "eval"):  # 51 samples, padded to 52 by the DistributedSampler, 26 per rank
+    assert sum(len(r["train_labels_0"]) for r in ranks) == 52
+    for phase in ("train", "eval"):
         check_phase(tmp_path / "trace", merged, phase)
         assert load_trace(tmp_path / "trace", phase=phase).query("E_0/L_net.0")["act_count"].iloc[0] == 52
     t = load_trace(tmp_path / "trace")
@@ -271,7 +300,7 @@ def test_ddp_two_processes_merge_into_whole_data_statistics(tmp_path: Path) -> N
         np.testing.assert_array_equal(ranks[0][f"grad_{epoch}"], ranks[1][f"grad_{epoch}"])
         expected = np.linalg.norm(ranks[0][f"grad_{epoch}"].astype(np.float64), axis=1)
         assert_close(t.query(f"E_{epoch}/L_net.0")["grad_norm"].to_numpy(), expected, rtol=1e-5, atol=1e-7)
-    assert not list(tmp_path.glob("trace/**/.*"))  # no temporary left behind
+    assert not list((tmp_path / "trace").rglob(".*"))  # no temporary left behind
 
 
 def readme_block(heading: str, language: str = "python", index: int = 0) -> str:

@@ -78,9 +78,10 @@ class TargetFeeder:
     """Hands a forward pass's labels (and attention mask) to the trace as that pass starts.
 
     A forward pre-hook on the traced module, run before the recorder's own, calls
-    ``trace.set_targets`` at every entry of the module, so the labels reach the pass whose layers
-    produce the activations even when a wrapper calls the module twice per step (Lightning's DDP
-    forward redirection). ``source(args, kwargs)`` gives ``(labels, mask)`` for the pass.
+    ``trace.set_targets`` at every entry of the module, right before the recorder starts that
+    pass, so the labels reach the pass whose layers produce the activations even when a wrapper
+    enters the module twice per step (Lightning's DDP forward redirection). ``source(args, kwargs)``
+    gives ``(labels, mask)`` for the pass; :attr:`entries` counts the entries.
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class TargetFeeder:
         self.integer_rows_are_tokens = integer_rows_are_tokens
         self.framework = framework
         self.kind: str | None = None
-        self.passes_with_labels = 0
+        self.entries = 0
         self._mask_supported = accepts(trace.set_targets, "mask")
         self._mask_warned = False
         self._handle = module.register_forward_pre_hook(self._on_forward, with_kwargs=True, prepend=True)
@@ -107,6 +108,7 @@ class TargetFeeder:
         self._handle.remove()
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.entries += 1
         labels, mask = self.source(args, kwargs)
         self.feed(labels, mask)
 
@@ -128,8 +130,6 @@ class TargetFeeder:
             self.trace.set_targets(labels, mask=mask)
         else:
             self.trace.set_targets(labels)
-        if labels is not None:
-            self.passes_with_labels += 1
 
     def _per_sample(self, labels: Tensor) -> Tensor | None:
         """The labels when they give one class per sample; other kinds are decided once and dropped."""

@@ -99,6 +99,8 @@ class StainingCallback(pl.Callback):
         self._open: int | None = None
         self._ended: int | None = None
         self._no_labels_warned = False
+        self._not_entered_warned = False
+        self._traced: nn.Module | None = None
 
     @property
     def state_key(self) -> str:
@@ -110,7 +112,7 @@ class StainingCallback(pl.Callback):
         """Build the trace once the model is on its device and any checkpoint is restored."""
         if self.trace is not None:
             return
-        model = self._traced_module(pl_module)
+        model = self._traced = self._traced_module(pl_module)
         resume = self._resuming(trainer)
         options = dict(self.trace_options)
         config = {
@@ -182,8 +184,15 @@ class StainingCallback(pl.Callback):
         self._log_metrics(trainer, self._ended)
         self._start_epoch(trainer.current_epoch)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The validation at an epoch's end is its last event with batches: end the epoch here, before
+        ModelCheckpoint (always the last callback) saves the epoch's checkpoint."""
+        if not trainer.sanity_checking and trainer.is_last_batch:
+            self._end_epoch(trainer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end_epoch(trainer)
+        self._log_metrics(trainer, self._ended)  # with the train epoch's own metrics, now reduced
 
     def _start_epoch(self, epoch: int) -> None:
         if self.trace is None or self._open is not None:
@@ -214,6 +223,17 @@ class StainingCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        entered = self._feeder is None or self._feeder.entries > 0
+        if self._labels is not None and not entered and not self._not_entered_warned:
+            self._not_entered_warned = True
+            children = ", ".join(name for name, _ in self._traced.named_children()) or "none"
+            log.warning(
+                "training_step did not call the traced %s itself (it calls its submodules directly), so "
+                "the batch's labels reach no forward pass and there are no per-class statistics; pass "
+                "StainingCallback(module=...) naming the submodule training_step calls (children: %s)",
+                type(self._traced).__name__,
+                children,
+            )
         self._labels = self._mask = None
 
     def on_validation_batch_start(
@@ -246,9 +266,10 @@ class StainingCallback(pl.Callback):
             self._grads.take(copy=True)
 
     def _set_batch(self, batch: Any) -> None:
-        """Labels and mask of the batch about to be run, for every pass of the traced module."""
+        """Labels and mask of the batch about to be run, handed to every pass of the traced module."""
         if self._feeder is None:
             return
+        self._feeder.entries = 0
         self._labels = self.label_fn(batch) if self.label_fn is not None else None
         self._mask = self.mask_fn(batch) if self.mask_fn is not None else None
         if self._labels is None and self.label_fn is default_labels and not self._no_labels_warned:
@@ -259,8 +280,6 @@ class StainingCallback(pl.Callback):
                 type(batch).__name__,
                 "labels/label/y/targets/target",
             )
-        # for submodules called on their own, outside a forward of the traced module
-        self._feeder.feed(self._labels, self._mask)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
