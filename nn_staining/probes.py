@@ -21,6 +21,10 @@ group per (kind, layer)::
     values  list<float32>   the sample's values (activations: only the kept neurons)
     gram    list<float64>   kind "gram": row ``sample`` of the Gram's upper triangle, K[i, i:]
 
+The Gram is stored only for layers whose activations the budget cut (subsampled or dropped); for
+the others it is ``R Rᵀ`` of the stored activations, computed by the reader in float64, which
+saves n(n+1)/2 × 8 bytes per layer and epoch.
+
 Kept neurons of a subsampled layer are ``(arange(k) * width) // k`` (k = the row length), the same
 every epoch. Readers (:func:`read_probe`, :func:`read_probe_gram`, …) need no torch.
 """
@@ -416,7 +420,7 @@ class _ProbeRun:
                 gram = self.grams[key]
             else:
                 gram = _gram(self.reps[key], torch)
-            gram = torch.triu(gram) + torch.triu(gram, 1).T  # exactly symmetric, as stored
+            gram = (gram + gram.T) / 2  # exactly symmetric (float addition commutes), as stored
             record.layers[key] = LayerProbe(
                 width=self.widths[key],
                 gram=gram.cpu().numpy(),
@@ -525,7 +529,8 @@ def probe_table(record: ProbeRecord, layer_order: Sequence[str]) -> list[pa.Tabl
     ]
     for key in order:
         lp = record.layers[key]
-        blocks.append(_gram_rows(key, lp.gram, lp.width))
+        if lp.activations is None or lp.activations.shape[1] < lp.width:  # else R Rᵀ from the activations
+            blocks.append(_gram_rows(key, lp.gram, lp.width))
         if lp.activations is not None:
             blocks.append(_value_rows("activations", key, lp.activations, lp.width))
         if lp.inputs is not None:
@@ -609,7 +614,9 @@ def probe_info(meta: dict[str, Any]) -> dict[str, Any]:
 
 def _check(root: str | os.PathLike, meta: dict[str, Any], epoch: int, layer: str | None) -> Path:
     probe_info(meta)
-    epochs = meta.get("epochs", {}).get("train", [])
+    from .catalog import read_commits
+
+    epochs = sorted(read_commits(root, meta)["train"])
     if epoch not in epochs:
         raise KeyError(f"epoch {epoch} not in trace; recorded epochs: {epochs}")
     layers = [info["key"] for info in meta.get("layers", [])]
@@ -666,10 +673,20 @@ def read_probe_neurons(root: str | os.PathLike, meta: dict[str, Any], epoch: int
 
 
 def read_probe_gram(root: str | os.PathLike, meta: dict[str, Any], epoch: int, layer: str) -> np.ndarray:
-    """The probe Gram matrix ``K = R Rᵀ`` (n × n, float64) of ``layer`` at ``epoch``."""
+    """The probe Gram matrix ``K = R Rᵀ`` (n × n, float64) of ``layer`` at ``epoch``: stored for layers
+    whose activations the budget cut, computed from the activations (float64) for the others."""
     path = _check(root, meta, epoch, layer)
     n = int(probe_info(meta)["n"])
     table = _read(path, "gram", layer, ["gram"])
+    if not table.num_rows:
+        acts = _read(path, "activations", layer, ["values"])
+        if not acts.num_rows:
+            raise KeyError(
+                f"the probe has no record of {layer!r} at epoch {epoch} (it did not run in the probe pass)"
+            )
+        values = _matrix(acts, n, f"activations of {layer!r}").astype(np.float64)
+        gram = values @ values.T
+        return (gram + gram.T) / 2
     if table.num_rows != n:
         raise ValueError(
             f"the probe Gram of {layer!r} at epoch {epoch} has {table.num_rows} rows, expected {n}"

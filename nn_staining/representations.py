@@ -43,7 +43,8 @@ EMBEDDING_METHODS = ("pca", "tsne")
 def probe_layers(trace: Trace, epoch: int | None = None) -> list[str]:
     """The layers with a probe record at ``epoch`` (default: the last recorded), in model order."""
     epoch = resolve_epoch(trace, -1 if epoch is None else epoch)
-    kept = {c["layer"] for c in probes.probe_contents(trace.path, trace.meta, epoch) if c["kind"] == "gram"}
+    contents = probes.probe_contents(trace.path, trace.meta, epoch)
+    kept = {c["layer"] for c in contents if c["kind"] in ("gram", "activations")}
     return [k for k in trace.layers if k in kept]
 
 

@@ -3,7 +3,6 @@ numpy), the byte budget, training left bit-identical, saliency, the Parquet part
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -45,17 +44,12 @@ def record_with_probe(
     classes: int | None = None,
     seed: int = 0,
 ) -> None:
-    """Train ``model`` (SGD, seeded batch order) recording it and its probe at every epoch's end:
-    through ``NetworkTrace(..., probe=)`` once the recorder takes it, else by calling run_probe and
-    write_probe beside a NetworkTrace exactly where the recorder will."""
+    """Train ``model`` (SGD, seeded batch order) recording it with ``NetworkTrace(..., probe=probe)``."""
     probe = probes.ProbeSet.from_arg(probe)
     classes = classes or int(max(y.max(), probe.y.max())) + 1
-    wired = "probe" in inspect.signature(NetworkTrace).parameters
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    kwargs = {"probe": probe} if wired else {}
-    with NetworkTrace(model, store, num_classes=classes, **kwargs) as trace:
-        modules = select_layers(model)
+    with NetworkTrace(model, store, num_classes=classes, probe=probe) as trace:
         for epoch in range(epochs):
             trace.start_epoch(epoch)
             model.train()
@@ -68,16 +62,6 @@ def record_with_probe(
                 loss.backward()
                 opt.step()
             trace.end_epoch()
-            if not wired:
-                record = probes.run_probe(model, modules, probe)
-                trace.flush()
-                order_ = [k for k in modules if k in record.layers]
-                probes.write_probe(store, epoch, record, order_)
-    if not wired:
-        meta_path = Path(store) / "meta.json"
-        meta = json.loads(meta_path.read_text())
-        meta["probe"] = probes.probe_meta(probe)
-        meta_path.write_text(json.dumps(meta))
 
 
 def run_epochs(model: nn.Module, x, y, epochs: int, probe: probes.ProbeSet | None, seed: int = 0) -> None:
@@ -312,9 +296,21 @@ def test_budget_subsamples_wide_layers_and_keeps_the_gram(tmp_path, monkeypatch)
     )
     values += sum(a.nbytes for a in (record.input, record.output, record.saliency) if a is not None)
     assert values <= budget
-    probes.write_probe(tmp_path, 0, record, list(record.layers))
-    grams = 3 * 16 * 17 // 2 * 8
-    assert probes.probe_part(tmp_path, 0).stat().st_size < budget + grams + 16 * 1024
+    # through the recorder: the part stays within the budget plus the one stored Gram
+    store = tmp_path / "trace"
+    record_with_probe(model, x, y, probe, store, epochs=1)
+    with torch.no_grad():
+        hidden = model[0](x).double().numpy()  # the weights the probe saw at the epoch's end
+    t = load_trace(store)
+    part = probes.probe_part(store, 0).stat().st_size
+    assert part < budget + 16 * 17 // 2 * 8 + 16 * 1024
+    np.testing.assert_allclose(t.probe_gram(0, "L_0"), hidden @ hidden.T, rtol=1e-5)  # stored
+    ids = probes.read_probe_neurons(store, t.meta, 0, "L_0")
+    np.testing.assert_array_equal(ids, probes.kept_neurons(wide, len(ids)))
+    np.testing.assert_allclose(t.probe(0, "L_0"), hidden[:, ids], rtol=1e-5, atol=1e-6)
+    assert 0 < len(ids) < wide
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, wide), nn.ReLU(), nn.Linear(wide, 2))
 
     # a layer wider than the device memory allowance is done in blocks of samples: the same Gram
     monkeypatch.setattr(probes, "PROBE_MEMORY", 4 * 5 * wide)
@@ -366,11 +362,9 @@ def test_part_round_trip_and_readers(probed):
     )
     assert probes.read_saliency(store, t.meta, 0).shape == (N_PROBE, 6)
     contents = probes.probe_contents(store, t.meta, 0)
-    assert {(c["kind"], c["layer"]) for c in contents} >= {
-        ("gram", "L_input"),
-        ("saliency", "x"),
-        ("output", "model"),
-    }
+    kinds = {(c["kind"], c["layer"]) for c in contents}
+    assert kinds >= {("activations", "L_input"), ("saliency", "x"), ("output", "model")}
+    assert not any(kind == "gram" for kind, _ in kinds)  # complete activations: the reader computes R Rᵀ
     assert not list(store.rglob(".*"))  # no temporary file left behind
 
 
@@ -378,11 +372,11 @@ def test_part_is_readable_by_other_engines(probed):
     store = probed[0]
     frame = pd.read_parquet(store / "probes")
     assert sorted(frame["epoch"].astype(int).unique()) == [0, 1]
-    assert set(frame["kind"]) == {"activations", "linear_input", "gram", "input", "output", "saliency"}
+    assert set(frame["kind"]) == {"activations", "linear_input", "input", "output", "saliency"}
     duckdb = pytest.importorskip("duckdb")
     count = duckdb.sql(
         f"SELECT count(*) FROM read_parquet('{store}/probes/*/*.parquet', hive_partitioning=true) "
-        "WHERE kind = 'gram' AND layer = 'L_input' AND epoch = 1"
+        "WHERE kind = 'activations' AND layer = 'L_input' AND epoch = 1"
     ).fetchall()[0][0]
     assert count == N_PROBE
     polars = pytest.importorskip("polars")
@@ -406,17 +400,17 @@ def test_reader_errors(probed, tmp_path):
         probes.read_probe_inputs(store, meta, 0, "L_relu_1")
     # activations dropped by the budget: the error says so and points at the Gram
     x, y = make_data(n=8)
-    record = probes.run_probe(
-        make_mlp(), select_layers(make_mlp()), probes.ProbeSet.from_arg((x, y), budget_bytes=0)
-    )
-    probes.write_probe(tmp_path, 0, record, list(record.layers))
-    small = dict(meta, probe=probes.probe_meta(probes.ProbeSet.from_arg((x, y), budget_bytes=0)))
+    small = tmp_path / "small"
+    record_with_probe(make_mlp(), x, y, probes.ProbeSet.from_arg((x, y), budget_bytes=0), small, epochs=1)
+    t = load_trace(small)
     with pytest.raises(KeyError, match="were not kept.*probe_gram"):
-        probes.read_probe(tmp_path, small, 0, "L_input")
+        t.probe(0, "L_input")
+    assert t.probe_gram(0, "L_input").shape == (8, 8)
     with pytest.raises(KeyError, match="no saliency"):
-        probes.read_saliency(tmp_path, small, 0)
-    with pytest.raises(FileNotFoundError, match="probe part of epoch 1"):
-        probes.read_probe_gram(tmp_path, small, 1, "L_input")
+        probes.read_saliency(small, t.meta, 0)
+    probes.probe_part(small, 0).unlink()
+    with pytest.raises(FileNotFoundError, match="probe part of epoch 0 is missing"):
+        t.probe_gram(0, "L_input")
 
 
 def test_failed_write_leaves_no_part(tmp_path, monkeypatch):
