@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -108,7 +109,7 @@ def reference(capture: Capture, phase: str, epoch: int, name: str, tokens: bool)
     return np.concatenate(rows), np.concatenate(labels)
 
 
-def args(tmp_path: Path, epochs: int = 2, **kwargs) -> TrainingArguments:
+def args(tmp_path: Path, epochs: int = 2, output: str = "hf", **kwargs) -> TrainingArguments:
     options = dict(
         num_train_epochs=epochs,
         per_device_train_batch_size=BATCH,
@@ -122,7 +123,7 @@ def args(tmp_path: Path, epochs: int = 2, **kwargs) -> TrainingArguments:
         seed=0,
     )
     options.update(kwargs)
-    return TrainingArguments(str(tmp_path / "hf"), **options)
+    return TrainingArguments(str(tmp_path / output), **options)
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -245,6 +246,55 @@ def test_the_trace_is_closed_after_training(bert_run) -> None:
     assert callback.trace is None
     assert len(model._forward_pre_hooks) == 1  # only the test's own capture pre-hook is left
     assert len(model.classifier._forward_hooks) == 1
+
+
+class Crash(transformers.TrainerCallback):
+    """Raises in the middle of ``epoch`` (as a crash or preemption would end the run)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.epoch >= self.epoch + 0.5:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_from_a_checkpoint_continues_the_trace(tmp_path: Path) -> None:
+    train, val = token_data(40, 1, label_every=7), token_data(16, 2)
+
+    def run(name: str, extra: list, resume_from: str | None = None) -> StainingTrainerCallback:
+        callback = StainingTrainerCallback(tmp_path / name, record_eval=True)
+        options = dict(eval_strategy="epoch", save_strategy="epoch", output=f"{name}_ckpt")
+        trainer = Trainer(
+            tiny_bert(),
+            args(tmp_path, epochs=3, **options),
+            train_dataset=train,
+            eval_dataset=val,
+            callbacks=[callback, *extra],
+        )
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+        finally:  # a crash ends the process; Trainer has no exception event, so close the trace here
+            if callback.trace is not None:
+                callback.trace.close()
+        return callback
+
+    run("full", [])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run("resumed", [Crash(epoch=2)])
+    assert load_trace(tmp_path / "resumed").epochs == [0, 1]  # epoch 2 died half-way: not written
+    run("resumed", [], resume_from=str(tmp_path / "resumed_ckpt" / "checkpoint-10"))  # 5 steps an epoch
+    for phase in ("train", "eval"):
+        full, resumed = (
+            load_trace(tmp_path / "full", phase=phase),
+            load_trace(tmp_path / "resumed", phase=phase),
+        )
+        assert resumed.epochs == full.epochs == [0, 1, 2]
+        pd.testing.assert_frame_equal(full.query("E_*/L_*"), resumed.query("E_*/L_*"))
+        pd.testing.assert_frame_equal(full.classes("E_*/L_*"), resumed.classes("E_*/L_*"))
+    weight_delta = resumed.query("E_2/L_classifier")["weight_delta_norm"]  # against the stored epoch 1
+    assert weight_delta.notna().all() and (weight_delta > 0).all()
+    assert list(load_trace(tmp_path / "resumed").metrics.index) == [0, 1, 2]
 
 
 def tiny_gpt2_config(**kwargs) -> GPT2Config:
