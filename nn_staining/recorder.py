@@ -30,7 +30,7 @@ from .layers import select_layers, snapshot_weights
 from .records import EpochRecord, PhaseRecord
 from .rows import assign_offsets
 from .schedule import EpochIntervals, EpochSchedule, epoch_rule, jsonable_intervals
-from .stats import ChunkPool, PhaseStats
+from .stats import ChunkPool, LabelFaults, PhaseStats
 from .store import ROW_GROUP_ROWS, TraceWriter
 from .tap import HookTap
 from .writer import MAX_PENDING_WRITES, EpochWriter, NoWriter
@@ -101,6 +101,7 @@ class NetworkTrace:
             )
         self.model = unwrap_model(model)
         _check_unsharded(self.model, record_weights)
+        self._sharded = is_sharded(self.model)
         self._tap = HookTap(self.model, select_layers(self.model, layers))
         self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
         self._row_layouts: list[dict[str, list[str]]] = []
@@ -261,16 +262,20 @@ class NetworkTrace:
     def set_targets(self, targets: Tensor | None, mask: Tensor | None = None) -> None:
         """Give the class labels of the next forward pass's batch (enables per-class statistics).
 
-        Accepts (batch,) integer or 0/1 float labels, (batch, 1), or one-hot / probability
-        (batch, classes) rows. Negative labels (``ignore_index``) count as unlabelled; labels
-        ``>= num_classes`` are counted on the device and reported at ``end_epoch``. ``mask``
+        Accepts (batch,) integer labels or floats that are exactly integral (0/1), (batch, 1), or
+        one-hot / probability (batch, classes) rows; fractional, NaN or infinite float labels are a
+        ``ValueError`` (at once for CPU labels; labels on an accelerator are checked there and
+        refused at ``end_epoch``). Negative labels (``ignore_index``) count as unlabelled; labels
+        ``>= num_classes`` are counted on the device and reported at ``end_epoch``. The labels serve
+        the calling thread's next forward pass only; a second call before it is a ``RuntimeError``,
+        and labels no pass used are dropped with a warning at ``end_epoch``. ``mask``
         ((batch,) or (batch, positions), nonzero = keep, e.g. an attention mask or a padding
         mask for duplicated samples) excludes masked samples / positions from every statistic.
         """
         if not self._phases:  # not a recorded epoch: nothing to do
             return
         if targets is not None:
-            targets = normalise_targets(targets)
+            targets = normalise_targets(targets, self._tap.label_faults)
             if self.num_classes is None:
                 self.num_classes = max(2, int(targets.max()) + 1) if targets.numel() else 2
                 log.info(
@@ -283,7 +288,7 @@ class NetworkTrace:
             mask = normalise_mask(mask, None if targets is None else targets.shape[0])
             if not self.drop_batches:
                 raise ValueError("set_targets(mask=...) is not supported with drop_batches=False")
-        self._tap.targets, self._tap.mask = targets, mask
+        self._tap.give_labels(targets, mask)
 
     def end_epoch(self) -> None:
         """Reduce the epoch, snapshot weights and biases, and hand the epoch to the writer.
@@ -294,10 +299,12 @@ class NetworkTrace:
         """
         epoch = self._schedule.close()
         all_phases, self._phases = self._phases, {}
-        self._tap.detach()
+        self._tap.detach(epoch)
         if self._group is not None:
             merge_epoch(self._group, epoch, bool(all_phases), all_phases, self.num_classes or 0)
         phases = [s for s in all_phases.values() if s.has_rows]
+        if all_phases:
+            self._tap.report(epoch, written=bool(phases))
         if not phases:
             self._writer.raise_finished_errors()
             return
@@ -313,7 +320,9 @@ class NetworkTrace:
                     EpochRecord(
                         epoch=epoch,
                         phases=records,
-                        weights=snapshot_weights(self._tap.modules, self._tap.layouts),
+                        weights={}
+                        if self._sharded
+                        else snapshot_weights(self._tap.modules, self._tap.layouts),
                         layers=tuple(self._tap.ordered_layers()),
                         num_classes=self.num_classes or 0,
                         meta=self._meta(),
@@ -323,6 +332,7 @@ class NetworkTrace:
                     )
                 )
         self._writer.raise_finished_errors()
+        self._tap.label_faults.raise_any(epoch)
         for stats in phases:
             labels = stats.label_summary()
             if labels is not None and labels.out_of_range:
@@ -435,21 +445,31 @@ class NetworkTrace:
 Network_Trace = NetworkTrace
 
 
-def normalise_targets(targets: Tensor) -> Tensor:
-    """Labels as a (batch,) int64 tensor: from integers, 0/1 floats, (batch, 1) or one-hot rows."""
+def normalise_targets(targets: Tensor, faults: LabelFaults | None = None) -> Tensor:
+    """Labels as a (batch,) int64 tensor: from integers, exactly integral floats, (batch, 1) or
+    one-hot / probability rows. Fractional, NaN or infinite float labels (NaN or infinite rows) are a
+    ``ValueError``; with ``faults``, labels on an accelerator are counted there instead, left
+    unlabelled (-1), and refused at ``end_epoch``."""
     if not isinstance(targets, Tensor):
         targets = torch.as_tensor(targets)
+    targets = targets.detach()
     if targets.dim() == 2 and targets.shape[1] == 1:
         targets = targets[:, 0]
-    elif targets.dim() == 2:  # one-hot (F.one_hot gives int64) or class probabilities
-        targets = targets.argmax(1)
-    if targets.dim() != 1:
+    rows = targets.dim() == 2  # one-hot (F.one_hot gives int64) or class probabilities
+    if targets.dim() != 1 and not rows:
         raise ValueError(
             f"set_targets expects one label per sample, (batch,) or one-hot (batch, classes); "
             f"got shape {tuple(targets.shape)} of {targets.dtype}"
         )
-    targets = targets.detach()
-    return targets if targets.dtype == torch.int64 else targets.to(torch.int64)
+    bad = None
+    if targets.is_floating_point():
+        bad = (faults or LabelFaults()).check(targets, rows=rows, defer=faults is not None)
+        if not rows:  # beyond int64: out of range, or ignored when negative, as integers would be
+            targets = targets.clamp(-1, 2**31)
+    if rows:
+        targets = targets.argmax(1)
+    targets = targets if targets.dtype == torch.int64 else targets.to(torch.int64)
+    return targets if bad is None else targets.masked_fill(bad, -1)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -464,22 +484,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model is wrapped by FSDP (its parameters hold each rank's shard only)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
 def _check_unsharded(model: nn.Module, record_weights: bool) -> None:
-    """Sharded parameters (FSDP) hold each rank's shard only: their per-neuron weights cannot be
-    snapshot without gathering them, so recording weights of such a model is refused."""
-    sharded = [
-        name
-        for name, p in model.named_parameters()
-        if type(p).__name__ == "DTensor"
-        or type(getattr(p, "data", None)).__name__ == "DTensor"
-        or "_fsdp_wrapped_module" in name
-        or "_flat_param" in name
-    ]
-    if sharded and record_weights:
+    """Per-neuron weights of a sharded model cannot be snapshot without gathering every rank's
+    shard, so recording them is refused with a clear error; ``record_weights=False`` records the
+    activation statistics (merged across ranks as under DDP) and leaves the weight columns null."""
+    if record_weights and is_sharded(model):
         raise ValueError(
-            f"the model's parameters are sharded (FSDP: {sharded[0]}, …); nn_staining cannot snapshot "
-            "per-neuron weights of a shard. Pass record_weights=False to record activation statistics, "
-            "which are merged across ranks as under DDP"
+            "the model is sharded by FSDP: nn_staining cannot snapshot per-neuron weights of a shard. "
+            "Pass record_weights=False to record activation statistics (merged across ranks as under "
+            "DDP); the weight, bias and gradient columns are then null"
         )
 
 

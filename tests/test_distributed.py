@@ -137,3 +137,45 @@ def test_the_readme_torchrun_example_records_the_whole_data_set(tmp_path: Path) 
     # 1,797 digits; DistributedSampler pads one repeated sample so both ranks get 899
     assert (t.query("E_*/L_*")["act_count"] == 1798).all()
     assert (t.classes("E_1/L_4").groupby(level="neuron")["act_count"].sum() == 1798).all()
+
+
+FSDP_SCRIPT = """
+import os, sys, numpy as np, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from nn_staining import NetworkTrace, load_trace
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+fully_shard(model)
+try:
+    NetworkTrace(model, sys.argv[1] + "/refused")
+    print("not refused")
+except ValueError as exc:
+    print("refused:", exc)
+x = torch.randn(16, 4)
+seen = []
+model[0].register_forward_hook(lambda m, a, o: seen.append(o.detach().numpy().copy()))
+with NetworkTrace(model, sys.argv[1] + "/t", record_weights=False) as trace, trace.epoch(0):
+    model(x)
+got = load_trace(sys.argv[1] + "/t").query("E_0/L_0")
+print("means match:", bool(np.allclose(got["act_mean"], seen[0].mean(0), atol=1e-6)))
+print("weights null:", bool(got["weight_norm"].isna().all() and got["bias"].isna().all()))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_weights_are_refused_and_activations_recorded(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        [sys.executable, "-c", FSDP_SCRIPT, str(tmp_path), str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "refused: the model is sharded by FSDP" in run.stdout
+    assert "means match: True" in run.stdout
+    assert "weights null: True" in run.stdout
