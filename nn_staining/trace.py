@@ -142,7 +142,7 @@ class Trace(Mapping):
         epoch = epochs[0]
         if sig.layer is None:
             return EpochView(self, epoch)
-        if is_glob(sig.layer):
+        if is_glob(sig.layer) and sig.layer not in self._layers:
             return self.query(sig)
         layer = self._check_layer(sig.layer)
         if sig.neurons is None:
@@ -354,9 +354,9 @@ class Trace(Mapping):
     def _select_layers(self, sig: Signature) -> list[str]:
         if sig.layer is None:
             return self.layers
-        if not is_glob(sig.layer):
+        hits = sig.matching_layers(self.layers)  # an exact key wins over its glob reading ('L_[x]')
+        if not hits and not is_glob(sig.layer):
             return [self._check_layer(sig.layer)]
-        hits = [k for k in self.layers if sig.layer_matches(k)]
         if not hits:
             raise KeyError(f"layer pattern {sig.layer!r} matches no layer; layers: {', '.join(self.layers)}")
         return hits

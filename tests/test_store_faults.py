@@ -324,3 +324,35 @@ def test_a_failed_meta_json_write_leaves_no_temporary(tmp_path: Path, monkeypatc
     with pytest.raises(OSError, match="No space"):
         catalog.write_json_atomic(path, {"a": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+# -- 7, 8. epochs in order and within int32; names that look like globs ----------------------------------
+def test_epochs_must_increase_and_fit_the_int32_column(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    with NetworkTrace(model, tmp_path / "t") as trace:
+        for epoch in (5, 7):
+            with trace.epoch(epoch):
+                model(torch.randn(3, 2))
+        with pytest.raises(ValueError, match=r"epoch 3 comes after epoch 7 was recorded .* resume=True"):
+            trace.start_epoch(3)
+        with pytest.raises(ValueError, match="epoch must be an int from 0 to 2147483647"):
+            trace.start_epoch(2**31)
+    assert load_trace(tmp_path / "t").epochs == [5, 7]
+
+
+def test_a_module_named_like_a_glob_is_addressable(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("x", nn.Linear(3, 2))
+    model.add_module("[x]", nn.Linear(2, 4))
+    x = torch.randn(5, 3)
+    with NetworkTrace(model, tmp_path / "t") as trace, trace.epoch(0):
+        model(x)
+    t = load_trace(tmp_path / "t")
+    assert t.layers == ["L_x", "L_[x]"]
+    got = t.query("E_0/L_[x]")
+    assert got.index.get_level_values("layer").unique().tolist() == ["L_[x]"]
+    with torch.no_grad():
+        expected = model(x).numpy().mean(0)
+    np.testing.assert_allclose(got["act_mean"], expected, rtol=1e-5, atol=1e-6)
+    assert t["E_0/L_[x]/n_3"]["act_count"] == 5
