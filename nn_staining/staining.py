@@ -143,9 +143,11 @@ def selectivity_index(class_means: np.ndarray, floor: np.ndarray | float = 0.0) 
 
     ``μ'_c = max(μ_c − floor, 0)``; classes without data (NaN) are left out of μ'rest.
     """
-    shifted = np.asarray(class_means, dtype=np.float64) - np.asarray(floor, dtype=np.float64).reshape(-1, 1)
-    shifted = np.clip(shifted, 0.0, None)
+    means = np.asarray(class_means, dtype=np.float64)
+    floors = np.asarray(floor, dtype=np.float64).reshape(-1, 1)
+    # an exploding unit's class means may be -inf, like its floor: -inf - -inf is NaN, without a warning
     with np.errstate(invalid="ignore", divide="ignore"):
+        shifted = np.clip(means - floors, 0.0, None)
         top = np.nanmax(np.where(np.isnan(shifted), -np.inf, shifted), axis=1)
         seen = (~np.isnan(shifted)).sum(axis=1)
         rest = (np.nansum(shifted, axis=1) - top) / (seen - 1)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import Capture
 from torch import nn
 
 from nn_staining import NetworkTrace, load_trace
@@ -80,46 +81,161 @@ def test_selectivity_index_by_hand():
     np.testing.assert_allclose(floor, [-3.0, -1.0, 0.0])
 
 
-def test_selectivity_matches_numpy_on_the_same_activations(frozen):
-    trace, model, x, y = frozen
+def numpy_selectivity(
+    values: np.ndarray,
+    labels: np.ndarray,
+    classes: int,
+    judged_dead: bool,
+    threshold: float = st.SELECTIVITY_THRESHOLD,
+    min_margin: float = st.MARGIN_THRESHOLD,
+    margin_z: float = st.MARGIN_Z,
+) -> dict[str, object]:
+    """One neuron's row of ``selectivity`` from its activations (float64) by the formulas of the docstring."""
+    seen = [c for c in range(classes) if (labels == c).any()]
+    means = np.array([values[labels == c].mean() if c in seen else np.nan for c in range(classes)])
+    counts = np.array([(labels == c).sum() for c in range(classes)])
+    floor = min(0.0, max(values.min(), values.mean() - 3 * values.std()))
+    shifted = np.clip(means - floor, 0, None)
+    ranked = sorted(seen, key=lambda c: (-means[c], c))  # highest mean first, ties to the lower class
+    top = ranked[0]
+    rest = np.mean([shifted[c] for c in seen if c != top])
+    index = 0.0 if shifted[top] + rest == 0 else (shifted[top] - rest) / (shifted[top] + rest)
+    second = ranked[1]
+    margin = (means[top] - means[second]) / values.std() if values.std() > 0 else 0.0
+    dead = judged_dead and (values.max() <= 0 or not (values > 0).any())
+    needed = max(min_margin, margin_z * np.sqrt(1 / counts[top] + 1 / counts[second]))
+    stained = not dead and index >= threshold and margin >= needed
+    return {
+        "selectivity": index,
+        "stain_margin": margin,
+        "top_class": top,
+        "stain": top if stained else -1,
+        "dead": dead,
+    }
+
+
+def simple_nn_activations(model: SimpleNN, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """SimpleNN's three Linear outputs in float64, by hand."""
     with torch.no_grad():
         h0 = x.double() @ model.input.weight.double().T + model.input.bias.double()
         h1 = torch.relu(h0) @ model.hidden_1.weight.double().T + model.hidden_1.bias.double()
         h2 = torch.relu(h1) @ model.output.weight.double().T + model.output.bias.double()
-    frame = st.selectivity(trace, epoch=0)
+    return {"L_input": h0.numpy(), "L_hidden_1": h1.numpy(), "L_output": h2.numpy()}
+
+
+def assert_selectivity_matches_numpy(frame: pd.DataFrame, acts: dict, labels: np.ndarray, classes: int, **kw):
     assert frame.index.names == ["epoch", "layer", "neuron"]
-    for layer, acts in zip(["L_input", "L_hidden_1", "L_output"], [h0, h1, h2]):
-        a = acts.numpy()
+    assert list(frame.columns) == ["stain", "selectivity", "stain_margin", "top_class", "dead"]
+    assert [str(t) for t in frame.dtypes] == ["int64", "float64", "float64", "int64", "bool"]
+    assert frame.index.droplevel("epoch").tolist() == [
+        (layer, n) for layer, a in acts.items() for n in range(a.shape[1])
+    ]
+    for layer, a in acts.items():
         for n in range(a.shape[1]):
-            values, labels = a[:, n], y.numpy()
-            means = np.array([values[labels == c].mean() for c in range(3)])
-            counts = np.array([(labels == c).sum() for c in range(3)])
-            floor = min(0.0, max(values.min(), values.mean() - 3 * values.std()))
-            shifted = np.clip(means - floor, 0, None)
-            top, second = np.argsort(-means)[:2]
-            rest = np.delete(shifted, top).mean()
-            expected = (shifted[top] - rest) / (shifted[top] + rest)
-            margin = (means[top] - means[second]) / values.std()
-            row = frame.loc[(0, layer, n)]
-            assert row["selectivity"] == pytest.approx(expected, abs=1e-4)
-            assert row["stain_margin"] == pytest.approx(margin, abs=1e-4)
-            assert row["top_class"] == top
-            dead = layer != "L_output" and values.max() <= 0
-            needed = max(st.MARGIN_THRESHOLD, 2 * np.sqrt(1 / counts[top] + 1 / counts[second]))
-            stained = not dead and expected >= st.SELECTIVITY_THRESHOLD and margin >= needed
-            assert row["stain"] == (top if stained else -1)
-            assert bool(row["dead"]) == dead
+            expected = numpy_selectivity(a[:, n], labels, classes, layer != "L_output", **kw)
+            row = frame.xs((layer, n), level=["layer", "neuron"]).iloc[0]
+            assert row["selectivity"] == pytest.approx(expected["selectivity"], abs=1e-4), (layer, n)
+            assert row["stain_margin"] == pytest.approx(expected["stain_margin"], abs=1e-4), (layer, n)
+            for key in ("top_class", "stain", "dead"):
+                assert row[key] == expected[key], (layer, n, key)
+
+
+def test_selectivity_matches_numpy_on_the_same_activations(frozen):
+    trace, model, x, y = frozen
+    frame = st.selectivity(trace, epoch=0)
+    assert_selectivity_matches_numpy(frame, simple_nn_activations(model, x), y.numpy(), 3)
+    # the stains are not all alike, so the comparison above distinguishes stained from unstained
+    assert set(frame["stain"]) >= {-1, 0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"threshold": 0.02, "min_margin": 0.0, "margin_z": 0.0},
+        {"threshold": 0.5},
+        {"min_margin": 0.6},
+        {"margin_z": 0.5},
+        {"margin_z": 6.0},
+    ],
+)
+def test_selectivity_thresholds_match_numpy(frozen, kw):
+    trace, model, x, y = frozen
+    frame = st.selectivity(trace, epoch=0, **kw)
+    assert_selectivity_matches_numpy(frame, simple_nn_activations(model, x), y.numpy(), 3, **kw)
+
+
+def test_noise_margin_uses_the_counts_of_the_top_two_classes(tmp_path):
+    """Classes of 240, 40 and 20 samples: the standard error of a neuron's lead depends on which two
+    classes lead; a sweep of margin_z must match numpy for every neuron and flip some stain."""
+    torch.manual_seed(8)
+    model = SimpleNN(6, 7, 3)
+    g = torch.Generator().manual_seed(12)
+    y = torch.cat([torch.zeros(240), torch.ones(40), torch.full((20,), 2)]).long()[
+        torch.randperm(300, generator=g)
+    ]
+    x = torch.randn(300, 6, generator=g)
+    x[torch.arange(300), y] += 1.0
+    trace = record(model, tmp_path / "run", x, y, 3)
+    acts = simple_nn_activations(model, x)
+    labels = y.numpy()
+    counts = np.bincount(labels)
+    flips = 0
+    for z in (0.5, 1.0, 2.0, 3.0, 5.0, 8.0):
+        kw = {"threshold": 0.0, "min_margin": 0.0, "margin_z": z}
+        assert_selectivity_matches_numpy(st.selectivity(trace, epoch=0, **kw), acts, labels, 3, **kw)
+        for a in acts.values():
+            for n in range(a.shape[1]):
+                means = np.array([a[labels == c, n].mean() for c in range(3)])
+                top, second = np.argsort(-means, kind="stable")[:2]
+                lead = (means[top] - means[second]) / a[:, n].std()
+                right = lead >= z * np.sqrt(1 / counts[top] + 1 / counts[second])
+                flips += right != (lead >= z * np.sqrt(2 / counts[second]))
+                flips += right != (lead >= z * np.sqrt(2 / counts[top]))
+    assert flips > 0  # the sweep tells the right standard error from the mixed-up ones
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_selectivity_with_a_class_never_seen(tmp_path):
+    """Class 2 has no samples: its mean is NaN, it is never the top class and is left out of μ'rest."""
+    torch.manual_seed(3)
+    model = SimpleNN(6, 7, 3)
+    x, y = class_data(300, 2, 6, seed=8)
+    trace = record(model, tmp_path / "run", x, y, 3)
+    assert trace.classes("E_0/L_output/n_0")["act_count"].tolist() == [150, 150, 0]
+    frame = st.selectivity(trace, epoch=0)
+    assert_selectivity_matches_numpy(frame, simple_nn_activations(model, x), y.numpy(), 3)
+    assert set(frame["top_class"]) == {0, 1}
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_selectivity_with_one_class_stains_nothing(tmp_path):
+    torch.manual_seed(4)
+    model = SimpleNN(6, 5, 2)
+    x, _ = class_data(100, 2, 6, seed=9)
+    trace = record(model, tmp_path / "run", x, torch.zeros(100, dtype=torch.long), 1)
+    frame = st.selectivity(trace, epoch=0)
+    assert len(frame) == 12
+    assert (frame["stain"] == -1).all() and (frame["top_class"] == 0).all()
+    assert frame["selectivity"].isna().all()  # one class: no μ'rest
+    assert (frame["stain_margin"] == 0).all()
 
 
 def test_selectivity_epoch_selection(trained):
     every = st.selectivity(trained)
-    assert sorted(every.index.get_level_values("epoch").unique()) == trained.epochs
+    assert every.index.get_level_values("epoch").unique().tolist() == trained.epochs == list(range(6))
+    pd.testing.assert_frame_equal(
+        every, pd.concat([st.selectivity(trained, epoch=e) for e in trained.epochs])
+    )
     last = st.selectivity(trained, epoch=-1)
-    pd.testing.assert_frame_equal(last, st.selectivity(trained, epoch=trained.epochs[-1]))
-    pd.testing.assert_frame_equal(last, every.loc[[trained.epochs[-1]]])
-    assert every["selectivity"].between(0, 1).all()
-    with pytest.raises(KeyError, match="recorded epochs"):
+    pd.testing.assert_frame_equal(last, st.selectivity(trained, epoch=5))
+    pd.testing.assert_frame_equal(st.selectivity(trained, epoch=-6), st.selectivity(trained, epoch=0))
+    assert (
+        not every.loc[[0]].droplevel("epoch").equals(every.loc[[5]].droplevel("epoch"))
+    )  # training moved them
+    with pytest.raises(KeyError, match=r"epoch 99 not in trace; recorded epochs: \[0, 1, 2, 3, 4, 5\]"):
         st.selectivity(trained, epoch=99)
+    with pytest.raises(KeyError, match=r"epoch -7 out of range; recorded epochs: \[0, 1, 2, 3, 4, 5\]"):
+        st.selectivity(trained, epoch=-7)
 
 
 # -- stain evolution -----------------------------------------------------------------------------
@@ -139,19 +255,78 @@ def test_settling_epochs_match_brute_force():
     assert list(got) == [brute_settling(list(r), list(epochs)) for r in stains]
 
 
+def test_settling_epochs_of_few_epochs():
+    np.testing.assert_array_equal(
+        st.settling_epochs(np.array([[1, 1], [1, 2], [-1, 0]]), np.array([3, 9])), [3, 9, 9]
+    )
+    np.testing.assert_array_equal(st.settling_epochs(np.array([[4], [-1], [0]]), np.array([7])), [7, 7, 7])
+    np.testing.assert_array_equal(
+        st.settling_epochs(np.zeros((2, 0), dtype=int), np.array([], dtype=int)), [-1, -1]
+    )
+
+
+def test_stain_evolution_of_hand_built_stains(trained):
+    """Stains and dead flags given by hand, in trace order (L_input before L_hidden_1, which sorts first)."""
+    rows = {  # (layer, neuron): stains at epochs 0, 2, 5 and dead flags at those epochs
+        ("L_input", 3): ([1, 1, 1], [0, 0, 0]),
+        ("L_input", 0): ([-1, 0, 0], [1, 0, 0]),
+        ("L_hidden_1", 10): ([2, -1, 2], [0, 0, 0]),
+        ("L_hidden_1", 2): ([0, 1, -1], [0, 1, 1]),
+        ("L_hidden_1", 4): ([-1, -1, 0], [0, 0, 0]),
+    }
+    epochs = [0, 2, 5]
+    index = pd.MultiIndex.from_tuples(
+        [(e, layer, n) for e in epochs for layer, n in rows], names=["epoch", "layer", "neuron"]
+    )
+    stains = pd.DataFrame(
+        {
+            "stain": [rows[k][0][i] for i in range(3) for k in rows],
+            "dead": [bool(rows[k][1][i]) for i in range(3) for k in rows],
+        },
+        index=index,
+    )
+    evolution = st.stain_evolution(trained, stains)
+    assert evolution.stains.index.tolist() == list(rows)
+    assert evolution.stains.columns.tolist() == epochs
+    np.testing.assert_array_equal(evolution.stains.to_numpy(), [v[0] for v in rows.values()])
+    expected = pd.DataFrame(
+        {
+            "final_stain": [1, 0, 2, -1, 0],
+            "settling_epoch": [0, 2, 5, 5, 5],
+            "changes": [0, 1, 2, 2, 1],
+        },
+        index=pd.MultiIndex.from_tuples(list(rows), names=["layer", "neuron"]),
+    )
+    pd.testing.assert_frame_equal(evolution.neurons, expected)
+    layers = pd.DataFrame(
+        {
+            "stained_frac": [1 / 2, 2 / 3, 1, 1 / 3, 1, 2 / 3],
+            "dead_frac": [1 / 2, 0, 0, 1 / 3, 0, 1 / 3],
+        },
+        index=pd.MultiIndex.from_product([epochs, ["L_input", "L_hidden_1"]], names=["epoch", "layer"]),
+    )
+    pd.testing.assert_frame_equal(evolution.layers, layers)
+
+
 def test_stain_evolution_on_a_trained_trace(trained):
     frame = st.selectivity(trained)
     evolution = st.stain_evolution(trained)
+    pd.testing.assert_frame_equal(evolution.neurons, st.stain_evolution(trained, frame).neurons)
     assert list(evolution.stains.columns) == trained.epochs
+    assert evolution.stains.index.tolist() == frame.loc[0].index.tolist()  # trace order, not sorted
+    assert evolution.stains.index.get_level_values("layer").unique().tolist() == trained.layers
     for (layer, neuron), row in evolution.neurons.iterrows():
         history = [int(frame.loc[(e, layer, neuron), "stain"]) for e in trained.epochs]
         assert row["final_stain"] == history[-1]
         assert row["settling_epoch"] == brute_settling(history, trained.epochs)
         assert row["changes"] == sum(a != b for a, b in itertools.pairwise(history))
+    assert evolution.neurons["changes"].max() > 0  # the trace exercises what is checked: stains change
+    assert evolution.layers.index.tolist() == [(e, layer) for e in trained.epochs for layer in trained.layers]
     for (epoch, layer), row in evolution.layers.iterrows():
-        stains = frame.xs((epoch, layer), level=["epoch", "layer"])["stain"]
-        assert row["stained_frac"] == pytest.approx((stains >= 0).mean())
-    assert list(evolution.layers.index.get_level_values("layer")[:3]) == trained.layers
+        at = frame.xs((epoch, layer), level=["epoch", "layer"])
+        assert row["stained_frac"] == (at["stain"] >= 0).mean()
+        assert row["dead_frac"] == at["dead"].mean()
+    assert (evolution.layers["stained_frac"] != evolution.layers["dead_frac"]).any()
 
 
 # -- contributions and pathways ------------------------------------------------------------------
@@ -285,49 +460,251 @@ def test_output_neurons_stain_with_their_own_class(tmp_path, dataset, classes):
     config = RunConfig(dataset=dataset, epochs=3, hidden=16, lr=1e-2, output_dir=str(tmp_path), figures=False)
     trace = load_trace(run_pipeline(config).store)
     assert trace.num_classes == classes
-    output = st.selectivity(trace, epoch=-1).xs("L_output", level="layer")
+    frame = st.selectivity(trace)
+    output = frame.loc[trace.epochs[-1]].xs("L_output", level="layer")
     assert list(output["stain"]) == list(range(classes))
-    evolution = st.stain_evolution(trace)
-    assert evolution.layers["stained_frac"].between(0, 1).all()
-    paths = st.pathways(trace, classes - 1, top_k=3)
-    assert all(p[0].startswith("x/n_") and p[-1] == f"L_output/n_{classes - 1}" for p in paths["path"])
+    evolution = st.stain_evolution(trace, frame)
+    stained = (frame["stain"] >= 0).groupby(level=["epoch", "layer"], sort=False).mean()
+    np.testing.assert_array_equal(evolution.layers["stained_frac"], stained.to_numpy())
+    # each path's score is the product of its edges' shares W[j,k]·E[x_k|c] / Σ_k' |W[j,k']·E[x_k'|c]|
+    target, epoch = classes - 1, trace.epochs[-1]
+    paths = st.pathways(trace, target, top_k=3)
+    chain = st.linear_chain(trace)
+    shares = []
+    for layer in chain:
+        w = trace.weights(epoch, layer).astype(np.float64)
+        means = trace.inputs(f"E_{epoch}/{layer}")["mean"].xs(target, level="class").to_numpy(np.float64)
+        shares.append(w * means / np.abs(w * means).sum(1, keepdims=True))
+    for path, score in zip(paths["path"], paths["score"]):
+        nodes = [int(p.rsplit("_", 1)[1]) for p in path]
+        assert path[0].startswith("x/n_") and path[-1] == f"L_output/n_{target}"
+        assert score == pytest.approx(np.prod([m[nodes[i + 1], nodes[i]] for i, m in enumerate(shares)]))
+    assert list(paths["score"]) == sorted(paths["score"], reverse=True)
+
+
+# -- dead units ------------------------------------------------------------------------------------
+class NextLayerDecides(nn.Module):
+    """Neuron 0 of every Linear is -1 on every sample; whether that is *dead* depends on what follows:
+    a ReLU (yes), a tanh (no), a normalisation (no), nothing recorded (yes, as in SimpleNN), an
+    activation of another width (yes), nothing at all (no: the logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.a_relu = nn.Linear(4, 4), nn.ReLU()
+        self.b, self.b_tanh = nn.Linear(4, 4), nn.Tanh()
+        self.c, self.c_norm = nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.d = nn.Linear(4, 4)
+        self.e = nn.Linear(4, 3)
+        self.gate = nn.Sigmoid()  # applied to c_norm's 4 outputs, recorded after e
+        self.out = nn.Linear(3, 2)
+        with torch.no_grad():
+            for linear in (self.a, self.b, self.c, self.d, self.e, self.out):
+                linear.weight[0] = 0.0
+                linear.bias[0] = -1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_norm(self.c(self.b_tanh(self.b(self.a_relu(self.a(x))))))
+        g = self.gate(h)
+        h = self.e(torch.relu(self.d(h * g)))
+        return self.out(torch.relu(h))
+
+
+#: Per layer of NextLayerDecides: is "never positive" dead? (DESIGN.md's rule, written out by hand.)
+JUDGED = {
+    "L_a": True,
+    "L_a_relu": True,
+    "L_b": False,
+    "L_b_tanh": False,
+    "L_c": False,
+    "L_c_norm": True,
+    "L_d": True,
+    "L_e": True,
+    "L_gate": False,
+    "L_out": False,
+}
+
+
+def captured(model: nn.Module, tmp_path, x, y, classes, epochs=1):
+    """Record ``model`` (frozen) and capture every leaf module's output: (trace, {key: (samples, neurons)})."""
+    capture = Capture(model)
+    trace = record(model, tmp_path / "run", x, y, classes, epochs=epochs)
+    capture.remove()
+    rows = {key: np.concatenate(batches)[: len(x)] for key, batches in capture.outputs[0].items()}
+    return trace, rows
+
+
+def numpy_dead(rows: np.ndarray, judged: bool) -> np.ndarray:
+    never = (rows.max(0) <= 0) | ((rows > 0).mean(0) == 0)
+    return judged & never & np.isfinite(rows).all(0)
+
+
+def test_dead_depends_on_the_layer_that_follows(tmp_path):
+    torch.manual_seed(6)
+    model = NextLayerDecides()
+    x, y = class_data(200, 2, 4, seed=10)
+    trace, rows = captured(model, tmp_path, x, y, 2)
+    assert trace.layers == list(JUDGED)
+    frame = st.selectivity(trace, epoch=0)
+    health = st.unit_health(trace, epoch=0)
+    for layer, judged in JUDGED.items():
+        expected = numpy_dead(rows[layer], judged)
+        assert expected[0] == judged, layer  # neuron 0 never fires, except in gate (judged False anyway)
+        np.testing.assert_array_equal(frame.loc[(0, layer), "dead"], expected, err_msg=layer)
+        np.testing.assert_array_equal(health.neurons.loc[(0, layer), "dead"], expected, err_msg=layer)
+        assert not frame.loc[(0, layer), "stain"][expected].ge(0).any(), layer  # dead is unstained
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_nan_and_inf_neurons_are_exploding_not_dead(tmp_path):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight[0] = float("nan")  # unit 0: NaN before and after the ReLU
+        model[0].weight[1] = 0.0
+        model[0].bias[1] = -1.0  # unit 1: never fires
+        model[0].weight[2] = 0.0
+        model[0].bias[2] = -float("inf")  # unit 2: -inf, 0 after the ReLU
+    x, y = class_data(100, 2, 4, seed=11)
+    trace = record(model, tmp_path / "run", x, y, 2)
+    neurons = trace.query("E_0/L_*", columns=["act_nan_count"])["act_nan_count"]
+    assert neurons.tolist() == [100, 0, 100, 100, 0, 0]
+    health = st.unit_health(trace).neurons
+    assert health["exploding"].tolist() == [True, False, True, True, False, False]
+    assert health["dead"].tolist() == [False, True, False, False, True, True]
+    frame = st.selectivity(trace, epoch=0)
+    assert frame["dead"].tolist() == [False, True, False, False, True, True]
+    assert (frame["stain"] == -1).all()
+    assert frame.loc[(0, "L_0", 0), "top_class"] == -1 and frame.loc[(0, "L_1", 0), "top_class"] == -1
 
 
 # -- unit health -----------------------------------------------------------------------------------
-def test_unit_health_flags_dead_saturated_and_exploding_units(tmp_path):
+BOUNDED = {"tanh": (1.0, 0.0), "sigmoid": (0.5, 0.5)}
+
+
+def sick_model() -> nn.Sequential:
+    """ReLU unit 0 never fires; tanh unit 1 and sigmoid unit 2 sit at a constant near 1; output unit 1 is NaN."""
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    model = nn.Sequential(
+        nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Sigmoid(), nn.Linear(3, 2)
+    )
     with torch.no_grad():
         model[0].weight[0] = 0.0
-        model[0].bias[0] = -1.0  # ReLU unit 0 never fires
+        model[0].bias[0] = -1.0
         model[2].weight.mul_(0.1)
         model[2].weight[1] = 0.0
-        model[2].bias[1] = 5.0  # tanh unit 1 sits at tanh(5)
-        model[4].weight[1, 0] = float("nan")  # output unit 1 is NaN
+        model[2].bias[1] = 5.0
+        model[4].weight.mul_(3.0)
+        model[4].weight[2] = 0.0
+        model[4].bias[2] = 4.0
+        model[6].weight[1, 0] = float("nan")
+    return model
+
+
+@pytest.fixture(scope="module")
+def sick(tmp_path_factory):
     x, y = class_data(200, 2, 4, seed=6)
-    trace = record(model, tmp_path / "sick", x, y, 2, epochs=2)
-    assert [trace.layer_info(k)["activation"] for k in trace.layers] == [None, "relu", None, "tanh", None]
+    return captured(sick_model(), tmp_path_factory.mktemp("sick"), x, y, 2, epochs=2)
+
+
+def numpy_health(trace, rows: dict[str, np.ndarray], level: float) -> pd.DataFrame:
+    """unit_health's flags by numpy on the captured activations (frozen weights: every epoch alike)."""
+    judged = {"L_0": True, "L_1": True}
+    out = []
+    for layer in trace.layers:
+        a = rows[layer]
+        act = trace.layer_info(layer)["activation"]
+        exploding = ~np.isfinite(a).all(0)
+        if act in BOUNDED:
+            scale, offset = BOUNDED[act]
+            saturated = (((a - offset) / scale) ** 2).mean(0) >= level**2
+        else:
+            saturated = np.zeros(a.shape[1], bool)
+        dead = numpy_dead(a, judged.get(layer, False))
+        out += [(layer, n, dead[n], saturated[n], exploding[n]) for n in range(a.shape[1])]
+    frame = pd.DataFrame(out, columns=["layer", "neuron", "dead", "saturated", "exploding"])
+    return frame.set_index(["layer", "neuron"])
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_unit_health_matches_numpy(sick):
+    trace, rows = sick
+    assert [trace.layer_info(k)["activation"] for k in trace.layers] == [
+        None,
+        "relu",
+        None,
+        "tanh",
+        None,
+        "sigmoid",
+        None,
+    ]
     health = st.unit_health(trace)
-    flags = health.neurons
-    assert flags.index.names == ["epoch", "layer", "neuron"]
+    expected = numpy_health(trace, rows, st.SATURATION_LEVEL)
+    assert health.neurons.index.names == ["epoch", "layer", "neuron"]
+    assert list(health.neurons.columns) == ["dead", "saturated", "exploding"]
     for epoch in trace.epochs:
-        at = flags.xs(epoch, level="epoch")
-        assert set(at.index[at["dead"]]) == {("L_0", 0), ("L_1", 0)}
-        assert set(at.index[at["saturated"]]) == {("L_3", 1)}
-        assert set(at.index[at["exploding"]]) == {("L_4", 1)}
-    layers = health.layers.xs(trace.epochs[-1], level="epoch")
-    assert layers.loc["L_1", "dead_frac"] == pytest.approx(1 / 3)
-    assert layers.loc["L_3", "saturated_frac"] == pytest.approx(1 / 3)
-    assert layers.loc["L_4", "exploding_frac"] == pytest.approx(1 / 2)
+        pd.testing.assert_frame_equal(
+            health.neurons.loc[epoch], expected, check_names=False, check_index_type=False
+        )
+    # the planted units, so that the comparison above is not all False
+    flagged = {c: set(expected.index[expected[c]]) for c in expected.columns}
+    assert flagged == {
+        "dead": {("L_0", 0), ("L_1", 0)},
+        "saturated": {("L_3", 1), ("L_5", 2)},
+        "exploding": {("L_6", 1)},
+    }
+    fractions = expected.groupby(level="layer", sort=False).mean()
+    fractions.columns = ["dead_frac", "saturated_frac", "exploding_frac"]
+    assert health.layers.index.tolist() == [(e, k) for e in trace.epochs for k in trace.layers]
+    for epoch in trace.epochs:
+        pd.testing.assert_frame_equal(health.layers.loc[epoch], fractions, check_names=False)
+    pd.testing.assert_frame_equal(st.unit_health(trace, epoch=-1).neurons, health.neurons.loc[[1]])
+
+
+def test_saturation_level_sweeps_through_each_units_second_moment(sick):
+    """Just below a bounded unit's E[y²]^½ it is saturated, just above it is not (y ∈ [-1, 1])."""
+    trace, rows = sick
+    for layer in ("L_3", "L_5"):
+        scale, offset = BOUNDED[trace.layer_info(layer)["activation"]]
+        second = (((rows[layer] - offset) / scale) ** 2).mean(0)
+        for n, m2 in enumerate(second):
+            for level in (np.sqrt(m2) * 0.999, np.sqrt(m2) * 1.001):
+                got = st.unit_health(trace, epoch=0, level=level).neurons
+                expected = numpy_health(trace, rows, level)
+                np.testing.assert_array_equal(got["saturated"], expected["saturated"], err_msg=f"{layer} {n}")
+                assert got.loc[(0, layer, n), "saturated"] == (level < np.sqrt(m2))
+
+
+def test_a_unit_exactly_at_the_saturation_level_is_saturated(sick):
+    trace, _ = sick
+    stats = trace.query("E_0/L_*", columns=["act_mean", "act_std"])
+    for cell, act in [((0, "L_3", 1), "tanh"), ((0, "L_5", 2), "sigmoid")]:
+        scale, offset = BOUNDED[act]
+        assert stats.loc[cell, "act_std"] == 0.0  # a constant unit: E[y²] = y²
+        level = (float(stats.loc[cell, "act_mean"]) - offset) / scale
+        assert st.unit_health(trace, epoch=0, level=level).neurons.loc[cell, "saturated"]
+        assert not st.unit_health(trace, epoch=0, level=np.nextafter(level, 2.0)).neurons.loc[
+            cell, "saturated"
+        ]
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_sick_units_are_unstained(sick):
+    trace, _ = sick
     stains = st.selectivity(trace, epoch=-1)
-    assert stains.loc[(1, "L_1", 0), "stain"] == -1 and stains.loc[(1, "L_4", 1), "stain"] == -1
+    assert stains.loc[(1, "L_1", 0), "stain"] == -1 and stains.loc[(1, "L_6", 1), "stain"] == -1
+    assert stains.loc[(1, "L_6", 1), "top_class"] == -1  # every class mean is NaN
 
 
+# -- weight drift ----------------------------------------------------------------------------------
 def test_weight_drift_summarises_weight_delta_norm(trained):
     drift = st.weight_drift(trained)
     deltas = trained.query("E_*/L_*", columns=["weight_delta_norm"])["weight_delta_norm"]
-    for (epoch, layer), row in drift.iterrows():
-        values = deltas.xs((epoch, layer), level=["epoch", "layer"]).to_numpy()
-        assert row["median"] == pytest.approx(np.median(values))
-        assert row["q25"] == pytest.approx(np.quantile(values, 0.25))
-    assert trained.epochs[0] not in drift.index.get_level_values("epoch")
+    assert deltas.loc[0].isna().all()  # nothing to compare the first epoch with: no row for it
+    assert drift.index.tolist() == [(e, k) for e in trained.epochs[1:] for k in trained.layers]
+    assert list(drift.columns) == ["median", "q25", "q75"]
+    expected = []
+    for epoch, layer in drift.index:
+        values = deltas.xs((epoch, layer), level=["epoch", "layer"]).to_numpy(np.float64)
+        expected.append([np.median(values), np.quantile(values, 0.25), np.quantile(values, 0.75)])
+    np.testing.assert_allclose(drift.to_numpy(), expected, rtol=1e-6)  # pandas averages float32 values
+    assert (drift["q75"] > drift["median"]).all() and (drift["median"] > drift["q25"]).all()
