@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -44,6 +45,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _run_name(text: str) -> str:
+    """``--run-name``: a plain folder name (no path, not empty, not . or ..)."""
+    from .pipeline import check_run_name
+
+    try:
+        return check_run_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("run_name ")) from None
+
+
 def run_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     """The settings of the default pipeline."""
     from .data import DATASETS
@@ -76,8 +87,9 @@ def run_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="results", help="where runs are written")
     p.add_argument(
         "--run-name",
+        type=_run_name,
         default=None,
-        help="run folder name (default: the data set's name); replaced if it exists",
+        help="run folder name, a plain name (default: the data set's name); replaced if it exists",
     )
     p.add_argument("--no-figures", action="store_true", help="skip drawing the figures")
     p.add_argument("--no-report", action="store_true", help="skip writing the interactive report.html")
@@ -162,9 +174,8 @@ def run_command(args: argparse.Namespace) -> int:
     signature = f"E_*/{layer}/n_{neuron}"
     columns = ["act_mean", "act_std", "act_active_frac", "bias", "weight_norm"]
     history = trace.query(signature, columns=columns)
-    print(
-        f"\nexample query: trace.query({signature!r})  (python -m nn_staining query {result.store} {signature!r})"
-    )
+    command = shlex.join(["python", "-m", "nn_staining", "query", str(result.store), signature])
+    print(f"\nexample query: trace.query({signature!r})  ({command})")
     print(f"the last {min(5, len(history))} of {len(history)} rows, one per recorded epoch:")
     print(history.tail(5).to_string())
     return 0

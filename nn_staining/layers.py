@@ -197,6 +197,43 @@ def output_layout(
     return OutputLayout(neurons=neurons, channel_first=channel_first, batch_dim=batch_dim)
 
 
+def unrecordable_reason(output: Any) -> str | None:
+    """Why ``output`` cannot be recorded (for the warning that lists skipped modules), or None when
+    it can: a layer's output is a floating-point tensor of one or more dimensions, or a tuple or list
+    whose first item is one (its width is checked once its layout is known)."""
+    value = output[0] if isinstance(output, (tuple, list)) and output else output
+    if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
+        return None
+    what = _describe_value(value)
+    if value is not output:
+        return f"{_article(type(output).__name__)} whose first item is {what}"
+    return what
+
+
+def _describe_value(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, Tensor):
+        if value.dim() == 0:
+            return "a 0-dim tensor"
+        return f"{_article(str(value.dtype).removeprefix('torch.'))} tensor"
+    return _article(type(value).__name__)
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def known_width(module: nn.Module) -> int | None:
+    """The number of output neurons a module's parameters fix (``out_features`` / ``out_channels``),
+    or None when only its output tells."""
+    for name in ("out_features", "out_channels"):
+        width = getattr(module, name, None)
+        if isinstance(width, int) and not isinstance(width, bool):
+            return width
+    return None
+
+
 def neuron_weights(module: nn.Module, neurons: int) -> tuple[Tensor | None, Tensor | None]:
     """The module's (weight, bias) parameters when their rows belong to its output neurons."""
     if isinstance(module, NO_NEURON_WEIGHTS):
@@ -242,7 +279,7 @@ def snapshot_weights(
             if weight is not None:
                 matrix = _host(weight.reshape(layout.neurons, -1))
                 if weight.grad is not None:
-                    grad = weight.grad.detach().reshape(layout.neurons, -1).to(torch.float32)
+                    grad = weight.grad.detach().reshape(layout.neurons, -1).to(torch.float64)  # no overflow
                     grad_norm = _host(torch.linalg.vector_norm(grad, dim=1))
             snapshot[key] = LayerWeights(matrix, None if bias is None else _host(bias), grad_norm)
     return snapshot

@@ -52,6 +52,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming a bad setting, before anything on disk is replaced."""
+        if self.run_name is not None:
+            check_run_name(self.run_name)
         for name in ("epochs", "hidden", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
@@ -59,6 +61,23 @@ class RunConfig:
             raise ValueError(f"lr={self.lr!r} must be positive")
         if self.probe < 0:
             raise ValueError(f"probe={self.probe!r} must be a sample count >= 0 (0: no probe set)")
+
+
+def check_run_name(name: str) -> str:
+    """``name`` when it is a plain folder name, the run's folder inside ``output_dir``; otherwise a
+    ``ValueError`` (an empty name, ``.``, ``..`` or a path would replace or write outside a run)."""
+    if not isinstance(name, str) or not name.strip():
+        problem = "it is empty"
+    elif name in (".", ".."):
+        problem = "it names the output folder or its parent"
+    elif any(c in name for c in "/\\\0"):
+        problem = "it is a path, not a name"
+    else:
+        return name
+    raise ValueError(
+        f"run_name {name!r} is not a plain folder name ({problem}); give a name such as 'moons_wide', "
+        "which becomes <output-dir>/<run-name>"
+    )
 
 
 @dataclass

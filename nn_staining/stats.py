@@ -38,6 +38,21 @@ class Segment(NamedTuple):
     samples: int
 
 
+class Batch:
+    """One forward pass of a phase: its index, the labels and mask given for it, and whether any of
+    its rows are buffered yet. A pass writes into the chunk current when each of its layers fires
+    (another thread's pass may end a chunk in the middle of it), so its labels and mask are stored
+    beside its rows in every chunk it writes into."""
+
+    __slots__ = ("index", "labels", "mask", "placed")
+
+    def __init__(self, index: int, labels: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+        self.index = index
+        self.labels = labels
+        self.mask = mask
+        self.placed = False
+
+
 @dataclass(frozen=True)
 class LabelSummary:
     """Every label given in a phase of an epoch: how many lie at or above ``num_classes``, the range."""
@@ -53,7 +68,9 @@ class Moments:
 
     Sums are of ``x - shift`` (``shift`` is the neuron's mean over the first chunk), taken in
     float32 within a chunk and accumulated across chunks in float64:
-    ``mean = shift + S1 / n`` and ``std = sqrt(S2 / n - (S1 / n)^2)`` (population).
+    ``mean = shift + S1 / n`` and ``std = sqrt(S2 / n - (S1 / n)^2)`` (population). A neuron whose
+    chunk strays more than 2^30 from its shift is summed divided by a power of two (exact), so its
+    squares cannot overflow float32 (they would from |x - shift| ≈ 1.8e19).
     """
 
     num_features: int
@@ -104,7 +121,19 @@ class Moments:
         scratch = scratch or Scratch()
         if self.shift is None:
             self.shift = torch.nan_to_num(rows.mean(0), nan=0.0, posinf=0.0, neginf=0.0)
-        centred = torch.sub(rows, self.shift, out=scratch.take(0, rows.shape, rows.device))
+        centred = scratch.take(0, rows.shape, rows.device)
+        scale = None
+        if self.class_only:  # per-class sums alone overflow float32 only past ~1e33
+            torch.sub(rows, self.shift, out=centred)
+        else:
+            low = rows if dropped is None else rows.masked_fill(dropped, math.inf)
+            high = rows if dropped is None else rows.masked_fill(dropped, -math.inf)
+            chunk_min, chunk_max = low.amin(0), high.amax(0)
+            torch.minimum(self.minimum, chunk_min, out=self.minimum)
+            torch.maximum(self.maximum, chunk_max, out=self.maximum)
+            scale = _chunk_scale(chunk_min, chunk_max, self.shift)
+            inverse = scale.reciprocal().to(torch.float32)
+            torch.addcmul(-(self.shift * inverse), rows, inverse, out=centred)  # (x - shift) / scale
         if dropped is None:
             self.count += rows.shape[0]
         else:
@@ -113,16 +142,12 @@ class Moments:
             self.kept = kept if self.kept is None else self.kept + kept
             if labels is not None:
                 labels = labels.masked_fill(dropped[:, 0], self.num_classes)
-        total = self._class_sums(centred, labels) if labels is not None else None
+        total = self._class_sums(centred, labels, scale) if labels is not None else None
         if self.class_only:
             return
-        self.sum += centred.sum(0) if total is None else total
+        self.sum += (centred.sum(0) if total is None else total) * scale
         work = scratch.take(1, rows.shape, rows.device)
-        self.sum_sq += torch.mul(centred, centred, out=work).sum(0)
-        low = rows if dropped is None else rows.masked_fill(dropped, math.inf)
-        high = rows if dropped is None else rows.masked_fill(dropped, -math.inf)
-        torch.minimum(self.minimum, low.amin(0), out=self.minimum)
-        torch.maximum(self.maximum, high.amax(0), out=self.maximum)
+        self.sum_sq += torch.mul(centred, centred, out=work).sum(0) * (scale * scale)
         active = torch.gt(rows, 0, out=work)  # a float 0/1 mask sums faster than a bool one
         self.active += (active if dropped is None else active.masked_fill_(dropped, 0.0)).sum(0)
         if rows.is_cuda or dropped is not None or not bool(torch.isfinite(self.sum).all()):
@@ -132,8 +157,11 @@ class Moments:
         if self.keep_batches and segments:
             self._update_batches(rows, segments)
 
-    def _class_sums(self, centred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Add per-class sums and counts; returns the chunk's total (all rows, labelled or not).
+    def _class_sums(
+        self, centred: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Add per-class sums (of ``centred × scale``) and counts; returns the chunk's total of
+        ``centred`` (all rows, labelled or not).
 
         ``index_add_`` on every device: its output size is fixed (no sync), a NaN row spoils only
         its own class, and no (classes × rows) one-hot matrix is built.
@@ -141,7 +169,7 @@ class Moments:
         c = self.num_classes
         sums = centred.new_zeros(c + 1, centred.shape[1]).index_add_(0, labels, centred)
         counts = centred.new_zeros(c + 1).index_add_(0, labels, centred.new_ones(labels.shape[0]))
-        self.class_sum += sums[:c]
+        self.class_sum += sums[:c] if scale is None else sums[:c] * scale
         self.class_count += counts[:c]
         return sums.sum(0)
 
@@ -194,17 +222,20 @@ class Moments:
         return self.count + (0 if self.kept is None else round(float(self.kept)))
 
     def result(self) -> LayerStats:
-        """The epoch's statistics as host numpy arrays (one device-to-host transfer per tensor)."""
+        """The epoch's statistics as host numpy arrays (one device-to-host transfer per tensor).
+
+        A layer with no observation (only empty batches) has count 0 and NaN statistics."""
         n = self.observations()
         shift = self.shift.to(torch.float64) if self.shift is not None else 0.0
-        mean_centred = self.sum / n
+        mean_centred = self.sum / n  # 0 / 0: NaN without observations
         var = (self.sum_sq / n - mean_centred * mean_centred).clamp_min(0.0)
+        low, high = (self.minimum, self.maximum) if n else (torch.full_like(self.minimum, math.nan),) * 2
         activations = ActivationStats(
             act_count=np.full(self.num_features, n, dtype=np.int64),
             act_mean=(mean_centred + shift).cpu().numpy(),
             act_std=var.sqrt().cpu().numpy(),
-            act_min=self.minimum.cpu().numpy(),
-            act_max=self.maximum.cpu().numpy(),
+            act_min=low.cpu().numpy(),
+            act_max=high.cpu().numpy(),
             act_active_frac=(self.active / n).cpu().numpy(),
             act_nan_count=self.nonfinite.round().to(torch.int64).cpu().numpy(),
         )
@@ -212,8 +243,37 @@ class Moments:
         if self.batches:
             stacked = torch.cat([t for _, t in self.batches], dim=1).cpu().numpy()
             ids = np.array([b for ids, _ in self.batches for b in ids], dtype=np.int32)
+            if len(np.unique(ids)) < len(ids):
+                ids, stacked = _merge_batch_runs(ids, stacked)
             batches = BatchStats(ids, stacked[0].round().astype(np.int64), *stacked[1:])
         return LayerStats(activations, self.class_means(), batches)
+
+
+def _chunk_scale(low: torch.Tensor, high: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per neuron, the float64 power of two that brings the chunk's ``x - shift`` within 2^30
+    (1 for ordinary values, and where the chunk holds NaN, ±Inf or no observation)."""
+    shift = shift.to(torch.float64)
+    reach = torch.maximum(high.to(torch.float64) - shift, shift - low.to(torch.float64))
+    exponent = torch.ceil(torch.log2(reach)) - 30
+    exponent = torch.where(torch.isfinite(exponent), exponent, 0.0).clamp_min(0.0)
+    return torch.exp2(exponent)
+
+
+def _merge_batch_runs(ids: np.ndarray, stacked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch (count, mean, std, min, max) rows of a batch split over several chunks (a pass of
+    another thread ended a chunk in the middle of its pass) merged into one row per batch."""
+    unique, where = np.unique(ids, return_inverse=True)
+    count, mean, std, low, high = stacked
+    out = np.zeros((5, len(unique), stacked.shape[2]))
+    np.add.at(out[0], where, count)
+    np.add.at(out[1], where, count * mean)
+    np.add.at(out[2], where, count * (std * std + mean * mean))
+    out[1] /= out[0]
+    out[2] = np.sqrt(np.maximum(out[2] / out[0] - out[1] * out[1], 0.0))
+    out[3], out[4] = np.inf, -np.inf
+    np.minimum.at(out[3], where, low)
+    np.maximum.at(out[4], where, high)
+    return unique.astype(np.int32), out
 
 
 class Scratch:
@@ -252,6 +312,7 @@ class Chunk:
         self.labels: torch.Tensor | None = None
         self.label_fill = 0
         self.label_runs: dict[int, tuple[int, int]] = {}
+        self.repeated_labels: list[tuple[int, int]] = []  # runs stored before in an earlier chunk
         self.masks: dict[int, torch.Tensor] = {}
         self.batches = 0
         self.nbytes = 0
@@ -268,6 +329,7 @@ class Chunk:
             buf.segments = []
         self.label_fill = 0
         self.label_runs = {}
+        self.repeated_labels = []
         self.masks = {}
         self.batches = 0
         self.nbytes = 0
@@ -306,7 +368,8 @@ class PhaseStats:
 
     Call :meth:`start_batch` once per forward pass, :meth:`add` / :meth:`add_mean` from each
     layer's hook (``inputs=True`` for a Linear's input, whose per-class means feed pathways), then
-    :meth:`finish` once. A full chunk is reduced when the next batch starts.
+    :meth:`finish` once. A full chunk is reduced when the next batch starts. Passes of several
+    threads give each its :class:`Batch` to ``add``; the caller serialises the calls.
     """
 
     def __init__(
@@ -323,7 +386,8 @@ class PhaseStats:
         self.moments: dict[str, Moments] = {}
         self.inputs: dict[str, Moments] = {}
         self._chunk: Chunk | None = None
-        self._pending_labels: torch.Tensor | None = None
+        self._current: Batch | None = None  # the batch of callers that pass none
+        self._empty: dict[str, tuple[int, torch.device]] = {}  # layers seen in empty batches only
         self._batch = -1
         self._label_low: torch.Tensor | None = None
         self._label_high: torch.Tensor | None = None
@@ -336,11 +400,12 @@ class PhaseStats:
             self.num_classes = num_classes
 
     # -- per batch -------------------------------------------------------------------------------
-    def start_batch(self, labels: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
+    def start_batch(self, labels: torch.Tensor | None, mask: torch.Tensor | None = None) -> Batch:
         """Begin a forward pass; ``labels`` (batch,) int64 on any device, or None; ``mask``
         (batch, …) bool marks the samples / positions that are observations (None: all).
 
         The chunk is reduced first when it holds ``chunk_bytes`` or ``MAX_BATCHES_PER_CHUNK`` batches.
+        Returns the pass's :class:`Batch` (also the default of :meth:`add` from now on).
         """
         chunk = self._chunk
         if chunk is None:
@@ -350,64 +415,90 @@ class PhaseStats:
             chunk = self._chunk = self.pool.acquire()
         self._batch += 1
         chunk.batches += 1
-        self._pending_labels = labels
-        if mask is not None:
-            chunk.masks[self._batch] = mask
+        self._current = Batch(self._batch, labels, mask)
+        return self._current
 
     def drop_labels(self) -> None:
         """Forget the labels given for the current batch (they did not fit it)."""
-        self._pending_labels = None
+        if self._current is not None:
+            self._current.labels = None
 
     def pending_labels(self) -> int | None:
         """The number of labels given for the current batch and not yet stored, or None."""
-        return None if self._pending_labels is None else self._pending_labels.shape[0]
+        batch = self._current
+        return None if batch is None or batch.placed or batch.labels is None else batch.labels.shape[0]
 
     def add(
-        self, layer: str, rows: torch.Tensor, samples: int | None = None, *, inputs: bool = False
+        self,
+        layer: str,
+        rows: torch.Tensor,
+        samples: int | None = None,
+        *,
+        inputs: bool = False,
+        batch: Batch | None = None,
     ) -> None:
         """Copy one batch of a layer's observations (n, features) into its buffer (the hot path).
 
         ``samples`` is the size of the output's batch dimension (default: one sample per row);
-        the batch's labels and mask apply only when it equals their sample count.
+        the batch's labels and mask apply only when it equals their sample count. ``batch`` is the
+        pass the rows belong to (default: the last one started).
         """
-        buf = self._room(layer, inputs, rows.shape[0], rows.shape[1], rows.device)
-        if buf is not None:
-            buf.rows[buf.fill : buf.fill + rows.shape[0]].copy_(rows)
-            self._filled(buf, rows.shape[0], rows.device, rows.shape[0] if samples is None else samples)
+        n = rows.shape[0]
+        if n == 0:
+            self._saw_empty(layer, inputs, rows.shape[1], rows.device)
+            return
+        buf = self._room(layer, inputs, n, rows.shape[1], rows.device)
+        buf.rows[buf.fill : buf.fill + n].copy_(rows)
+        self._filled(buf, batch, n, rows.device, n if samples is None else samples)
 
-    def add_mean(self, layer: str, values: torch.Tensor, dims: tuple[int, ...]) -> None:
+    def add_mean(
+        self, layer: str, values: torch.Tensor, dims: tuple[int, ...], batch: Batch | None = None
+    ) -> None:
         """Like :meth:`add` for the mean of ``values`` over ``dims`` (convolution channels).
 
         The mean is taken in float32 whatever the model's dtype (bf16/fp16 means lose the spread).
         """
         n = values.shape[0]
-        buf = self._room(layer, False, n, values.shape[1], values.device)
-        if buf is not None:
-            target = buf.rows[buf.fill : buf.fill + n]
-            if values.dtype == torch.float32:
-                torch.mean(values, dim=dims, out=target)
-            else:
-                target.copy_(values.mean(dim=dims, dtype=torch.float32))
-            self._filled(buf, n, values.device, n)
-
-    def _room(self, layer: str, inputs: bool, n: int, f: int, device: torch.device) -> _Buffer | None:
-        """The layer's buffer with room for ``n`` rows, or None for an empty batch."""
         if n == 0:
-            return None
-        if self._chunk is None:  # a module called outside a forward of the model: its own batch
+            self._saw_empty(layer, False, values.shape[1], values.device)
+            return
+        buf = self._room(layer, False, n, values.shape[1], values.device)
+        target = buf.rows[buf.fill : buf.fill + n]
+        if values.dtype == torch.float32:
+            torch.mean(values, dim=dims, out=target)
+        else:
+            target.copy_(values.mean(dim=dims, dtype=torch.float32))
+        self._filled(buf, batch, n, values.device, n)
+
+    def _saw_empty(self, layer: str, inputs: bool, f: int, device: torch.device) -> None:
+        """An empty batch: the layer is still written (count 0) if no batch gives it rows."""
+        if not inputs and f and layer not in self._empty:
+            self._empty[layer] = (f, device)
+            self.has_rows = True
+
+    def _room(self, layer: str, inputs: bool, n: int, f: int, device: torch.device) -> _Buffer:
+        """The layer's buffer with room for ``n`` more rows."""
+        if self._current is None:  # rows before any start_batch: a batch of their own
             self.start_batch(None)
+        elif self._chunk is None:
+            self._chunk = self.pool.acquire()
         buf = (self._chunk.inputs if inputs else self._chunk.outputs).get(layer)
         if buf is None or buf.fill + n > buf.capacity:
             buf = self._make_room(layer, inputs, n, f, device)
         return buf
 
-    def _filled(self, buf: _Buffer, n: int, device: torch.device, samples: int) -> None:
+    def _filled(self, buf: _Buffer, batch: Batch | None, n: int, device: torch.device, samples: int) -> None:
+        batch = batch or self._current
+        chunk = self._chunk
         buf.fill += n
-        buf.segments.append(Segment(self._batch, n, samples))
-        self._chunk.nbytes += n * buf.rows.shape[1] * 4
+        buf.segments.append(Segment(batch.index, n, samples))
+        chunk.nbytes += n * buf.rows.shape[1] * 4
         self.has_rows = True
-        if self._pending_labels is not None:
-            self._store_labels(device)
+        if batch.labels is not None and batch.index not in chunk.label_runs:
+            self._store_labels(batch, device)
+        if batch.mask is not None and batch.index not in chunk.masks:
+            chunk.masks[batch.index] = batch.mask
+        batch.placed = True
 
     def _make_room(self, layer: str, inputs: bool, n: int, f: int, device: torch.device) -> _Buffer:
         """A layer's buffer with room for ``n`` more rows: new (first batch) or grown."""
@@ -431,8 +522,8 @@ class PhaseStats:
                 buf.rows, buf.capacity = grown, capacity
         return buf
 
-    def _store_labels(self, device: torch.device) -> None:
-        labels, self._pending_labels = self._pending_labels, None
+    def _store_labels(self, batch: Batch, device: torch.device) -> None:
+        labels = batch.labels
         chunk, n = self._chunk, labels.shape[0]
         if chunk.labels is None or chunk.labels.device != device or chunk.label_fill + n > len(chunk.labels):
             with plain_tensor_mode(device):
@@ -441,7 +532,9 @@ class PhaseStats:
                     grown[: chunk.label_fill].copy_(chunk.labels[: chunk.label_fill])
             chunk.labels = grown
         chunk.labels[chunk.label_fill : chunk.label_fill + n].copy_(labels, non_blocking=True)
-        chunk.label_runs[self._batch] = (chunk.label_fill, n)
+        chunk.label_runs[batch.index] = (chunk.label_fill, n)
+        if batch.placed:  # counted with the chunk it was first stored in
+            chunk.repeated_labels.append((chunk.label_fill, n))
         chunk.label_fill += n
 
     # -- reductions ------------------------------------------------------------------------------
@@ -451,16 +544,19 @@ class PhaseStats:
         if chunk is None:
             return
         if chunk.label_fill and self.num_classes:
-            self._count_labels(chunk.labels[: chunk.label_fill])
+            self._count_labels(chunk.labels[: chunk.label_fill], chunk.repeated_labels)
         with plain_tensor_mode(self._chunk_device(chunk)):
             self._reduce(chunk)
         self.pool.release(chunk)
 
-    def _count_labels(self, labels: torch.Tensor) -> None:
+    def _count_labels(self, labels: torch.Tensor, repeated: list[tuple[int, int]]) -> None:
         """Track, on the device, the range of the labels and how many lie at or above num_classes
-        (negative labels mean "ignore", as ``ignore_index`` does)."""
+        (negative labels mean "ignore", as ``ignore_index`` does); ``repeated`` runs were counted
+        with an earlier chunk."""
         low, high = torch.aminmax(labels)
         bad = (labels >= self.num_classes).sum()
+        for start, n in repeated:
+            bad = bad - (labels[start : start + n] >= self.num_classes).sum()
         if self._label_low is None:
             self._label_low, self._label_high, self._label_bad = low, high, bad
         else:
@@ -541,6 +637,13 @@ class PhaseStats:
     def reduce_pending(self) -> None:
         """Fold the buffered batches into the running sums now (before a merge across ranks)."""
         self._reduce_chunk()
+        self._add_empty_layers()
+
+    def _add_empty_layers(self) -> None:
+        """Running sums (count 0) for the layers that saw only empty batches."""
+        for layer, (width, device) in self._empty.items():
+            if layer not in self.moments:
+                self.moments[layer] = Moments(width, self.num_classes, device, self.keep_batches)
 
     def layer_moments(self, inputs: bool = False) -> dict[str, Moments]:
         """Each layer's running sums (of its outputs, or with ``inputs`` of a Linear's inputs)."""
@@ -567,6 +670,7 @@ class PhaseStats:
     def finish(self) -> PhaseRecord:
         """Reduce what is left and bring the phase's statistics to the host (once per epoch)."""
         self._reduce_chunk()
+        self._add_empty_layers()
         outputs = {layer: m.result() for layer, m in self.moments.items()}
         inputs = {layer: m.class_means() for layer, m in self.inputs.items()}
         return PhaseRecord(self.phase, outputs, {k: v for k, v in inputs.items() if v is not None})
@@ -577,3 +681,66 @@ class PhaseStats:
             return None
         bad, low, high = torch.stack([self._label_bad, self._label_low, self._label_high]).tolist()
         return LabelSummary(int(bad), int(low), int(high))
+
+
+def checked_on_the_host(labels: torch.Tensor) -> bool:
+    """Whether ``labels`` are checked at once (CPU tensors: looking costs no device sync) rather
+    than counted on their device and refused at the epoch's end."""
+    return labels.device.type == "cpu"
+
+
+class LabelFaults:
+    """Float labels that name no class: fractional, NaN or infinite values (NaN or infinite values
+    in one-hot / probability rows). CPU labels are refused at once; labels on an accelerator are
+    counted there, with no host transfer per batch, and refused by :meth:`raise_any` at end_epoch."""
+
+    def __init__(self) -> None:
+        self.count: torch.Tensor | None = None
+        self.example: torch.Tensor | None = None
+        self.rows = False
+
+    def check(self, labels: torch.Tensor, rows: bool = False, defer: bool = True) -> torch.Tensor | None:
+        """The faulty labels (a bool mask over the labels, or over the rows with ``rows``) to leave
+        unlabelled, None when there are none to leave; raises ``ValueError`` when checked at once."""
+        if labels.numel() == 0:
+            return None
+        values = labels.detach()
+        bad = ~torch.isfinite(values) if rows else (values != torch.round(values)) | ~torch.isfinite(values)
+        if not defer or checked_on_the_host(values):
+            if bool(bad.any()):
+                raise ValueError(self._message(int(bad.sum()), float(values[bad][0]), rows))
+            return None
+        flat = bad.reshape(-1)
+        first = values.reshape(-1)[flat.to(torch.uint8).argmax()].to(torch.float64)
+        count = flat.sum()
+        if self.count is None:
+            self.count, self.example = count, first
+        else:
+            self.example = torch.where(self.count > 0, self.example, first)
+            self.count = self.count + count
+        self.rows = self.rows or rows
+        return bad.any(1) if rows else bad
+
+    def raise_any(self, epoch: int) -> None:
+        """Raise ``ValueError`` when faulty labels were counted this epoch (one host transfer)."""
+        if self.count is None:
+            return
+        count, example = torch.stack([self.count.to(torch.float64), self.example]).tolist()
+        if count:
+            raise ValueError(
+                f"epoch {epoch}: {self._message(round(count), example, self.rows)}. They were left out of "
+                "the per-class statistics and the epoch was still written"
+            )
+
+    @staticmethod
+    def _message(count: int, example: float, rows: bool) -> str:
+        if rows:
+            return (
+                f"set_targets got {count} NaN or infinite values in one-hot / probability rows "
+                f"(e.g. {example:g}); rows must be finite"
+            )
+        return (
+            f"set_targets got {count} float labels that are not class indices (fractional, NaN or "
+            f"infinite; e.g. {example:g}); give integer classes, or 0/1 and one-hot floats that are "
+            "exactly integral"
+        )

@@ -5,67 +5,167 @@ the labels given by ``set_targets``; each layer's hook copies its output (and an
 input, for pathways) into :class:`~nn_staining.stats.PhaseStats` buffers. A module called on its
 own, outside a forward of the whole model, starts its own batch. Hooks exist only while a
 recorded epoch is open.
+
+Each thread keeps its own pass: labels given by ``set_targets`` in a thread serve that thread's
+next pass, and passes of a thread pool calling one model are recorded as separate batches (a lock
+serialises the appends). ``nn.DataParallel`` replicas are refused; a copy of the model (which
+carries the hooks along) is not recorded.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .layers import OutputLayout, describe_layer, output_layout
-from .stats import PhaseStats
+from .layers import OutputLayout, describe_layer, known_width, output_layout, unrecordable_reason
+from .stats import Batch, LabelFaults, PhaseStats
 
 log = logging.getLogger(__name__)
 _NO_PASS = object()  # no forward of the whole model is running
+_RECORDABLE = (
+    "a layer's output must be a floating-point tensor with at least one neuron, or a tuple whose "
+    "first item is one"
+)
+
+
+@dataclass
+class _ThreadPass:
+    """One thread's bookkeeping: the phase of the model pass it is in (``_NO_PASS`` between passes),
+    that pass's batch, the layers that fired in it, and the labels given for its next pass."""
+
+    stats: Any = _NO_PASS
+    batch: Batch | None = None
+    direct: PhaseStats | None = None  # the phase of a run of modules called on their own
+    fired: set[str] = field(default_factory=set)
+    last_output: tuple[weakref.ref, str] | None = None
+    targets: Tensor | None = None
+    mask: Tensor | None = None
 
 
 class HookTap:
     """Owns the hooks, the per-batch bookkeeping and what was learnt about each layer's output."""
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Module]) -> None:
+        zero = {key: "0 neurons" for key, m in modules.items() if known_width(m) == 0}
+        if len(zero) == len(modules):
+            raise ValueError(_no_recordable_layer(zero))
         self.model = model
         self.modules = modules
         self.layouts: dict[str, OutputLayout] = {}
         self.descriptions: dict[str, dict[str, Any]] = {}
-        self.targets: Tensor | None = None
-        self.mask: Tensor | None = None
+        self.skipped: dict[str, str] = {}  # layers whose output could not be recorded, and why
+        self.label_faults = LabelFaults()
         self._phases: dict[str, PhaseStats] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._current: PhaseStats | None | object = _NO_PASS
-        self._fired: set[str] = set()
-        self._last_output: tuple[weakref.ref, str] | None = None
+        self._threads: dict[threading.Thread, _ThreadPass] = {}
+        self._lock = threading.Lock()
+        self._passes = {"train": 0, "eval": 0}
         self._width_warned: set[str] = set()
+        self._reported: set[str] = set()
+
+    def __deepcopy__(self, memo: dict) -> HookTap:
+        """A deep copy of the hooked model keeps hooks bound to this tap, which ignores its modules."""
+        return self
+
+    # -- labels --------------------------------------------------------------------------------
+    def _thread(self) -> _ThreadPass:
+        thread = threading.current_thread()
+        state = self._threads.get(thread)
+        if state is None:
+            state = self._threads[thread] = _ThreadPass()
+        return state
+
+    @property
+    def targets(self) -> Tensor | None:
+        """The labels given for this thread's next pass."""
+        return self._thread().targets
+
+    @targets.setter
+    def targets(self, targets: Tensor | None) -> None:
+        self._thread().targets = targets
+
+    def give_labels(self, targets: Tensor | None, mask: Tensor | None) -> None:
+        """Hand labels (and a mask) to this thread's next forward pass; a second call before that
+        pass is a ``RuntimeError``."""
+        state = self._thread()
+        if state.targets is not None or state.mask is not None:
+            raise RuntimeError(
+                "set_targets() called twice before a forward pass: the labels of the first call were not "
+                "used yet. Call set_targets(y) once right before each model(x)"
+            )
+        state.targets, state.mask = targets, mask
 
     def ordered_layers(self) -> list[str]:
         """The layers that produced an output so far, in model order."""
         return [k for k in self.modules if k in self.layouts]
 
+    # -- attaching -----------------------------------------------------------------------------
     def attach(self, phases: dict[str, PhaseStats]) -> None:
         """Hook the model for an epoch whose statistics go to ``phases`` (by phase name)."""
         self._phases = phases
+        self.label_faults = LabelFaults()
+        self._passes = {"train": 0, "eval": 0}
         if self._handles:
             return
-        self._current, self._fired = _NO_PASS, set()
+        self._threads = {}
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
         for key, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(key)))
         # after the layers' hooks: when the model itself is a layer, its hook still sees the pass
         self._handles.append(self.model.register_forward_hook(self._on_forward_end))
 
-    def detach(self) -> None:
-        """Remove every hook; labels not yet used are dropped."""
+    def detach(self, epoch: int | None = None) -> None:
+        """Remove every hook; labels not yet used are dropped (with a warning naming ``epoch``)."""
         for handle in self._handles:
             handle.remove()
+        unused = sum(s.targets is not None or s.mask is not None for s in self._threads.values())
+        if unused and epoch is not None:
+            log.warning(
+                "epoch %d: labels given to set_targets were never used (no forward pass of the model "
+                "followed them%s); they are dropped",
+                epoch,
+                f", in {unused} threads" if unused > 1 else "",
+            )
         self._handles = []
         self._phases = {}
-        self._last_output = None
-        self.targets = self.mask = None
+        self._threads = {}
 
+    def report(self, epoch: int, written: bool) -> None:
+        """At the end of a recorded epoch: one warning that lists modules skipped for the first time
+        (their output cannot be recorded), a ``ValueError`` when no layer's output could be recorded,
+        and a warning when the epoch recorded nothing."""
+        if self.skipped and not self.layouts:
+            raise ValueError(_no_recordable_layer(self.skipped))
+        new = [
+            k for k in self.modules if k in self.skipped and k not in self.layouts and k not in self._reported
+        ]
+        if new:
+            self._reported.update(new)
+            log.warning(
+                "not recorded, their output cannot be: %s (%s)",
+                ", ".join(f"{k} ({self.skipped[k]})" for k in new),
+                _RECORDABLE,
+            )
+        if not written:
+            if self._passes["eval"] and not self._passes["train"] and "eval" not in self._phases:
+                why = (
+                    f"its {self._passes['eval']} forward passes ran in eval mode, which are recorded "
+                    "only with record_eval=True"
+                )
+            elif not any(self._passes.values()):
+                why = "no forward pass of the model ran between start_epoch and end_epoch"
+            else:
+                why = "no recorded layer produced an output"
+            log.warning("epoch %d recorded nothing and is not written: %s", epoch, why)
+
+    # -- hooks ---------------------------------------------------------------------------------
     def _phase_stats(self, module: nn.Module) -> PhaseStats | None:
         """The statistics of the phase ``module``'s mode selects (None when it is not recorded)."""
         return self._phases.get("train" if module.training else "eval")
@@ -73,56 +173,77 @@ class HookTap:
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
         """A new batch: its phase is the model's mode (a frozen submodule in eval mode stays in the
         training record); the labels given by set_targets serve this one pass."""
-        stats = self._phase_stats(module)
-        self._current, self._fired = stats, set()
-        if stats is not None:
-            stats.start_batch(self.targets, self.mask)
-        self.targets = self.mask = None
-        self._last_output = None
+        if module is not self.model:
+            _refuse_replica(module)
+            return
+        with self._lock:
+            state = self._thread()
+            stats = self._phase_stats(module)
+            self._passes["train" if module.training else "eval"] += 1
+            state.stats, state.fired, state.last_output, state.direct = stats, set(), None, None
+            state.batch = None if stats is None else stats.start_batch(state.targets, state.mask)
+            state.targets = state.mask = None
 
     def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         """The model's pass is over: modules called on their own from now on make their own batches."""
-        self._current, self._fired = _NO_PASS, set()
+        if module is not self.model:
+            return
+        with self._lock:
+            state = self._thread()
+            state.stats, state.fired, state.batch = _NO_PASS, set(), None
 
     def _make_hook(self, key: str) -> Callable[[nn.Module, tuple, Any], None]:
         """The forward hook of layer ``key``: copy its output (and a Linear's input) into the buffers."""
-        linear = isinstance(self.modules[key], nn.Linear)
-        layouts = self.layouts
+        own = self.modules[key]
+        linear = isinstance(own, nn.Linear)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if _recomputing_in_backward():  # activation checkpointing replays the forward: seen once
                 return
-            stats = self._current
-            direct = stats is _NO_PASS
-            if direct:  # a module called outside a forward of the whole model
-                stats = self._phase_stats(module)
-            if stats is None:
+            if module is not own:  # a replica or a copy of the model
+                _refuse_replica(module)
                 return
-            if direct and (not self._fired or key in self._fired):  # a new call of the submodules
-                stats.start_batch(self.targets, self.mask)
-                self.targets, self.mask, self._fired = None, None, set()
-            raw = output if isinstance(output, Tensor) else _first_tensor(output)
-            if raw is None or not raw.is_floating_point() or raw.dim() == 0:
-                return
-            out = raw.detach()
-            layout = layouts.get(key) or self._discover(key, module, out)
-            if layout.width(out) != layout.neurons:
-                self._warn_width(key, layout, out)
-                return
-            samples = layout.samples(out)
-            if stats.pending_labels() is not None:
-                self._check_batch(key, stats, samples)
-            if layout.channel_first:
-                stats.add_mean(key, out, layout.spatial_dims(out))
-            else:
-                stats.add(key, layout.rows(out), samples)
-            if linear and stats.num_classes and args and isinstance(args[0], Tensor):
-                inputs = args[0].detach()  # laid out like the layer's own output rows
-                stats.add(key, layout.rows(inputs, inputs.shape[-1]), samples, inputs=True)
-            self._last_output = (weakref.ref(raw), key)
-            self._fired.add(key)
+            with self._lock:
+                self._record(key, module, linear, args, output)
 
         return hook
+
+    def _record(self, key: str, module: nn.Module, linear: bool, args: tuple, output: Any) -> None:
+        state = self._thread()
+        stats = state.stats
+        direct = stats is _NO_PASS
+        if direct:  # a module called outside a forward of the whole model
+            stats = self._phase_stats(module)
+        if stats is None:
+            return
+        if direct and (not state.fired or key in state.fired or state.direct is not stats):
+            state.batch = stats.start_batch(state.targets, state.mask)  # a new call of the submodules
+            state.targets = state.mask = None
+            state.fired, state.direct = set(), stats
+        raw = output if isinstance(output, Tensor) else _first_tensor(output)
+        if raw is None or not raw.is_floating_point() or raw.dim() == 0:
+            if key not in self.skipped:
+                self.skipped[key] = unrecordable_reason(output) or type(output).__name__
+            return
+        out = raw.detach()
+        layout = self.layouts.get(key) or self._discover(key, module, out, state)
+        if layout is None:
+            return
+        if layout.width(out) != layout.neurons:
+            self._warn_width(key, layout, out)
+            return
+        samples, batch = layout.samples(out), state.batch
+        if batch.labels is not None and not batch.placed:
+            self._check_batch(key, batch, samples)
+        if layout.channel_first:
+            stats.add_mean(key, out, layout.spatial_dims(out), batch=batch)
+        else:
+            stats.add(key, layout.rows(out), samples, batch=batch)
+        if linear and stats.num_classes and args and isinstance(args[0], Tensor) and args[0].shape[-1]:
+            inputs = args[0].detach()  # laid out like the layer's own output rows
+            stats.add(key, layout.rows(inputs, inputs.shape[-1]), samples, inputs=True, batch=batch)
+        state.last_output = (weakref.ref(raw), key)
+        state.fired.add(key)
 
     def _warn_width(self, key: str, layout: OutputLayout, out: Tensor) -> None:
         if key not in self._width_warned:
@@ -135,28 +256,53 @@ class HookTap:
                 layout.neurons,
             )
 
-    def _check_batch(self, key: str, stats: PhaseStats, batch: int) -> None:
+    @staticmethod
+    def _check_batch(key: str, batch: Batch, samples: int) -> None:
         """The first layer of a pass must see as many samples as set_targets gave labels."""
-        labels = stats.pending_labels()
-        if batch != labels:
-            self.targets = None
-            stats.drop_labels()
+        labels = batch.labels.shape[0]
+        if samples != labels:
+            batch.labels = None
             raise ValueError(
-                f"set_targets got {labels} labels but layer {key!r} saw a batch of {batch} samples; "
+                f"set_targets got {labels} labels but layer {key!r} saw a batch of {samples} samples; "
                 "call set_targets(y) with the labels of the batch passed to the model"
             )
 
-    def _discover(self, key: str, module: nn.Module, out: Tensor) -> OutputLayout:
-        """Learn a layer's layout from its first output (and the output recorded just before it)."""
+    def _discover(self, key: str, module: nn.Module, out: Tensor, state: _ThreadPass) -> OutputLayout | None:
+        """Learn a layer's layout from its first output (and the output recorded just before it in
+        the same thread); None for an output of width 0, which is skipped."""
         previous = previous_shape = None
-        if self._last_output is not None:
-            ref, prev_key = self._last_output
+        if state.last_output is not None:
+            ref, prev_key = state.last_output
             prev = ref()
             if prev is not None:
                 previous, previous_shape = self.layouts[prev_key], tuple(prev.shape)
-        layout = self.layouts[key] = output_layout(module, out, previous, previous_shape)
+        layout = output_layout(module, out, previous, previous_shape)
+        if layout.neurons == 0:
+            self.skipped.setdefault(key, "0 neurons")
+            return None
+        self.layouts[key] = layout
         self.descriptions[key] = describe_layer(key, module, layout)
         return layout
+
+
+def _no_recordable_layer(skipped: dict[str, str]) -> str:
+    listed = ", ".join(f"{key} ({why})" for key, why in skipped.items())
+    return (
+        f"no layer of the model gives a recordable output: {listed}; {_RECORDABLE}. "
+        "Choose the modules to record with layers="
+    )
+
+
+def _refuse_replica(module: nn.Module) -> None:
+    """Hooks fired by a module that is not the hooked one: a copy of the model is ignored, an
+    ``nn.DataParallel`` replica is refused (it runs on another device, with part of the batch)."""
+    if getattr(module, "_is_replica", False):
+        raise RuntimeError(
+            "nn.DataParallel runs replicas of the model on several devices in threads; nn_staining does "
+            "not record them (a batch's labels cannot follow its scattered parts). Train with "
+            "DistributedDataParallel (each rank records and end_epoch merges them), or call the model "
+            "without DataParallel"
+        )
 
 
 def _recomputing_in_backward() -> bool:
