@@ -321,11 +321,11 @@ def graph_layout(
     nodes = pd.concat(rows, ignore_index=True).set_index(["layer", "neuron"])
     nodes["path_score"] = _node_scores(edges).reindex(nodes.index).fillna(0.0).to_numpy()
     if image_shape is not None:  # a pixel on a path takes the colour of the class of its strongest path
+        nodes["evidence"] = 0
         starts = edges[edges["source"].str.startswith("x/")].sort_values("score", kind="stable")
         for c, source in zip(starts["target_class"], starts["source"]):
             nodes.at[("x", _split(source)[1]), "colour"] = tuple(palette[c])
             nodes.at[("x", _split(source)[1]), "evidence"] = evidence.get((c, _split(source)[1]), 1)
-        nodes["evidence"] = nodes.get("evidence", pd.Series(0, index=nodes.index)).fillna(0).astype(np.int64)
     edges = _place_edges(edges, nodes, columns, widths)
     labels = [_column_label(trace, layer, chain) for layer in columns]
     return GraphLayout(
