@@ -228,17 +228,79 @@ def test_invalid_index_selection(kwargs: dict) -> None:
         IndexSelection(**kwargs)
 
 
-def test_invalid_signature_construction() -> None:
-    with pytest.raises(ValueError):
-        Signature(one(1), None, one(2))
-    with pytest.raises(ValueError):
-        Signature(one(1), "hidden_1")
-    with pytest.raises(ValueError):
-        Signature(one(1), "L_")
-    with pytest.raises(TypeError):
-        Signature("E_1")  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        IndexSelection(values=(True,))
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: Signature(one(1), None, one(2)), ValueError, "a neuron selection needs a layer"),
+        (lambda: Signature(one(1), "hidden_1"), ValueError, "layer part 'hidden_1' does not start with 'L_'"),
+        (lambda: Signature(one(1), "L_"), ValueError, "layer part 'L_' has an empty name"),
+        (lambda: Signature(one(1), "L_a/b"), ValueError, "layer part 'L_a/b' contains '/'"),
+        (lambda: Signature(one(1), "L_a\tb"), ValueError, "layer part 'L_a\\tb' contains whitespace"),
+        (lambda: Signature("E_1"), TypeError, "epochs must be an IndexSelection, got 'E_1'"),
+        (
+            lambda: Signature(one(1), "L_a", "n_2"),
+            TypeError,
+            "neurons must be an IndexSelection or None, got 'n_2'",
+        ),
+        (lambda: Signature(one(1), 3), TypeError, "layer must be a str or None, got 3"),
+        (lambda: IndexSelection(values=(True,)), TypeError, "a selected value must be an int, got True"),
+        (lambda: IndexSelection(values=(-2,)), ValueError, "a selected value must be non-negative, got -2"),
+        (
+            lambda: IndexSelection(values=()),
+            ValueError,
+            "values must not be empty; use IndexSelection() for '*'",
+        ),
+        (lambda: IndexSelection(values="12"), TypeError, "values must be a tuple of ints, got '12'"),
+        (lambda: IndexSelection(values=5), TypeError, "values must be a tuple of ints, got 5"),
+        (
+            lambda: IndexSelection(start=1, values=(1,)),
+            ValueError,
+            "IndexSelection takes either start/stop or values, not both",
+        ),
+        (lambda: IndexSelection(stop=4), ValueError, "a range needs both start and stop"),
+        (lambda: IndexSelection(start=-1, stop=2), ValueError, "range start must be non-negative, got -1"),
+        (lambda: IndexSelection(start=1, stop=1.5), TypeError, "range stop must be an int, got 1.5"),
+        (lambda: IndexSelection(start=5, stop=3), ValueError, "empty range 5:3; need start < stop"),
+        (lambda: parse_signature(b"E_1"), TypeError, "signature must be a str, got bytes: b'E_1'"),
+        (lambda: format_signature("x"), ValueError, "epochs 'x' is not a selection: *, 3, 2:5 or 1,4,7"),
+        (lambda: format_signature(1, "a", -2), ValueError, "neurons must be non-negative, got -2"),
+        (lambda: format_signature(1.5), TypeError, "epochs must be an int, got 1.5"),
+        (lambda: layer_key(None), TypeError, "layer name must be a str, got None"),
+        (lambda: epoch_key(-1), ValueError, "epoch must be non-negative, got -1"),
+        (lambda: epoch_key(True), TypeError, "epoch must be an int, got True"),
+        (lambda: neuron_key(-3), ValueError, "neuron must be non-negative, got -3"),
+        (lambda: neuron_key(2.0), TypeError, "neuron must be an int, got 2.0"),
+        (lambda: parse_key("E_", 3), TypeError, "key must be a str, got 3"),
+        (lambda: parse_key("n_", "n_x"), ValueError, "key 'n_x' is not of the form n_<int>"),
+    ],
+)
+def test_error_messages_name_the_bad_value(call, error: type, message: str) -> None:
+    with pytest.raises(error) as info:
+        call()
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        ("", "it is empty"),
+        ("E_1/L_a/n_2/", "trailing '/'"),
+        ("E_1-", "trailing '-'"),
+        ("E_1/L_a/n_2/x", "4 parts, at most 3 allowed"),
+        ("E_1/n_2", "neuron part 'n_2' needs a layer part L_<name> before it"),
+        ("E_1/hidden", "layer part 'hidden' does not start with 'L_'"),
+        ("E_1/L_", "layer part 'L_' has an empty name"),
+        ("E_1/L_a b", "layer part 'L_a b' contains whitespace"),
+        ("X_1", "epoch part 'X_1' does not start with 'E_'"),
+        ("E_1/L_a/m_2", "neuron part 'm_2' does not start with 'n_'"),
+        ("E_4:4", "epoch part 'E_4:4' is an empty range; need start < stop"),
+        ("E_1/L_a/n_x", "neuron part 'n_x' is not a selection"),
+    ],
+)
+def test_malformed_message_in_full(text: str, detail: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_signature(text)
+    assert str(info.value) == f"malformed signature {text!r}: {detail}; expected {GRAMMAR}"
 
 
 # --- formatting and keys --------------------------------------------------------------------
