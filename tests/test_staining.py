@@ -4,6 +4,7 @@ hand-built networks with planted class structure, and hand-made sick units."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pandas as pd
@@ -69,16 +70,38 @@ def trained(tmp_path_factory):
 
 # -- selectivity ---------------------------------------------------------------------------------
 def test_selectivity_index_by_hand():
-    means = np.array([[4.0, 1.0, 1.0], [2.0, -1.0, np.nan], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
-    floor = np.array([0.0, -2.0, -1.0, 0.0])
-    got = st.selectivity_index(means, floor)
-    # row 0: Morcos (4-1)/(4+1); row 1: shifted [4, 1] (class 2 unseen); row 2: flat; row 3: all zero
-    np.testing.assert_allclose(got, [0.6, 0.6, 0.0, 0.0])
-    # the floor: the minimum, but no lower than 3 std below the mean, and never above 0
-    floor = st.neuron_floor(
-        np.array([-10.0, -1.0, 2.0]), np.array([0.0, 0.0, 5.0]), np.array([1.0, 1.0, 1.0])
+    inf, nan = np.inf, np.nan
+    means = np.array(
+        [
+            [4.0, 1.0, 1.0],  # Morcos (4-1)/(4+1)
+            [2.0, -1.0, nan],  # shifted by 2: [4, 1], class 2 unseen and left out of μ'rest
+            [1.0, 1.0, 1.0],  # flat
+            [0.0, 0.0, 0.0],  # all zero
+            [-3.0, 1.0, 3.0],  # shifted by 1, clipped at 0: [0, 2, 4] -> (4 - 1)/(4 + 1)
+            [5.0, nan, nan],  # one class seen: undefined
+            [nan, nan, nan],  # nothing seen
+            [inf, 1.0, 1.0],  # not finite
+            [1.0, 3.0, 2.0],  # top class in the middle: (3 - 1.5)/(3 + 1.5)
+        ]
     )
-    np.testing.assert_allclose(floor, [-3.0, -1.0, 0.0])
+    floor = np.array([0.0, -2.0, -1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(
+        st.selectivity_index(means, floor), [0.6, 0.6, 0.0, 0.0, 0.6, nan, nan, nan, 1 / 3]
+    )
+    np.testing.assert_allclose(
+        st.selectivity_index(np.array([[3.0, 1.0], [1.0, 0.0]])), [0.5, 1.0]
+    )  # floor 0
+    np.testing.assert_allclose(st.selectivity_index(np.array([[3.0, 1.0]]), -1.0), [1 / 3])  # scalar floor
+
+
+def test_neuron_floor_by_hand():
+    """The floor: the minimum, but no lower than 3 std below the mean, and never above 0; a NaN minimum is ignored."""
+    floor = st.neuron_floor(
+        np.array([-10.0, -1.0, 2.0, np.nan, -0.5]),
+        np.array([0.0, 0.0, 5.0, 0.0, 0.0]),
+        np.array([1.0, 1.0, 1.0, 1.0, 0.25]),
+    )
+    np.testing.assert_allclose(floor, [-3.0, -1.0, 0.0, -3.0, -0.5])
 
 
 def numpy_selectivity(
@@ -371,23 +394,165 @@ def test_top_paths_in_small_chunks_match_brute_force(monkeypatch):
     assert paths == [p for _, p in expected]
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_top_paths_with_zeros_and_signs_match_brute_force(seed):
+    """Sparse signed shares (zero edges make ties at score 0): the scores are brute force's, each path's
+    product is its score, and no path comes twice."""
+    rng = np.random.default_rng(100 + seed)
+    sizes = [int(v) for v in rng.integers(1, 6, size=int(rng.integers(2, 5)))]
+    shares = [rng.normal(size=(b, a)) * (rng.random((b, a)) < 0.6) for a, b in itertools.pairwise(sizes)]
+    for k in (1, 2, 5, 40):
+        for target in range(sizes[-1]):
+            scores, paths = st.top_paths(shares, target, k)
+            expected = brute_paths(shares, target)[:k]
+            np.testing.assert_allclose(scores, [s for s, _ in expected], atol=1e-12)
+            assert len(set(paths)) == len(paths) == len(expected)
+            for score, path in zip(scores, paths):
+                assert path[-1] == target
+                product = np.prod([m[path[i + 1], path[i]] for i, m in enumerate(shares)])
+                assert score == pytest.approx(product, abs=1e-12)
+
+
+def test_edge_shares_by_hand():
+    contrib = np.array([[[1.0, -3.0], [0.0, 0.0]], [[2.0, 2.0], [-1.0, 0.0]]])
+    np.testing.assert_allclose(
+        st.edge_shares(contrib), [[[0.25, -0.75], [0.0, 0.0]], [[0.5, 0.5], [-1.0, 0.0]]]
+    )
+
+
+def brute_pathways(trace, target: int, epoch: int, chain: list[str], k: int) -> list[tuple[float, tuple]]:
+    """The top paths by brute force from the trace's weights and class-conditional input means."""
+    shares = []
+    for layer in chain:
+        w = trace.weights(epoch, layer).astype(np.float64)
+        means = trace.inputs(f"E_{epoch}/{layer}")["mean"].xs(target, level="class").to_numpy(np.float64)
+        contrib = w * means[None, :]
+        shares.append(contrib / np.abs(contrib).sum(1, keepdims=True))
+    names = ["x", *chain]
+    return [
+        (score, tuple(f"{names[i]}/n_{n}" for i, n in enumerate(path)))
+        for score, path in brute_paths(shares, target)[:k]
+    ]
+
+
 def test_pathways_match_brute_force_on_a_recorded_network(frozen):
     trace = frozen[0]
     layers = ["L_input", "L_hidden_1", "L_output"]
     assert st.linear_chain(trace) == layers
     for c in range(3):
-        shares = []
-        for layer in layers:
-            w = trace.weights(0, layer).astype(np.float64)
-            means = trace.inputs(f"E_0/{layer}")["mean"].xs(c, level="class").to_numpy(np.float64)
-            contrib = w * means[None, :]
-            shares.append(contrib / np.abs(contrib).sum(1, keepdims=True))
-        expected = brute_paths(shares, c)[:8]
+        expected = brute_pathways(trace, c, 0, layers, 8)
         got = st.pathways(trace, c, top_k=8)
+        assert got.index.name == "rank" and list(got.index) == list(range(8))
+        assert list(got.columns) == ["score", "path", "epoch", "target_class"]
         np.testing.assert_allclose(got["score"], [s for s, _ in expected], rtol=1e-6)
-        names = ["x", *layers]
-        assert list(got["path"]) == [tuple(f"{names[i]}/n_{n}" for i, n in enumerate(p)) for _, p in expected]
+        assert list(got["path"]) == [p for _, p in expected]
         assert (got["epoch"] == 0).all() and (got["target_class"] == c).all()
+
+
+def test_pathways_at_an_epoch_of_a_trained_network(trained):
+    layers = trained.layers
+    for epoch in (2, None):
+        got = st.pathways(trained, 1, epoch=epoch, top_k=4)
+        at = 5 if epoch is None else epoch  # None: the last recorded epoch
+        expected = brute_pathways(trained, 1, at, layers, 4)
+        np.testing.assert_allclose(got["score"], [s for s, _ in expected], rtol=1e-6)
+        assert list(got["path"]) == [p for _, p in expected]
+        assert (got["epoch"] == at).all()
+    assert not np.allclose(st.pathways(trained, 1, epoch=2)["score"], st.pathways(trained, 1)["score"])
+
+
+def test_contributions_match_numpy_on_the_layer_inputs(frozen):
+    """C[c, j, k] = W[j, k]·E[x_k | c], with the inputs of each Linear computed here from the model."""
+    trace, model, x, y = frozen
+    acts = simple_nn_activations(model, x)
+    inputs = {
+        "L_input": x.double().numpy(),
+        "L_hidden_1": np.maximum(acts["L_input"], 0),
+        "L_output": np.maximum(acts["L_hidden_1"], 0),
+    }
+    labels = y.numpy()
+    for layer, module in zip(inputs, (model.input, model.hidden_1, model.output)):
+        w = module.weight.detach().double().numpy()
+        means = np.stack([inputs[layer][labels == c].mean(0) for c in range(3)])  # (classes, inputs)
+        expected = w[None, :, :] * means[:, None, :]
+        np.testing.assert_allclose(st.contributions(trace, layer, epoch=0), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        st.contributions(trace, "hidden_1"), st.contributions(trace, "L_hidden_1", 0)
+    )
+
+
+class Branches(nn.Module):
+    """Four Linear layers on two branches: z and a read x (a's 5 outputs feed nothing), b reads x,
+    c reads b's ReLU. The chain into c is b, c: it stops at a (5 outputs, b takes 4), though z fits b."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.z, self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 5), nn.Linear(4, 3)
+        self.act, self.c = nn.ReLU(), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.z(x)
+        self.a(x)
+        return self.c(self.act(self.b(x)))
+
+
+@pytest.fixture(scope="module")
+def branches(tmp_path_factory):
+    torch.manual_seed(9)
+    x, y = class_data(150, 3, 4, seed=13)
+    return record(Branches(), tmp_path_factory.mktemp("branches") / "run", x, y, 3)
+
+
+def test_linear_chain_follows_matching_widths(branches):
+    assert branches.layers == ["L_z", "L_a", "L_b", "L_act", "L_c"]
+    assert st.linear_chain(branches) == ["L_b", "L_c"]
+    assert st.linear_chain(branches, "L_c") == ["L_b", "L_c"]
+    assert st.linear_chain(branches, "a") == ["L_z", "L_a"]
+    assert st.linear_chain(branches, "L_z") == ["L_z"]
+    with pytest.raises(ValueError) as info:
+        st.linear_chain(branches, "act")
+    assert str(info.value) == (
+        "pathways need an nn.Linear end layer with recorded inputs; 'L_act' is not one "
+        "(such layers: L_z, L_a, L_b, L_c)"
+    )
+
+
+def test_pathways_into_a_chosen_end_layer(branches):
+    got = st.pathways(branches, 2, top_k=3, end_layer="L_b")
+    expected = brute_pathways(branches, 2, 0, ["L_b"], 3)
+    np.testing.assert_allclose(got["score"], [s for s, _ in expected], rtol=1e-6)
+    assert list(got["path"]) == [p for _, p in expected]
+    with pytest.raises(KeyError, match=r"layer 'L_c' has no neuron 2"):
+        st.pathways(branches, 2)
+    for bad in (3, -1):
+        with pytest.raises(KeyError, match=rf"target_class {bad} not in the trace's classes 0\.\.2"):
+            st.pathways(branches, bad, end_layer="L_b")
+
+
+def test_analyses_need_classes_and_epochs(tmp_path):
+    torch.manual_seed(10)
+    model = SimpleNN(6, 5, 2)
+    x, _ = class_data(60, 2, 6, seed=14)
+    with NetworkTrace(model, tmp_path / "plain") as trace:  # no num_classes, no targets
+        trace.start_epoch(0)
+        model(x)
+        trace.end_epoch()
+    plain = load_trace(tmp_path / "plain")
+    message = f"trace {plain.path} has no per-class statistics; record with num_classes= and set_targets(y)"
+    for call in (
+        lambda: st.selectivity(plain),
+        lambda: st.pathways(plain, 0),
+        lambda: st.contributions(plain, "L_input"),
+    ):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == message
+    assert not st.unit_health(plain).neurons.empty  # needs no classes
+    with NetworkTrace(model, tmp_path / "empty", num_classes=2):
+        pass
+    empty = load_trace(tmp_path / "empty")
+    with pytest.raises(KeyError, match=rf"trace {re.escape(str(empty.path))} has no recorded epochs"):
+        st.selectivity(empty, epoch=-1)
 
 
 # -- planted structure ---------------------------------------------------------------------------
