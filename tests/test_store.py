@@ -4,10 +4,12 @@ crash-safe writes, checked by reading the files with pyarrow directly."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +17,21 @@ import torch
 from conftest import EPOCHS, HIDDEN, MLP_LAYERS, N_CLASSES, N_FEATURES, Run, make_data, make_mlp, train
 
 from nn_staining import NetworkTrace, load_trace
+from nn_staining import store as store_module
+from nn_staining.catalog import Commit, NotATraceError, TraceCorruptError
+from nn_staining.rows import ReadPlan
+from nn_staining.store import (
+    ROW_GROUP_ROWS,
+    TraceWriteError,
+    TraceWriter,
+    build_table,
+    epoch_write_error,
+    part_name,
+    part_path,
+    read_epochs,
+    read_part,
+    store_size,
+)
 
 TABLES = ("neurons", "classes", "inputs", "batches")
 F32 = pa.float32()
@@ -299,3 +316,470 @@ def test_the_neurons_part_is_renamed_into_place_last(tmp_path: Path, monkeypatch
         train(model, x, y, epochs=1, trace=trace)
     parts = [name for name in renamed if name in TABLES]
     assert parts[-1] == "neurons" and sorted(parts[:-1]) == ["classes", "inputs"]
+
+
+# -- store.py's pieces on hand-built tables (no recording): exact values, files and row groups ------------
+
+#: A meta.json that read_meta accepts: one Linear layer of 2 neurons.
+HAND_META = {
+    "format": "nn_staining.trace",
+    "format_version": 2,
+    "run_id": "hand",
+    "layers": [{"key": "L_a", "neurons": 2, "kind": "features", "row_offset": 0}],
+    "layouts": [{"neurons": ["L_a"], "inputs": []}],
+}
+
+
+def neurons_table(
+    n: int, layers: tuple[str, ...] = ("L_a",), phase: str = "train", shift: float = 0.0
+) -> pa.Table:
+    """A neurons part of ``n`` rows of the first layer: neuron i has act_mean i + shift."""
+    neuron = np.arange(n)
+    return build_table(
+        "neurons",
+        {"layer": np.zeros(n, np.int32), "phase": phase, "neuron": neuron, "act_mean": neuron + shift},
+        layers,
+    )
+
+
+def test_part_names_and_paths() -> None:
+    assert part_name("train") == "part-0.parquet" and part_name("eval") == "eval-0.parquet"
+    with pytest.raises(ValueError) as info:
+        part_name("test")
+    assert str(info.value) == "phase 'test' is not one of train, eval"
+    assert part_path("/s", "classes", 7, "eval") == Path("/s/classes/epoch=7/eval-0.parquet")
+    assert part_path(Path("/s"), "neurons", 0) == Path("/s/neurons/epoch=0/part-0.parquet")
+
+
+def test_build_table_nulls_dictionary_and_weights() -> None:
+    table = build_table(
+        "neurons",
+        {
+            "layer": [1, 1, 0],
+            "phase": "eval",
+            "neuron": np.array([0, 1, 0], np.int64),
+            "act_count": np.array([4.0, 5.0, 6.0]),
+            "act_mean": (np.array([1.5, 2.5, np.nan]), np.array([False, True, False])),
+            "act_std": (np.array([0.5, np.nan, 1.0]), np.zeros(3, bool)),
+            "weights": (np.array([0, 2, 2, 3]), np.array([1.0, 2.0, 3.0]), np.array([False, True, False])),
+        },
+        ["L_a", "L_b", "L_c"],
+    )
+    assert table.schema == store_module.SCHEMAS["neurons"]
+    layer = table.column("layer").combine_chunks()
+    assert layer.dictionary.to_pylist() == ["L_a", "L_b", "L_c"], "the trace-wide dictionary, used or not"
+    assert layer.indices.to_pylist() == [1, 1, 0]
+    assert table.column("phase").to_pylist() == ["eval"] * 3
+    assert table.column("act_count").to_pylist() == [4, 5, 6]
+    mean = table.column("act_mean").to_pylist()
+    assert mean[0] == 1.5 and mean[1] is None and np.isnan(mean[2]), "a mask makes a null, NaN stays NaN"
+    std = table.column("act_std")
+    assert std.null_count == 0 and np.isnan(std.to_pylist()[1])
+    assert table.column("weights").to_pylist() == [[1.0, 2.0], None, [3.0]]
+    for absent in ("bias", "weight_norm", "grad_norm", "act_nan_count"):
+        assert table.column(absent).null_count == 3, absent
+    plain = build_table(
+        "neurons",
+        {"layer": [0], "neuron": [0], "weights": (np.array([0, 1]), np.array([7.0]), np.zeros(1, bool))},
+        ["L_a"],
+    )
+    assert plain.column("weights").null_count == 0 and plain.column("weights").to_pylist() == [[7.0]]
+    assert plain.column("phase").to_pylist() == [None]
+
+
+def test_build_table_refuses_more_weights_than_a_list_column_takes() -> None:
+    too_many = (np.array([0, 2**31]), np.zeros(1, np.float32), np.zeros(1, bool))
+    with pytest.raises(ValueError) as info:
+        build_table("neurons", {"layer": [0], "neuron": [0], "weights": too_many}, ["L_a"])
+    assert str(info.value) == (
+        "an epoch holds 2,147,483,648 weights, more than a Parquet list<float32> column takes; "
+        "record it with record_weights=False"
+    )
+
+
+def test_written_parts_have_8192_row_groups_snappy_dictionaries_and_few_statistics(tmp_path: Path) -> None:
+    assert ROW_GROUP_ROWS == 8192
+    writer = TraceWriter(tmp_path / "t")
+    rows = writer.write_epoch(0, "train", {"neurons": neurons_table(20_000)})
+    assert rows == {"neurons": 20_000}
+    md = pq.ParquetFile(part_path(tmp_path / "t", "neurons", 0)).metadata
+    assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [8192, 8192, 3616]
+    names = md.schema.to_arrow_schema().names
+    group = md.row_group(0)
+    for i, name in enumerate(names):
+        column = group.column(i)
+        assert column.compression == "SNAPPY", name
+        assert column.is_stats_set == (name in ("layer", "neuron")), name
+        dictionary = "RLE_DICTIONARY" in column.encodings or "PLAIN_DICTIONARY" in column.encodings
+        assert dictionary == (name in ("phase", "layer")), name
+    assert pq.read_table(part_path(tmp_path / "t", "neurons", 0)).equals(neurons_table(20_000))
+
+
+def test_write_epoch_returns_rows_renames_neurons_last_and_leaves_no_temporary(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    writer = TraceWriter(root)
+    classes = build_table("classes", {"layer": [0, 0], "neuron": [0, 0], "class": [0, 1]}, ["L_a"])
+    rows = writer.write_epoch(3, "eval", {"neurons": neurons_table(2), "classes": classes})
+    assert list(rows.items()) == [("classes", 2), ("neurons", 2)]
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == ["classes/epoch=3/eval-0.parquet", "neurons/epoch=3/eval-0.parquet"]
+    assert writer.write_epoch(4, "train", {}) == {}
+
+
+@pytest.mark.parametrize("fail_at", ["write", "rename"])
+def test_a_failed_write_epoch_names_the_table_and_removes_every_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str
+) -> None:
+    root = tmp_path / "t"
+    writer = TraceWriter(root)
+    tables = {"neurons": neurons_table(2), "inputs": build_table("inputs", {"layer": [0]}, ["L_a"])}
+    writer.write_epoch(0, "train", tables)
+    tables["classes"] = build_table("classes", {"layer": [0]}, ["L_a"])
+    if fail_at == "write":
+        real = store_module._write_table
+
+        def failing(table, path):
+            real(table, path)
+            if "inputs" in str(path):
+                raise OSError("boom")
+
+        monkeypatch.setattr(store_module, "_write_table", failing)
+    else:
+        real_replace = os.replace
+
+        def failing_replace(src, dst):
+            if "inputs" in str(dst):
+                raise OSError("boom")
+            real_replace(src, dst)
+
+        monkeypatch.setattr(store_module.os, "replace", failing_replace)
+    with pytest.raises(store_module._EpochFailure) as info:
+        writer.write_epoch(1, "train", tables)
+    assert info.value.table == "inputs" and str(info.value) == "inputs: boom"
+    assert isinstance(info.value.error, OSError)
+    monkeypatch.undo()
+    left = sorted(str(p.relative_to(root)) for p in root.glob("*/*/*"))
+    assert left == ["inputs/epoch=0/part-0.parquet", "neurons/epoch=0/part-0.parquet"]
+    assert sorted(str(p.relative_to(root)) for p in root.glob("*/*")) == ["inputs/epoch=0", "neurons/epoch=0"]
+    assert pq.read_table(part_path(root, "neurons", 0)).equals(neurons_table(2)), "epoch 0 is intact"
+
+
+def test_remove_parts_keeps_the_other_phase_and_removes_empty_folders(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    writer = TraceWriter(root)
+    writer.write_epoch(2, "train", {"neurons": neurons_table(2)})
+    writer.write_epoch(2, "eval", {"neurons": neurons_table(2)})
+    writer.write_epoch(3, "train", {"neurons": neurons_table(2)})
+    (root / "neurons" / "epoch=3" / ".part-0.parquet.tmp").write_text("x")
+    (root / "classes" / "epoch=3").mkdir(parents=True)
+    writer.remove_parts(2, "train")
+    writer.remove_parts(3, "train")
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert left == ["classes", "neurons", "neurons/epoch=2", "neurons/epoch=2/eval-0.parquet"]
+
+
+def test_remove_extras_deletes_one_epochs_probes_and_checkpoints(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    writer = TraceWriter(root)
+    for folder in ("probes", "checkpoints", "neurons"):
+        for epoch in (3, 4):
+            (root / folder / f"epoch={epoch}").mkdir(parents=True)
+            (root / folder / f"epoch={epoch}" / "x").write_text("x")
+    writer.remove_extras(3)
+    left = sorted(str(p.relative_to(root)) for p in root.iterdir() for p in p.iterdir())
+    assert left == [
+        "checkpoints/epoch=4",
+        "neurons/epoch=3",
+        "neurons/epoch=4",
+        "probes/epoch=4",
+    ]
+
+
+def test_write_meta_rewrites_only_a_changed_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = []
+    real = store_module.write_json_atomic
+    monkeypatch.setattr(store_module, "write_json_atomic", lambda p, m: written.append(m) or real(p, m))
+    writer = TraceWriter(tmp_path / "t")
+    writer.write_meta(dict(HAND_META))
+    writer.write_meta(dict(HAND_META))
+    writer.write_meta(dict(HAND_META, run_id="other"))
+    assert [m["run_id"] for m in written] == ["hand", "other"]
+    assert json.loads((tmp_path / "t" / "meta.json").read_text()) == dict(HAND_META, run_id="other")
+
+
+def test_commit_and_metrics_lines(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path / "t")
+    writer.commit(Commit(2, "eval", 0, {"neurons": 2}))
+    writer.append_metrics("2", {"loss": 0.5})
+    writer.append_metrics("run", {"acc": 1})
+    assert (tmp_path / "t" / "epochs.jsonl").read_text() == (
+        '{"epoch":2,"phase":"eval","layout":0,"rows":{"neurons":2}}\n'
+    )
+    assert (tmp_path / "t" / "metrics.jsonl").read_text() == (
+        '{"key":"2","values":{"loss":0.5}}\n{"key":"run","values":{"acc":1}}\n'
+    )
+
+
+def hand_trace(root: Path) -> None:
+    root.mkdir(parents=True)
+    (root / "meta.json").write_text(json.dumps(HAND_META))
+
+
+def test_writer_refuses_an_existing_trace_without_resume_or_overwrite(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    hand_trace(root)
+    with pytest.raises(FileExistsError) as info:
+        TraceWriter(root)
+    assert str(info.value) == (
+        f"{str(root)!r} already holds a trace; pass resume=True to continue it, "
+        "overwrite=True to replace it, or choose another store path"
+    )
+
+
+def test_writer_refuses_a_foreign_folder_with_table_names(tmp_path: Path) -> None:
+    for name in ("probes", "neurons", "figures"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(FileExistsError) as info:
+        TraceWriter(tmp_path)
+    assert str(info.value) == (
+        f"{str(tmp_path)!r} is not an nn_staining trace but has folders named like its tables "
+        "(neurons, probes); choose another store path"
+    )
+    (tmp_path / "meta.json").write_text('{"format": "other"}')
+    with pytest.raises(NotATraceError):
+        TraceWriter(tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "meta.json", "neurons", "probes"]
+    TraceWriter(tmp_path / "new" / "deeper")
+    assert (tmp_path / "new" / "deeper").is_dir()
+
+
+def populated(root: Path) -> None:
+    hand_trace(root)
+    for folder in ("neurons", "classes", "inputs", "batches", "probes", "checkpoints", "figures"):
+        (root / folder / "epoch=0").mkdir(parents=True)
+    for name in ("epochs.jsonl", "metrics.jsonl", "notes.txt"):
+        (root / name).write_text("")
+
+
+def test_writer_resume_keeps_everything_and_overwrite_clears_the_trace(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    populated(root)
+    before = sorted(p.name for p in root.iterdir())
+    TraceWriter(root, resume=True)
+    assert sorted(p.name for p in root.iterdir()) == before
+    TraceWriter(root, overwrite=True)
+    assert sorted(p.name for p in root.iterdir()) == ["figures", "notes.txt"]
+
+
+def test_drop_epochs_forgets_every_epoch_from_the_first_dropped(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    populated(root)
+    lines = [
+        {"epoch": e, "phase": p, "layout": 0, "rows": {"neurons": 2}}
+        for e in (0, 1, 2, 3)
+        for p in ("eval", "train")
+    ]
+    (root / "epochs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    metrics = [{"key": k, "values": {"loss": 1}} for k in ("0", "run", "1", "2", "3")]
+    (root / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in metrics))
+    for folder, epoch in [
+        ("neurons", 1),
+        ("neurons", 2),
+        ("probes", 3),
+        ("checkpoints", 12),
+        ("neurons", "x2"),
+    ]:
+        (root / folder / f"epoch={epoch}").mkdir()
+    (root / "neurons" / "other=5").mkdir()
+    TraceWriter(root, resume=True).drop_epochs(2)
+    kept = [json.loads(line) for line in (root / "epochs.jsonl").read_text().splitlines()]
+    assert [(line["epoch"], line["phase"]) for line in kept] == [
+        (0, "train"),
+        (1, "train"),
+        (0, "eval"),
+        (1, "eval"),
+    ]
+    assert (root / "metrics.jsonl").read_text() == (
+        '{"key":"0","values":{"loss":1}}\n{"key":"run","values":{"loss":1}}\n{"key":"1","values":{"loss":1}}\n'
+    )
+    folders = sorted(str(p.relative_to(root)) for p in root.glob("*/*"))
+    assert folders == [
+        "batches/epoch=0",
+        "checkpoints/epoch=0",
+        "classes/epoch=0",
+        "figures/epoch=0",
+        "inputs/epoch=0",
+        "neurons/epoch=0",
+        "neurons/epoch=1",
+        "neurons/epoch=x2",
+        "neurons/other=5",
+        "probes/epoch=0",
+    ]
+    TraceWriter(root, resume=True).drop_epochs(0)
+    assert (root / "epochs.jsonl").read_text() == "" and not list(root.glob("neurons/epoch=[0-9]*"))
+    assert (root / "metrics.jsonl").read_text() == '{"key":"run","values":{"loss":1}}\n'
+
+
+def test_epoch_write_error_names_epoch_table_store_cause_and_intact_epochs() -> None:
+    failure = store_module._EpochFailure("classes", OSError(28, "No space left on device"))
+    error = epoch_write_error(Path("/s"), 5, "eval", failure, [0, 1])
+    assert isinstance(error, TraceWriteError) and isinstance(error, OSError)
+    tail = "That epoch is not in the trace and left nothing on disk; the epochs written before are intact: "
+    assert str(error) == (
+        "writing epoch 5 (eval) of '/s' failed at the classes table: OSError: [Errno 28] No space left on device. "
+        + tail
+        + "[0, 1]; later epochs are still written"
+    )
+    error = epoch_write_error(Path("/s"), 12, "train", ValueError("bad"), list(range(12)))
+    assert str(error) == (
+        "writing epoch 12 (train) of '/s' failed: ValueError: bad. "
+        + tail
+        + f"{list(range(12))}; later epochs are still written"
+    )
+    error = epoch_write_error(Path("/s"), 13, "train", ValueError("bad"), list(range(13)))
+    assert "intact: [0, 1, 2, 3, 4, '…', 10, 11, 12]; later" in str(error)
+
+
+# -- reading: exactly the row groups a plan needs -------------------------------------------------------
+@pytest.fixture
+def groups_read(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The row groups of each ``ParquetFile.read_row_groups`` call (a whole-file read is recorded as "all")."""
+    calls: list = []
+    read_row_groups, read = pq.ParquetFile.read_row_groups, pq.ParquetFile.read
+
+    def spy_groups(self, row_groups, *args, **kwargs):
+        calls.append(list(row_groups))
+        return read_row_groups(self, row_groups, *args, **kwargs)
+
+    def spy_read(self, *args, **kwargs):
+        calls.append("all")
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy_groups)
+    monkeypatch.setattr(pq.ParquetFile, "read", spy_read)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def three_groups(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One neurons part of 20,000 rows (row groups 0-8191, 8192-16383, 16384-19999); act_mean = row."""
+    root = tmp_path_factory.mktemp("groups") / "t"
+    TraceWriter(root).write_epoch(0, "train", {"neurons": neurons_table(20_000)})
+    return part_path(root, "neurons", 0)
+
+
+@pytest.mark.parametrize(
+    ("ranges", "groups", "rows"),
+    [
+        ([(5, 10)], [0], list(range(5, 10))),
+        ([(0, 8192)], [0], list(range(8192))),
+        ([(8192, 8193)], [1], [8192]),
+        ([(8190, 8195)], [0, 1], list(range(8190, 8195))),
+        ([(8191, 8192), (16384, 16385)], [0, 2], [8191, 16384]),
+        ([(100, 101), (16390, 16392)], [0, 2], [100, 16390, 16391]),
+        ([(16390, 16391), (5, 6)], [0, 2], [16390, 5]),
+        ([(3, 3), (19998, 20000)], [2], [19998, 19999]),
+        ([(0, 20_000)], [0, 1, 2], list(range(20_000))),
+    ],
+)
+def test_read_part_reads_only_the_row_groups_of_its_ranges(
+    three_groups: Path, groups_read: list, ranges, groups, rows
+) -> None:
+    table = read_part(three_groups, ["neuron", "act_mean"], ReadPlan(ranges, 20_000, None), 0)
+    assert groups_read == [groups], "one read of exactly these row groups"
+    assert table.column_names == ["neuron", "act_mean"]
+    assert table.column("neuron").to_pylist() == rows
+    assert table.column("act_mean").to_pylist() == [float(r) for r in rows]
+
+
+def test_a_small_read_does_not_hold_its_row_groups(three_groups: Path) -> None:
+    """A few rows out of a row group are copied, so the decoded row group can be freed."""
+    one = read_part(three_groups, ["act_mean"], ReadPlan([(10, 11)], 20_000, None), 0)
+    assert one.get_total_buffer_size() < 1000
+    most = read_part(three_groups, ["act_mean"], ReadPlan([(0, 8000)], 20_000, None), 0)
+    assert most.get_total_buffer_size() >= 8192 * 4, "most of a row group: a zero-copy slice"
+
+
+def test_read_part_without_ranges_reads_the_whole_part_and_filters(
+    three_groups: Path, groups_read: list
+) -> None:
+    everything = read_part(three_groups, ["neuron"], ReadPlan(None, None, None), 0)
+    assert everything.column("neuron").to_pylist() == list(range(20_000))
+    some = read_part(three_groups, ["neuron"], ReadPlan(None, 20_000, pc.field("neuron") < 3), 0)
+    assert some.column("neuron").to_pylist() == [0, 1, 2]
+    assert groups_read == ["all", "all"]
+    empty = read_part(three_groups, ["neuron", "act_mean"], ReadPlan([(4, 4)], 20_000, None), 0)
+    assert empty.num_rows == 0 and empty.schema.names == ["neuron", "act_mean"]
+    assert groups_read == ["all", "all"], "an empty range reads nothing"
+
+
+def test_read_part_errors_name_the_epoch_and_file(tmp_path: Path, three_groups: Path) -> None:
+    plan = ReadPlan([(0, 1)], 20_000, None)
+    with pytest.raises(TraceCorruptError) as info:
+        read_part(three_groups, ["neuron"], ReadPlan([(0, 1)], 19_999, None), 4)
+    assert str(info.value) == (
+        f"epoch 4: {str(three_groups)!r} holds 20,000 rows where the trace's metadata says 19,999; "
+        "the part or meta.json/epochs.jsonl is damaged"
+    )
+    with pytest.raises(TraceCorruptError) as info:
+        read_part(tmp_path / "gone.parquet", ["neuron"], plan, 3)
+    assert (
+        str(info.value)
+        == f"epoch 3 is listed in the trace but its part {str(tmp_path / 'gone.parquet')!r} is missing"
+    )
+    with pytest.raises(TraceCorruptError) as info:
+        read_part(tmp_path, ["neuron"], plan, 3)
+    assert str(info.value) == f"{str(tmp_path)!r} (part of epoch 3) is not a regular file"
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1" + b"\0" * 100)
+    with pytest.raises(
+        TraceCorruptError, match=r"^epoch 2: '.*junk.parquet' is not a readable Parquet part: "
+    ):
+        read_part(tmp_path / "junk.parquet", ["neuron"], plan, 2)
+
+
+def test_read_epochs_adds_the_epoch_column_and_reads_the_phase(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    writer = TraceWriter(root)
+    for epoch in range(6):
+        writer.write_epoch(epoch, "train", {"neurons": neurons_table(3, shift=10 * epoch)})
+        writer.write_epoch(epoch, "eval", {"neurons": neurons_table(3, shift=-10 * epoch, phase="eval")})
+    plans = [(e, ReadPlan([(0, 1), (2, 3)] if e % 2 else [(1, 2)], 3, None)) for e in (5, 0, 1, 2, 3, 4)]
+    for phase, sign in (("train", 1), ("eval", -1)):
+        table = read_epochs(root, "neurons", plans, phase, ["neuron", "act_mean", "phase"])
+        assert table.column_names == ["epoch", "neuron", "act_mean", "phase"]
+        assert table.schema.field("epoch").type == pa.int32()
+        assert table.column("epoch").to_pylist() == [5, 5, 0, 1, 1, 2, 3, 3, 4]
+        assert table.column("neuron").to_pylist() == [0, 2, 1, 0, 2, 1, 0, 2, 1]
+        expected = [
+            n + sign * 10 * e for e, n in zip([5, 5, 0, 1, 1, 2, 3, 3, 4], [0, 2, 1, 0, 2, 1, 0, 2, 1])
+        ]
+        assert table.column("act_mean").to_pylist() == expected
+        assert set(table.column("phase").to_pylist()) == {phase}
+    few = read_epochs(str(root), "neurons", plans[:2], "train", ["act_mean"])
+    assert few.column("epoch").to_pylist() == [5, 5, 0] and few.column("act_mean").to_pylist() == [50, 52, 1]
+    empty = read_epochs(root, "classes", [], "train", ["class", "act_mean"])
+    assert empty.num_rows == 0
+    assert empty.schema == pa.schema(
+        [("epoch", pa.int32()), ("class", pa.int32()), ("act_mean", pa.float32())]
+    )
+
+
+def test_store_size_counts_metadata_logs_and_parts_only(tmp_path: Path) -> None:
+    files = {
+        "meta.json": 10,
+        "epochs.jsonl": 20,
+        "metrics.jsonl": 40,
+        "neurons/epoch=0/part-0.parquet": 100,
+        "classes/epoch=1/eval-0.parquet": 200,
+        "checkpoints/epoch=0/model.safetensors": 400,
+        "probes/epoch=0/L_a.parquet": 800,
+        "neurons/epoch=0/notes.txt": 1,
+        "figures/a.png": 2,
+        "other.parquet": 4,
+        "figures/epoch=0/x.parquet": 8,
+    }
+    for name, size in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * size)
+    assert store_size(tmp_path) == 1570
+    assert store_size(str(tmp_path / "none")) == 0
