@@ -31,6 +31,26 @@ def figure_names(trace: Trace) -> list[str]:
         if trace.num_classes:
             names.append("staining_graph_animation")
             names += _intervention_figures(trace)
+        names += _probe_figures(trace)
+    return names
+
+
+def _probe_figures(trace: Trace) -> list[str]:
+    """The representation figures of a run recorded with a probe set (``NetworkTrace(..., probe=)``)."""
+    if not trace.meta.get("probe"):
+        return []
+    from . import probes
+
+    names = ["cka", "cka_epochs", "probe_accuracy", "embeddings"]
+    kinds = {c["kind"] for c in probes.probe_contents(trace.path, trace.meta, trace.epochs[-1])}
+    if trace.num_classes and "linear_input" in kinds:
+        try:
+            staining.linear_chain(trace)
+            names.append("breadcrumbs")
+        except ValueError:
+            pass
+    if "saliency" in kinds:
+        names.append("saliency")
     return names
 
 
@@ -82,6 +102,12 @@ def save_figures(
         "unit_health": lambda: plots.plot_unit_health(trace),
         "training_curves": lambda: plots.plot_training_curves(trace),
         "confusion": lambda: plots.plot_confusion(trace),
+        "cka": lambda: plots.plot_cka(trace),
+        "cka_epochs": lambda: plots.plot_cka_epochs(trace),
+        "probe_accuracy": lambda: plots.plot_probe_accuracy(trace),
+        "embeddings": lambda: plots.plot_embeddings(trace),
+        "breadcrumbs": lambda: plots.plot_breadcrumbs(trace, 0),
+        "saliency": lambda: plots.plot_saliency(trace),
     }
     paths = []
     for name in figure_names(trace):

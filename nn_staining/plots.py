@@ -1506,3 +1506,412 @@ def plot_specificity(trace: Trace, effects: pd.DataFrame | None = None) -> Figur
         fontsize=11,
     )
     return fig
+
+
+# -- representations over training (probe set) ------------------------------------------------------
+#: Rows of the embedding grid at most (layers evenly spaced, first and last kept) and its columns (epochs).
+MAX_EMBEDDING_LAYERS = 8
+MAX_EMBEDDING_EPOCHS = 4
+#: Columns (epochs) and rows (samples) of the saliency grid at most.
+MAX_SALIENCY_EPOCHS = 5
+MAX_SALIENCY_SAMPLES = 10
+#: A saliency row's colours saturate at this percentile of its |values| (one outlying pixel does not wash out the rest).
+SALIENCY_PERCENTILE = 98.0
+#: Inputs (standardised) are drawn from -INPUT_CLIP (white) to +INPUT_CLIP (black).
+INPUT_CLIP = 2.0
+#: Colour of the breadcrumb trail drawn over the staining graph.
+BREADCRUMB_COLOUR = "black"
+
+
+def _spread(values: Sequence, limit: int) -> list:
+    """At most ``limit`` of ``values``, evenly spaced, the first and the last kept."""
+    values = list(values)
+    if len(values) <= limit:
+        return values
+    picks = np.unique(np.linspace(0, len(values) - 1, limit).round().astype(int))
+    return [values[i] for i in picks]
+
+
+def _short_layer(layer: str) -> str:
+    return layer[2:] if layer.startswith("L_") else layer
+
+
+def plot_cka(trace: Trace, epoch: int = -1, frame: pd.DataFrame | None = None) -> Figure:
+    """Linear CKA between every pair of layers at ``epoch`` (from ``representations.cka``): near 1, two
+    layers hold the same representation of the probe samples up to a rotation and a scale."""
+    from . import representations
+
+    frame = representations.cka(trace, epoch=epoch) if frame is None else frame
+    epoch = int(frame.index.get_level_values("epoch")[0])
+    layers = list(dict.fromkeys(frame.index.get_level_values("layer_a")))
+    matrix = frame["cka"].unstack("layer_b").droplevel("epoch").loc[layers, layers].to_numpy()
+    size = 2.2 + 0.55 * len(layers)
+    fig = Figure(figsize=(size + 1.6, size + 0.6), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", gid="cka")
+    names = [_short_layer(k) for k in layers]
+    ax.set_xticks(range(len(layers)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), names, fontsize=8)
+    if len(layers) <= 12:
+        for (i, j), value in np.ndenumerate(matrix):
+            if np.isfinite(value):
+                colour = "black" if value > 0.6 else "white"
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, label="linear CKA (1 = same up to rotation and scale)", shrink=0.8)
+    fig.suptitle(
+        f"Layer similarity (linear CKA on the probe set) — run '{_run(trace)}', epoch {epoch}", fontsize=10
+    )
+    return fig
+
+
+def plot_cka_epochs(trace: Trace, layers: Sequence[str] | None = None) -> Figure:
+    """Per layer, linear CKA between every pair of recorded epochs: how fast each layer's representation
+    settles (a bright lower-right block = the layer no longer changes)."""
+    from . import representations
+
+    layers = (
+        representations.probe_layers(trace)
+        if layers is None
+        else [trace.layer_info(k)["key"] for k in layers]
+    )
+    cols = min(4, len(layers))
+    rows = -(-len(layers) // cols)
+    fig = Figure(figsize=(3.1 * cols + 1.2, 3.0 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    epochs = np.array(trace.epochs)
+    image = None
+    for ax, layer in zip(axes.ravel(), layers):
+        frame = representations.cka(trace, layer=layer)["cka"].unstack("epoch_b").droplevel("layer")
+        matrix = frame.loc[epochs, epochs].to_numpy()
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", origin="upper", gid=f"cka:{layer}")
+        ticks = np.unique(np.linspace(0, len(epochs) - 1, min(len(epochs), 5)).round().astype(int))
+        ax.set_xticks(ticks, [str(epochs[i]) for i in ticks], fontsize=7)
+        ax.set_yticks(ticks, [str(epochs[i]) for i in ticks], fontsize=7)
+        ax.set_title(_short_layer(layer), fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("epoch", fontsize=8)
+    for ax in axes.ravel()[len(layers) :]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="linear CKA between the two epochs", shrink=0.8)
+    fig.suptitle(
+        f"How each layer's representation settles: CKA across epochs — run '{_run(trace)}', {_epoch_span(trace)}",
+        fontsize=10,
+    )
+    return fig
+
+
+def plot_probe_accuracy(
+    trace: Trace, probe: pd.DataFrame | None = None, ranks: pd.DataFrame | None = None
+) -> Figure:
+    """Left: linear-probe accuracy per layer over epochs (held-out half of the probe set; dashed:
+    chance). Right: each layer's effective rank (exp of the entropy of its PCA spectrum)."""
+    from . import representations
+
+    if probe is None:
+        try:
+            probe = representations.linear_probe(trace, inputs=True)
+        except KeyError:  # the probe inputs did not fit the budget: no baseline
+            probe = representations.linear_probe(trace)
+    ranks = representations.effective_rank(trace) if ranks is None else ranks
+    layers = list(dict.fromkeys(probe.index.get_level_values("layer")))
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    handles = []
+    if "x" in layers:  # the probe inputs themselves: the baseline every layer starts from
+        layers.remove("x")
+        acc = probe.xs("x", level="layer")["accuracy"].sort_index()
+        (line,) = left.plot(acc.index, acc.to_numpy(), color="black", ls=":", lw=1.4, gid="probe:x")
+        line.set_label("the inputs x")
+        handles.append(line)
+    colours = layer_palette(len(layers))
+    for i, layer in enumerate(layers):
+        style = {"color": colours[i], "marker": LAYER_MARKERS[i % len(LAYER_MARKERS)], "ms": 3.5, "lw": 1.4}
+        acc = probe.xs(layer, level="layer")["accuracy"].sort_index()
+        (line,) = left.plot(
+            acc.index, acc.to_numpy(), label=_short_layer(layer), gid=f"probe:{layer}", **style
+        )
+        handles.append(line)
+        if layer in set(ranks.index.get_level_values("layer")):
+            rank = ranks.xs(layer, level="layer")["effective_rank"].sort_index()
+            right.plot(rank.index, rank.to_numpy(), gid=f"rank:{layer}", **style)
+    chance = float(probe["chance"].iloc[0])
+    left.axhline(chance, color="#777777", ls="--", lw=1, gid="chance")
+    handles.append(Line2D([], [], color="#777777", ls="--", lw=1, label=f"chance ({chance:.2f})"))
+    left.set_ylim(min(chance, float(probe["accuracy"].min())) - 0.05, 1.02)
+    left.set_ylabel("held-out accuracy of a linear (ridge) probe")
+    left.set_title("How linearly decodable the classes are at each layer", fontsize=9)
+    right.set_ylabel("effective rank (exp entropy of the PCA spectrum)")
+    right.set_title("How many dimensions each layer's representation uses", fontsize=9)
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    _layer_legend(fig, handles)
+    n = int(probe["train"].iloc[0] + probe["test"].iloc[0])
+    fig.suptitle(
+        f"Representations over training ({n} probe samples) — run '{_run(trace)}', {_epoch_span(trace)}",
+        fontsize=11,
+    )
+    return fig
+
+
+def plot_embeddings(
+    trace: Trace,
+    layers: Sequence[str] | None = None,
+    epochs: Sequence[int] | None = None,
+    method: str = "pca",
+) -> Figure:
+    """A grid of 2-D embeddings of the probe samples (rows: layers, columns: epochs), coloured by class:
+    classes separate from layer to layer and from epoch to epoch. ``method``: ``pca`` or ``tsne``."""
+    from . import representations
+
+    epochs = (
+        _spread(trace.epochs, MAX_EMBEDDING_EPOCHS)
+        if epochs is None
+        else [staining.resolve_epoch(trace, e) for e in epochs]
+    )
+    if layers is None:
+        layers = _spread(representations.probe_layers(trace), MAX_EMBEDDING_LAYERS)
+    else:
+        layers = [trace.layer_info(k)["key"] for k in layers]
+    accuracy = representations.linear_probe(trace, epochs=epochs, layers=layers)["accuracy"]
+    palette = class_palette(max(int(trace.probe_labels.max()) + 1, trace.num_classes or 0))
+    fig = Figure(figsize=(2.6 * len(epochs) + 1.8, 2.4 * len(layers) + 0.8), layout="constrained")
+    axes = fig.subplots(len(layers), len(epochs), squeeze=False)
+    for r, layer in enumerate(layers):
+        for c, epoch in enumerate(epochs):
+            ax = axes[r, c]
+            frame = representations.embedding(trace, epoch, layer, method=method)
+            colours = np.array([palette[k] for k in frame["label"]])
+            ax.scatter(
+                frame["x"], frame["y"], s=7, c=colours, lw=0, alpha=0.85, gid=f"embedding:{layer}:{epoch}"
+            )
+            outside = _robust_limits(ax, frame[["x", "y"]].to_numpy())
+            if outside:
+                ax.text(
+                    0.98,
+                    0.02,
+                    f"{outside} outlying sample{'s' if outside > 1 else ''} off view",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="bottom",
+                    fontsize=6.5,
+                    color="#777777",
+                )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.text(
+                0.02,
+                0.98,
+                f"probe acc {accuracy.loc[(epoch, layer)]:.2f}",
+                transform=ax.transAxes,
+                va="top",
+                fontsize=7,
+                color="#333333",
+            )
+            if r == 0:
+                ax.set_title(f"epoch {epoch}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(_short_layer(layer), fontsize=9)
+    classes = sorted(set(trace.probe_labels.tolist()))
+    handles = [
+        Line2D([], [], ls="", marker="o", color=palette[k], label=_class_label(trace, k)) for k in classes
+    ]
+    _layer_legend(fig, handles, title="class")
+    name = "PCA (top two components)" if method == "pca" else "t-SNE"
+    fig.suptitle(f"Probe samples embedded by {name} per layer and epoch — run '{_run(trace)}'", fontsize=11)
+    return fig
+
+
+def _robust_limits(ax, points: np.ndarray, coverage: float = 99.0) -> int:
+    """Axis limits around the central ``coverage`` % of the points on each axis (plus a margin), so that a
+    few outlying samples do not squash the rest; returns how many points fall outside."""
+    lo = np.percentile(points, (100 - coverage) / 2, axis=0)
+    hi = np.percentile(points, 100 - (100 - coverage) / 2, axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    lo, hi = lo - 0.15 * span, hi + 0.15 * span
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(lo[1], hi[1])
+    return int((((points < lo) | (points > hi)).any(axis=1)).sum())
+
+
+def plot_breadcrumbs(trace: Trace, sample: int = 0, epoch: int = -1, top_k: int = 3, crumbs=None) -> Figure:
+    """One probe sample's breadcrumbs drawn over the staining graph: its ``top_k`` largest-contribution
+    paths (black, width ∝ path score) beside the classes' stained pathways, and rings on its most
+    active neurons (width ∝ activation)."""
+    from . import representations
+
+    crumbs = representations.breadcrumbs(trace, sample, epoch, top_k=top_k) if crumbs is None else crumbs
+    epoch = crumbs.epoch
+    paths = crumbs.paths
+    keep: dict[str, set[int]] = {}
+    for path in paths["path"]:
+        for node in path:
+            layer, neuron = _split(node)
+            keep.setdefault(layer, set()).add(neuron)
+    active = crumbs.active.reset_index()
+    active = active[active["activation"] > 0]
+    rings = pd.Series(
+        active["activation"].to_numpy(),
+        index=pd.MultiIndex.from_arrays([active["layer"], active["neuron"]], names=["layer", "neuron"]),
+        name=f"sample {crumbs.sample}'s activation (top {top_k} per layer)",
+    )
+    for layer, neuron in rings.index:
+        keep.setdefault(layer, set()).add(int(neuron))
+    n_columns = len(trace.layers) + 1
+    layout = graph_layout(trace, epoch, keep=keep, aspect=_aspect(n_columns))
+    width, height = graph_size(len(layout.columns))
+    fig = Figure(figsize=(width, height), layout="constrained")
+    draw_staining_graph(fig, trace, layout, rings if len(rings) else None)
+    ax = fig.axes[0]
+    inputs = layout.x_column
+    top = float(np.abs(paths["score"]).max()) if len(paths) else 0.0
+    for rank, (score, path) in enumerate(zip(paths["score"], paths["path"])):
+        points = []
+        for node in path:
+            layer, neuron = _split(node)
+            layer = inputs if layer == "x" else layer
+            if layer is None or (layer, neuron) not in layout.nodes.index:
+                continue
+            points.append(layout.nodes.loc[(layer, neuron), ["x", "y"]].to_numpy(dtype=float))
+        if len(points) < 2:
+            continue
+        xs, ys = np.array(points).T
+        lw = 1.5 + 3.5 * abs(score) / top if top > 0 else 2.0
+        ax.plot(xs, ys, color="white", lw=lw + 2.5, zorder=7, solid_capstyle="round")
+        ax.plot(
+            xs, ys, color=BREADCRUMB_COLOUR, lw=lw, zorder=8, solid_capstyle="round", gid=f"breadcrumb:{rank}"
+        )
+    label = int(trace.probe_labels[crumbs.sample])
+    predicted = None
+    try:
+        from .probes import read_probe_output
+
+        predicted = int(read_probe_output(trace.path, trace.meta, epoch)[crumbs.sample].argmax())
+    except KeyError:
+        pass
+    shared = int(paths["shared"].sum()) if "shared" in paths else None
+    fig.legend(
+        handles=[
+            Line2D(
+                [],
+                [],
+                color=BREADCRUMB_COLOUR,
+                lw=3,
+                label=f"sample {crumbs.sample}'s top {len(paths)} paths",
+            ),
+        ],
+        loc="outside right lower",
+        fontsize=8,
+    )
+    text = f"Breadcrumbs of probe sample {crumbs.sample} — run '{_run(trace)}', epoch {epoch}\n"
+    text += f"label {_class_label(trace, label)}"
+    if predicted is not None:
+        text += f", predicted {_class_label(trace, predicted)}"
+    text += f"; black: its top {len(paths)} paths into output neuron {crumbs.target_class}"
+    if shared is not None:
+        text += f"\n({shared} of them among that class's stained pathways)"
+    fig.suptitle(text, fontsize=11)
+    return fig
+
+
+def _input_shape(trace: Trace) -> list[int]:
+    """The probe's per-sample input shape; a flat input takes the recording's ``image_shape`` when the
+    sizes agree (``main.py`` records digits as 64 features and ``image_shape`` [1, 8, 8])."""
+    shape = [int(s) for s in trace.meta["probe"]["input_shape"]]
+    image = trace.meta.get("config", {}).get("image_shape")
+    if len(shape) < 2 and image and int(np.prod(image)) == int(np.prod(shape)):
+        return [int(s) for s in image]
+    return shape
+
+
+def _saliency_images(values: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Per-sample images from flattened values: the last two dims of ``shape`` (channels averaged), or a
+    one-row strip for 1-D inputs."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(shape) >= 2:
+        full = values.reshape(len(values), *shape)
+        return full.reshape(len(values), -1, shape[-2], shape[-1]).mean(1)
+    return values.reshape(len(values), 1, -1)
+
+
+def plot_saliency(
+    trace: Trace, samples: Sequence[int] | None = None, epochs: Sequence[int] | None = None
+) -> Figure:
+    """Saliency over training: input gradient × input of the true class for a few probe samples
+    (rows; default one per class) at a few epochs (columns), beside the input itself. Red pixels push
+    the true class's output up, blue ones down; each row shares one colour scale."""
+    from . import representations
+
+    labels = trace.probe_labels
+    if samples is None:
+        samples = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)][:MAX_SALIENCY_SAMPLES]
+    epochs = (
+        _spread(trace.epochs, MAX_SALIENCY_EPOCHS)
+        if epochs is None
+        else [staining.resolve_epoch(trace, e) for e in epochs]
+    )
+    frame = representations.saliency(trace, epochs=epochs, samples=samples)
+    shape = _input_shape(trace)
+    image = len(shape) >= 2
+    aspect = "equal" if image else "auto"
+    row, width = (1.45, 1.5) if image else (0.5, 2.6)
+    fig = Figure(figsize=(width * (len(epochs) + 1) + 1.8, row * len(samples) + 1.3), layout="constrained")
+    axes = fig.subplots(len(samples), len(epochs) + 1, squeeze=False)
+    mappable = None
+    for r, sample in enumerate(samples):
+        first = frame.xs((epochs[0], sample), level=["epoch", "sample"])["input"].to_numpy()
+        axes[r, 0].imshow(
+            _saliency_images(first[None, :], shape)[0],
+            cmap="gray_r" if image else "PuOr_r",
+            vmin=-INPUT_CLIP,
+            vmax=INPUT_CLIP,
+            aspect=aspect,
+            gid=f"input:{sample}",
+        )
+        axes[r, 0].set_ylabel(
+            f"#{sample}: {_class_label(trace, int(labels[sample]))}",
+            fontsize=8,
+            rotation=90 if image else 0,
+            ha="center" if image else "right",
+            va="center",
+        )
+        maps = np.stack(
+            [
+                _saliency_images(
+                    frame.xs((e, sample), level=["epoch", "sample"])["saliency"].to_numpy()[None, :], shape
+                )[0]
+                for e in epochs
+            ]
+        )
+        limit = float(np.percentile(np.abs(maps), SALIENCY_PERCENTILE)) or 1.0
+        for c, epoch in enumerate(epochs):
+            ax = axes[r, c + 1]
+            mappable = ax.imshow(
+                maps[c] / limit,
+                cmap="RdBu_r",
+                vmin=-1,
+                vmax=1,
+                aspect=aspect,
+                gid=f"saliency:{sample}:{epoch}",
+            )
+            if r == 0:
+                ax.set_title(f"epoch {epoch}", fontsize=9)
+        if r == 0:
+            axes[r, 0].set_title(f"input (z, ±{INPUT_CLIP:g})", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if mappable is not None:
+        fig.colorbar(
+            mappable,
+            ax=axes,
+            shrink=0.6,
+            extend="both",
+            label=f"saliency ÷ the row's {SALIENCY_PERCENTILE:g}th percentile of |saliency|",
+        )
+    fig.suptitle(f"Saliency over training (gradient × input, true class) — run '{_run(trace)}'", fontsize=11)
+    return fig

@@ -628,9 +628,37 @@ def _check(root: str | os.PathLike, meta: dict[str, Any], epoch: int, layer: str
     return path
 
 
+def probe_blocks(path: str | os.PathLike) -> list[tuple[str, str]] | None:
+    """The (kind, layer) of each row group of a probe part, from its footer's statistics alone (None
+    when a row group lacks them, e.g. a part rewritten by another tool)."""
+    md = pq.ParquetFile(path).metadata
+    names = [md.schema.column(i).name for i in range(md.num_columns)]
+    kind, layer = names.index("kind"), names.index("layer")
+    blocks = []
+    for g in range(md.num_row_groups):
+        group = md.row_group(g)
+        stats = [group.column(kind).statistics, group.column(layer).statistics]
+        if any(st is None or not st.has_min_max or st.min != st.max for st in stats):
+            return None
+        blocks.append((_text(stats[0].min), _text(stats[1].min)))
+    return blocks
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _read(path: Path, kind: str, layer: str, columns: list[str]) -> pa.Table:
-    filt = (pc.field("kind") == kind) & (pc.field("layer") == layer)
-    table = pq.read_table(path, columns=["sample", "width", *columns], filters=filt)
+    """The rows of one (kind, layer) block, by sample: only its row group is read."""
+    blocks = probe_blocks(path)
+    if blocks is None:
+        filt = (pc.field("kind") == kind) & (pc.field("layer") == layer)
+        table = pq.read_table(path, columns=["sample", "width", *columns], filters=filt)
+    else:
+        groups = [g for g, block in enumerate(blocks) if block == (kind, layer)]
+        if not groups:
+            return SCHEMA.empty_table().select(["sample", "width", *columns])
+        table = pq.ParquetFile(path).read_row_groups(groups, columns=["sample", "width", *columns])
     if table.num_rows:
         order = pc.sort_indices(table, [("sample", "ascending")])
         table = table.take(order)

@@ -19,8 +19,9 @@ probe keeps where they fit its byte budget.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,8 +44,12 @@ EMBEDDING_METHODS = ("pca", "tsne")
 def probe_layers(trace: Trace, epoch: int | None = None) -> list[str]:
     """The layers with a probe record at ``epoch`` (default: the last recorded), in model order."""
     epoch = resolve_epoch(trace, -1 if epoch is None else epoch)
-    contents = probes.probe_contents(trace.path, trace.meta, epoch)
-    kept = {c["layer"] for c in contents if c["kind"] in ("gram", "activations")}
+    probes.probe_info(trace.meta)
+    path = probes.probe_part(trace.path, epoch)
+    blocks = probes.probe_blocks(path) if path.exists() else None
+    if blocks is None:
+        blocks = [(c["kind"], c["layer"]) for c in probes.probe_contents(trace.path, trace.meta, epoch)]
+    kept = {layer for kind, layer in blocks if kind in ("gram", "activations")}
     return [k for k in trace.layers if k in kept]
 
 
@@ -61,6 +66,19 @@ def _layers(trace: Trace, layers: Sequence[str] | str | None, epoch: int | None 
     if isinstance(layers, str):
         layers = [layers]
     return [trace.layer_info(layer)["key"] for layer in layers]
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """One BLAS thread for the many small (n × n) eigen-decompositions and solves: threads buy nothing at
+    this size, and on a busy machine they spin-wait (a 256 × 256 eigvalsh took 0.3 s instead of 10 ms)."""
+    try:
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(1, user_api="blas"):
+        yield
 
 
 def _gram(trace: Trace, epoch: int, layer: str) -> np.ndarray:
@@ -95,6 +113,7 @@ def _cka_matrix(grams: list[np.ndarray]) -> np.ndarray:
 
 
 # -- CKA ------------------------------------------------------------------------------------------
+@_one_blas_thread()
 def cka(
     trace: Trace,
     *,
@@ -134,6 +153,7 @@ def _width(trace: Trace, layer: str) -> int:
     return int(trace.layer_info(layer)["neurons"])
 
 
+@_one_blas_thread()
 def pca_spectrum(
     trace: Trace, epochs: Sequence[int] | None = None, layers: Sequence[str] | None = None
 ) -> pd.DataFrame:
@@ -226,17 +246,20 @@ def ridge_from_gram(
     return classes[chosen], alpha
 
 
+@_one_blas_thread()
 def linear_probe(
     trace: Trace,
     epochs: Sequence[int] | None = None,
     layers: Sequence[str] | None = None,
     ridge: float = RIDGE,
+    inputs: bool = False,
 ) -> pd.DataFrame:
     """How linearly decodable the labels are at each layer and epoch: a closed-form ridge classifier
     trained on half the probe set (:func:`probe_split`), scored on the other half.
 
     Index ``(epoch, layer)``; columns ``accuracy``, ``chance`` (predicting the train half's most
-    frequent class), ``alpha``, ``train`` and ``test`` (sample counts).
+    frequent class), ``alpha``, ``train`` and ``test`` (sample counts). ``inputs=True`` adds the
+    probe inputs themselves as layer ``"x"`` (the baseline every layer starts from).
     """
     labels = trace.probe_labels
     train, test = probe_split(labels)
@@ -244,8 +267,12 @@ def linear_probe(
     chance = float((labels[test] == values[counts.argmax()]).mean())
     rows = []
     for e in _epochs(trace, epochs):
-        for key in _layers(trace, layers, e):
-            predicted, alpha = ridge_from_gram(_gram(trace, e, key), labels, train, test, ridge)
+        grams = {key: (lambda e=e, key=key: _gram(trace, e, key)) for key in _layers(trace, layers, e)}
+        if inputs:
+            x = probes.read_probe_input(trace.path, trace.meta, e).astype(np.float64)
+            grams = {probes.INPUT_LAYER: lambda x=x: x @ x.T} | grams
+        for key, gram in grams.items():
+            predicted, alpha = ridge_from_gram(gram(), labels, train, test, ridge)
             rows.append(
                 {
                     "epoch": e,
@@ -320,6 +347,7 @@ def kernel_pca(gram: np.ndarray, components: int = 2) -> np.ndarray:
     return _flip(coords)
 
 
+@_one_blas_thread()
 def embedding(
     trace: Trace,
     epoch: int,
