@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import nbformat
+import pyarrow.parquet as pq
 import pytest
 from nbclient import NotebookClient
 
@@ -64,22 +66,36 @@ def test_notebook_records_a_fresh_run(executed) -> None:
     assert nb.cells[-1].outputs[0]["text"].strip() == sys.prefix  # the kernel is this environment's Python
 
 
-def test_notebook_cells_run_without_errors(executed) -> None:
-    nb, _ = executed
-    code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert all(cell.execution_count is not None for cell in code)
-    errors = [out for cell in code for out in cell.outputs if out.output_type == "error"]
-    assert not errors, errors
-    streams = "".join(
-        out.get("text", "") for cell in code for out in cell.outputs if out.output_type == "stream"
+def _printed(nb: nbformat.NotebookNode) -> str:
+    return "".join(
+        out.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out.output_type == "stream"
     )
-    assert "Traceback" not in streams
-    assert f"DuckDB and t.query agree on all {EPOCHS} epochs" in streams
+
+
+def test_notebook_prints_what_the_store_holds(executed) -> None:
+    """nbclient raises on a failing cell; these check what the cells print against meta.json and
+    the Parquet files, read here without nn_staining."""
+    nb, run = executed
+    printed = _printed(nb)
+    meta = json.loads((run / "meta.json").read_text())
+    assert f"classes: {meta['class_names']}" in printed
+    neurons = sum(layer["neurons"] for layer in meta["layers"])
+    parts = sorted((run / "neurons").glob("epoch=*/part-0.parquet"))
+    assert len(parts) == EPOCHS
+    columns = [c for c in pq.read_schema(parts[0]).names if c not in ("phase", "layer", "neuron", "weights")]
+    assert f"shape: ({EPOCHS * neurons}, {len(columns)})" in printed
+    assert f"DuckDB and t.query agree on all {EPOCHS} epochs" in printed
 
 
 def test_notebook_shows_each_figure_once(executed) -> None:
     nb, _ = executed
     figures = [cell for cell in nb.cells if _is_figure_cell(cell)]
-    assert len(figures) == 8  # one neuron's history and the seven plots.plot_* figures
+    # one figure per cell: each plots.plot_* call, and the hand-drawn history of one neuron
+    calls = sum(cell.source.count("plots.plot_") + cell.source.count("Figure(") for cell in figures)
+    assert len(figures) == calls >= 8
     assert [_pngs(cell) for cell in figures] == [1] * len(figures)
     assert sum(_pngs(cell) for cell in nb.cells if cell.cell_type == "code") == len(figures)
