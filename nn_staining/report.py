@@ -190,7 +190,7 @@ def _graph_section(
         for layer, ids in plots._edge_nodes(p.edges).items():
             keep.setdefault(layer, set()).update(ids)
     columns = len(trace.layers) + 1
-    aspect = (GRAPH_WIDTH - 140) / columns / (GRAPH_HEIGHT - 170)
+    aspect = ((GRAPH_WIDTH - 40) / columns) / ((GRAPH_HEIGHT - 240) / 1.19)  # px per x unit / px per y unit
     layouts = {
         e: plots.graph_layout(
             trace,
@@ -424,10 +424,10 @@ def _graph_figure(trace: Trace, layouts: dict[int, plots.GraphLayout], epochs: l
 
 
 def _node_size(count: int, layout: plots.GraphLayout, layer: str) -> float:
-    if layer == "x" and layout.image_shape is not None:
-        h, w = layout.image_shape
-        column = (GRAPH_WIDTH - 140) / len(layout.columns)
-        return float(0.85 * min(0.8 / w, 0.8 / h / 4) * column)  # the grid's pitch in pixels
+    if layer == "x" and layout.image_shape is not None:  # square pixels that tile the grid
+        xs = np.unique(layout.nodes.xs("x", level="layer")["x"].round(9))
+        pitch = float(np.diff(xs).min()) if len(xs) > 1 else 0.1
+        return 0.9 * pitch * (GRAPH_WIDTH - 40) / len(layout.columns)
     return float(np.clip(260 / max(count, 1), 5, 18))
 
 

@@ -116,8 +116,10 @@ def test_intervention_section_shows_the_stored_effects(trace, tmp_path) -> None:
 
 def _plotly_figure(page: str, div_id: str) -> dict:
     """The data and layout a plotly div was created with (plotly.py's newPlot call), with typed arrays decoded."""
-    match = re.search(rf'Plotly\.newPlot\(\s*"{div_id}",\s*(\[.*?\]),\s*(\{{.*?\}}),\s*\{{', page, re.S)
-    data = json.loads(match.group(1))
+    decoder = json.JSONDecoder()
+    start = re.search(rf'Plotly\.newPlot\(\s*"{div_id}",\s*', page).end()
+    data, end = decoder.raw_decode(page, start)
+    layout, _ = decoder.raw_decode(page, re.compile(r",\s*").match(page, end).end())
     for entry in data:
         for key, value in list(entry.items()):
             if isinstance(value, dict) and "bdata" in value:
@@ -126,7 +128,7 @@ def _plotly_figure(page: str, div_id: str) -> dict:
                 array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
                 shape = value.get("shape")
                 entry[key] = array.reshape([int(v) for v in str(shape).split(",")]) if shape else array
-    return {"data": data, "layout": json.loads(match.group(2))}
+    return {"data": data, "layout": layout}
 
 
 # -- in a real browser ---------------------------------------------------------------------------------
@@ -245,3 +247,42 @@ def test_report_in_a_browser_slider_recolours_and_click_shows_history(
     severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert severe == []
     assert browser.execute_script("return window.__nnErrors") == []
+
+
+def test_representation_section_shows_cka_and_probe_accuracy(tmp_path) -> None:
+    representations = pytest.importorskip("nn_staining.representations")
+    import torch
+    from torch import nn
+
+    from nn_staining import NetworkTrace
+    from nn_staining.models import SimpleNN
+
+    torch.manual_seed(0)
+    y = torch.arange(60) % 3
+    x = torch.randn(60, 5)
+    x[torch.arange(60), y] += 2.0
+    model = SimpleNN(5, 6, 3)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    with NetworkTrace(model, tmp_path / "probed", num_classes=3, probe=(x[:30], y[:30])) as t:
+        for epoch in range(2):
+            t.start_epoch(epoch)
+            t.set_targets(y)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            t.end_epoch()
+    trace = load_trace(tmp_path / "probed")
+    page = build_report(trace)
+    assert ">Representations</h2>" in page
+    cka = _plotly_figure(page, "cka")["data"][0]
+    expected = representations.cka(trace, epoch=1)["cka"].droplevel("epoch").unstack("layer_b")
+    layers = list(expected.index)
+    assert list(cka["x"]) == layers and list(cka["y"]) == layers
+    np.testing.assert_allclose(
+        np.asarray(cka["z"], dtype=float), expected.loc[layers, layers].to_numpy(), rtol=1e-6
+    )
+    accuracy = {d["name"]: d for d in _plotly_figure(page, "probe")["data"] if d.get("xaxis", "x") == "x"}
+    probe = representations.linear_probe(trace)["accuracy"]
+    for layer in layers:
+        np.testing.assert_allclose(np.asarray(accuracy[layer]["y"], float), probe.xs(layer, level="layer"))
