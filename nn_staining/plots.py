@@ -284,9 +284,7 @@ def graph_layout(
             )
         if layer == "x" and image_shape is not None:
             h, w = image_shape
-            dx = min(
-                0.8 / w, 0.8 / h / aspect * 0.25
-            )  # the grid fills the column's width, a quarter of its height at most
+            dx = min(0.8 / w, 0.5 / h / aspect)  # the grid fills the column's width, half its height at most
             dy = dx * aspect
             r, c = np.divmod(shown, w)
             xs, ys = col + (c - (w - 1) / 2) * dx, 0.5 + ((h - 1) / 2 - r) * dy
@@ -1207,6 +1205,7 @@ def plot_unit_health(trace: Trace, health: staining.UnitHealth | None = None) ->
             )  # fmt: skip
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.set_xlim(trace.epochs[0] - 0.5, trace.epochs[-1] + 0.5)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.set_ylabel("fraction of the layer's neurons")
