@@ -77,7 +77,6 @@ class NetworkTrace:
             raise ValueError(
                 "pass overwrite=True (replace the stored trace) or resume=True (continue it), not both"
             )
-        self.model = model
         self.store = os.fspath(store)
         self._schedule = EpochSchedule(epoch_intervals, total_epochs)
         self.drop_batches = drop_batches
@@ -102,6 +101,11 @@ class NetworkTrace:
         self.model = unwrap_model(model)
         _check_unsharded(self.model, record_weights)
         self._sharded = is_sharded(self.model)
+        if self._sharded and self._probe is not None:
+            raise ValueError(
+                "probe= is not supported on an FSDP-sharded model: only rank 0 runs the probe set, and a "
+                "sharded forward needs every rank"
+            )
         self._tap = HookTap(self.model, select_layers(self.model, layers))
         self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
         self._row_layouts: list[dict[str, list[str]]] = []
