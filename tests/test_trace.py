@@ -3,12 +3,15 @@ and that a query reads only the row groups it needs."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -28,8 +31,9 @@ from conftest import (
 )
 
 from nn_staining import load_trace
+from nn_staining.catalog import TraceChangedError, TraceCorruptError
 from nn_staining.signature import GRAMMAR
-from nn_staining.store import ROW_GROUP_ROWS
+from nn_staining.store import ROW_GROUP_ROWS, SCHEMAS
 
 METRICS = [
     "act_count",
@@ -455,3 +459,504 @@ def test_epoch_and_layer_views_to_dataframe_take_columns(mlp_run: Run) -> None:
     layer_frame = t["E_2"]["L_output"].to_dataframe(columns=["act_std"])
     assert list(layer_frame.columns) == ["act_std"]
     pd.testing.assert_frame_equal(layer_frame, t.query("E_2/L_output", columns=["act_std"]))
+
+
+# -- a hand-built store: meta.json, epochs.jsonl and parts written by the test, values known by formula ------
+# Three layers (a Linear of 3 neurons with 2 inputs, a ReLU of 3, a Linear of 2 with 3 inputs); layout 0
+# holds them all, layout 1 only L_c (L_a and L_b did not fire). Train epochs 0 (layout 0), 1 (layout 1) and
+# 5 (layout 0, neurons only: no labels); eval epoch 0. Every value says where it sits: see ``value``.
+HAND_LAYERS = [
+    {"key": "L_a", "module": "a", "type": "Linear", "neurons": 3, "kind": "features", "in_features": 2},
+    {"key": "L_b", "module": "b", "type": "ReLU", "neurons": 3, "kind": "features", "in_features": None},
+    {"key": "L_c", "module": "c", "type": "Linear", "neurons": 2, "kind": "features", "in_features": 3},
+]
+HAND_KEYS = [layer["key"] for layer in HAND_LAYERS]
+HAND_LAYOUTS = [{"neurons": HAND_KEYS, "inputs": ["L_a", "L_c"]}, {"neurons": ["L_c"], "inputs": ["L_c"]}]
+HAND_COMMITS = [(0, "train", 0, True), (1, "train", 1, True), (5, "train", 0, False), (0, "eval", 0, True)]
+HAND_METRICS = [
+    {"key": "0", "values": {"loss": 1.0, "acc": 0.5}},
+    {"key": "5", "values": {"loss": 0.25}},
+    {"key": "run", "values": {"confusion": [[1, 0], [0, 1]]}},
+]
+
+
+def value(epoch: int, phase: str, layer: str, neuron: int) -> float:
+    """act_mean of a hand-built row: 1000 epoch + 100 layer index + neuron (+0.5 in eval)."""
+    return 1000 * epoch + 100 * HAND_KEYS.index(layer) + neuron + (0.5 if phase == "eval" else 0.0)
+
+
+def hand_row(epoch: int, phase: str, layer: str, neuron: int) -> dict:
+    """Every default column of a hand-built neurons row, and its weights (Linear layers only)."""
+    v = value(epoch, phase, layer, neuron)
+    info = HAND_LAYERS[HAND_KEYS.index(layer)]
+    linear = info["in_features"] is not None
+    return {
+        "act_count": 10 + epoch,
+        "act_mean": v,
+        "act_std": 0.5,
+        "act_min": -v,
+        "act_max": v + 1,
+        "act_active_frac": 0.25,
+        "act_nan_count": 0,
+        "bias": v / 4 if linear else np.nan,
+        "weight_norm": 2.0 if linear else np.nan,
+        "weight_mean": np.nan,
+        "weight_delta_norm": np.nan,
+        "grad_norm": np.nan,
+        "weights": [v + f / 4 for f in range(info["in_features"])] if linear else None,
+    }
+
+
+def write_hand_store(root: Path) -> None:
+    """The store described above, written with the store's own writer from plain numpy columns."""
+    from nn_staining.rows import assign_offsets
+    from nn_staining.store import TraceWriter, build_table
+
+    writer = TraceWriter(root)
+    writer.write_meta(
+        {
+            "format": "nn_staining.trace",
+            "format_version": 2,
+            "run_id": "hand-run",
+            "layers": assign_offsets(HAND_LAYERS),
+            "num_neurons": 8,
+            "num_classes": 2,
+            "class_names": ["cat", "dog"],
+            "layouts": HAND_LAYOUTS,
+            "config": {"feature_names": ["x0", "x1"]},
+        }
+    )
+    code = {k: i for i, k in enumerate(HAND_KEYS)}
+    lines = []
+    for epoch, phase, layout, labelled in HAND_COMMITS:
+        present = HAND_LAYOUTS[layout]["neurons"]
+        cells = [(k, n) for k in present for n in range(HAND_LAYERS[code[k]]["neurons"])]
+        rows = [hand_row(epoch, phase, k, n) for k, n in cells]
+        weights = [r["weights"] for r in rows]
+        columns = {
+            "layer": [code[k] for k, _ in cells],
+            "phase": phase,
+            "neuron": [n for _, n in cells],
+            **{c: np.array([r[c] for r in rows]) for c in METRICS},
+            "weights": (
+                np.cumsum([0] + [len(w or []) for w in weights]),
+                np.array([x for w in weights for x in (w or [])]),
+                np.array([w is None for w in weights]),
+            ),
+        }
+        tables = {"neurons": build_table("neurons", columns, HAND_KEYS)}
+        if labelled:
+            tables["classes"] = build_table(
+                "classes",
+                {
+                    "layer": [code[k] for k, _ in cells for _ in range(2)],
+                    "phase": phase,
+                    "neuron": [n for _, n in cells for _ in range(2)],
+                    "class": [c for _ in cells for c in range(2)],
+                    "act_count": [c + 1 for _ in cells for c in range(2)],
+                    "act_mean": [value(epoch, phase, k, n) + c / 8 for k, n in cells for c in range(2)],
+                },
+                HAND_KEYS,
+            )
+            inputs = [
+                (k, f, c)
+                for k in HAND_LAYOUTS[layout]["inputs"]
+                for f in range(HAND_LAYERS[code[k]]["in_features"])
+                for c in range(2)
+            ]
+            if phase == "train":
+                tables["inputs"] = build_table(
+                    "inputs",
+                    {
+                        "layer": [code[k] for k, _, _ in inputs],
+                        "phase": phase,
+                        "feature": [f for _, f, _ in inputs],
+                        "class": [c for _, _, c in inputs],
+                        "count": [3] * len(inputs),
+                        "mean": [value(epoch, phase, k, 10 * f) + c for k, f, c in inputs],
+                    },
+                    HAND_KEYS,
+                )
+        counts = writer.write_epoch(epoch, phase, tables)
+        lines.append({"epoch": epoch, "phase": phase, "layout": layout, "rows": counts})
+    (root / "epochs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (root / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in HAND_METRICS))
+
+
+@pytest.fixture(scope="module")
+def hand(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hand") / "it's a trace"
+    write_hand_store(root)
+    return root
+
+
+def expected_neurons(
+    cells: list[tuple[int, str, int]], phase: str = "train", columns=METRICS
+) -> pd.DataFrame:
+    """The neurons frame of (epoch, layer, neuron) cells, from the formula."""
+    index = pd.MultiIndex.from_tuples(cells, names=["epoch", "layer", "neuron"])
+    rows = [{c: hand_row(e, phase, k, n)[c] for c in columns} for e, k, n in cells]
+    return pd.DataFrame(rows, index=index, columns=list(columns))
+
+
+def cells_of(epochs_layers: list[tuple[int, list[str]]], neurons=None) -> list[tuple[int, str, int]]:
+    sizes = {layer["key"]: layer["neurons"] for layer in HAND_LAYERS}
+    return [
+        (e, k, n)
+        for e, layers in epochs_layers
+        for k in layers
+        for n in range(sizes[k])
+        if neurons is None or n in neurons
+    ]
+
+
+def assert_frame(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_index_type=False)
+
+
+def test_hand_trace_describes_itself(hand: Path) -> None:
+    t = load_trace(hand)
+    assert t.epochs == [0, 1, 5] and list(t) == ["E_0", "E_1", "E_5"] and len(t) == 3
+    assert load_trace(hand, phase="eval").epochs == [0]
+    assert t.layers == HAND_KEYS
+    assert t.layer_info("c") == dict(HAND_LAYERS[2], row_offset=6, input_offset=2)
+    assert t.layer_info("L_b")["row_offset"] == 3
+    assert (t.num_classes, t.class_names, t.feature_names, t.run_id) == (
+        2,
+        ["cat", "dog"],
+        ["x0", "x1"],
+        "hand-run",
+    )
+    assert repr(t) == f"Trace({str(hand)!r}, phase='train', epochs=[0, 1, 5], layers=['L_a', 'L_b', 'L_c'])"
+    assert repr(t["E_1"]) == "EpochView(E_1, layers=['L_a', 'L_b', 'L_c'])"
+    assert repr(t["E_1"]["c"]) == "LayerView(E_1/L_c, neurons=2)"
+    files = [p for p in hand.rglob("*") if p.is_file()]
+    assert t.size_bytes() == sum(p.stat().st_size for p in files)
+
+
+def test_hand_trace_metrics(hand: Path) -> None:
+    t = load_trace(hand)
+    expected = pd.DataFrame({"loss": [1.0, 0.25], "acc": [0.5, np.nan]}, index=pd.Index([0, 5], name="epoch"))
+    pd.testing.assert_frame_equal(t.metrics, expected)
+    assert t.run_metrics == {"confusion": [[1, 0], [0, 1]]}
+    t.run_metrics["confusion"] = None
+    assert t.run_metrics == {"confusion": [[1, 0], [0, 1]]}, "a copy"
+
+
+def test_a_trace_without_metrics_names_or_classes(tmp_path: Path) -> None:
+    from torch import nn
+
+    from nn_staining import NetworkTrace
+
+    NetworkTrace(nn.Sequential(nn.Linear(2, 2)), tmp_path / "t").close()
+    t = load_trace(tmp_path / "t")
+    assert t.metrics.empty and t.metrics.index.name == "epoch"
+    assert t.run_metrics == {} and t.class_names == [] and t.feature_names is None and t.num_classes is None
+    assert repr(t).endswith("epochs=[], layers=[])")
+
+
+@pytest.mark.parametrize(
+    ("signature", "cells"),
+    [
+        ("E_*/L_a", cells_of([(0, ["L_a"]), (5, ["L_a"])])),
+        ("E_*/L_c/n_1", cells_of([(0, ["L_c"]), (1, ["L_c"]), (5, ["L_c"])], {1})),
+        ("E_0:2/L_*/n_0,2", cells_of([(0, HAND_KEYS), (1, ["L_c"])], {0, 2})),
+        ("E_5", cells_of([(5, HAND_KEYS)])),
+        ("E_1/L_*", cells_of([(1, ["L_c"])])),
+        ("E_0,5/L_b/n_1:9", cells_of([(0, ["L_b"]), (5, ["L_b"])], {1, 2})),
+    ],
+)
+def test_hand_queries_return_exactly_the_written_rows(hand: Path, signature: str, cells) -> None:
+    assert_frame(load_trace(hand).query(signature), expected_neurons(cells))
+
+
+def test_hand_query_of_a_layer_absent_in_every_selected_epoch_is_empty(hand: Path) -> None:
+    frame = load_trace(hand).query("E_1/L_a")
+    assert (
+        frame.empty and frame.index.names == ["epoch", "layer", "neuron"] and list(frame.columns) == METRICS
+    )
+
+
+def test_hand_eval_phase_reads_the_eval_parts(hand: Path) -> None:
+    t = load_trace(hand, phase="eval")
+    assert_frame(
+        t.query("E_0/L_b", columns=["act_mean"]),
+        expected_neurons(cells_of([(0, ["L_b"])]), "eval", ["act_mean"]),
+    )
+    classes = t.classes("E_0/L_c/n_1")
+    assert classes["act_mean"].tolist() == [201.5, 201.625]
+    with pytest.raises(KeyError) as info:
+        t["E_1"]
+    assert info.value.args[0] == (
+        "epoch 1 not in trace (eval); recorded epochs: [0] (eval passes are kept only with record_eval=True / --record-eval)"
+    )
+
+
+def test_hand_classes_and_inputs(hand: Path) -> None:
+    t = load_trace(hand)
+    classes = t.classes("E_*/L_c/n_0")
+    assert classes.index.tolist() == [(e, "L_c", 0, c) for e in (0, 1) for c in (0, 1)], (
+        "epoch 5 has no labels"
+    )
+    assert classes.columns.tolist() == ["act_count", "act_mean"]
+    assert classes["act_mean"].tolist() == [200.0, 200.125, 1200.0, 1200.125]
+    assert classes["act_count"].tolist() == [1, 2, 1, 2]
+    inputs = t.inputs()
+    expected = [
+        (e, k, f, c)
+        for e, ks in ((0, ["L_a", "L_c"]), (1, ["L_c"]))
+        for k in ks
+        for f in range(HAND_LAYERS[HAND_KEYS.index(k)]["in_features"])
+        for c in (0, 1)
+    ]
+    assert inputs.index.tolist() == expected
+    assert inputs["mean"].tolist() == [value(e, "train", k, 10 * f) + c for e, k, f, c in expected]
+    assert inputs["count"].tolist() == [3] * len(expected)
+    assert t.inputs("E_*/L_b").empty, "an activation has no inputs"
+    assert t.classes("E_0/L_a", columns="act_count")["act_count"].tolist() == [1, 2] * 3
+
+
+def test_hand_cell_dict_and_views(hand: Path) -> None:
+    t = load_trace(hand)
+    cell = t["E_0/L_c/n_1"]
+    row = hand_row(0, "train", "L_c", 1)
+    weights = cell.pop("weights")
+    np.testing.assert_array_equal(weights, np.float32(row.pop("weights")))
+    assert cell.keys() == set(METRICS) | {"class_mean"}
+    assert cell["class_mean"] == {0: 201.0, 1: 201.125}
+    for metric in METRICS:
+        assert cell[metric] == pytest.approx(row[metric], nan_ok=True), metric
+    assert type(cell["act_count"]) is int and type(cell["act_mean"]) is float
+    assert t["E_5/L_c/n_1"]["class_mean"] == {}, "no labelled part at epoch 5"
+    assert isinstance(t["E_0"], Mapping) and type(t["E_0"]).__name__ == "EpochView"
+    assert type(t["E_0/L_a"]).__name__ == "LayerView" and list(t["E_0/L_a"]) == ["n_0", "n_1", "n_2"]
+    for signature in ("E_0:2/L_c", "E_0/L_*", "E_0/L_a/n_0:2", "E_*"):
+        assert isinstance(t[signature], pd.DataFrame), signature
+    assert_frame(t["E_0/L_a/n_0:2"], expected_neurons(cells_of([(0, ["L_a"])], {0, 1})))
+    with pytest.raises(KeyError) as info:
+        t["E_1"]["L_a"]["n_0"]
+    assert info.value.args[0] == "layer 'L_a' has no rows at epoch 1; epochs with it: [0, 5]"
+    for neuron in (2, -1, "n_2"):
+        with pytest.raises(KeyError) as info:
+            t["E_0"]["L_c"][neuron]
+        assert info.value.args[0] == f"neuron {neuron!r} not in layer 'L_c'; neurons: n_0 … n_1"
+    assert_same_cell(t["E_0"]["L_c"][0], t["E_0"]["L_c"]["n_0"])
+
+
+def test_hand_contains(hand: Path) -> None:
+    t = load_trace(hand)
+    assert "E_0/L_a/n_2" in t and "E_5" in t and "E_0/L_c" in t
+    assert "E_0/L_a/n_3" not in t and "E_2" not in t and "E_x" not in t and "E_0/L_q" not in t
+    assert 5 not in t and None not in t
+
+
+def test_hand_weights_and_to_dict(hand: Path) -> None:
+    t = load_trace(hand)
+    np.testing.assert_array_equal(t.weights(0, "c"), np.float32([[200, 200.25, 200.5], [201, 201.25, 201.5]]))
+    for epoch, layer in ((0, "L_b"), (1, "L_a")):
+        with pytest.raises(KeyError) as info:
+            t.weights(epoch, layer)
+        assert info.value.args[0] == f"layer {layer!r} has no recorded weights at epoch {epoch}"
+    nested = t.to_dict("E_1", columns=["act_mean", "act_count"])
+    assert nested == {
+        "E_1": {
+            "L_c": {
+                "n_0": {"act_mean": 1200.0, "act_count": 11},
+                "n_1": {"act_mean": 1201.0, "act_count": 11},
+            }
+        }
+    }
+    assert type(nested["E_1"]["L_c"]["n_0"]["act_count"]) is int
+
+
+def test_hand_query_errors(hand: Path) -> None:
+    t = load_trace(hand)
+    with pytest.raises(ValueError) as info:
+        t.query("E_0", table="cells")
+    assert str(info.value) == "table 'cells' is not one of neurons, classes, inputs, batches"
+    with pytest.raises(KeyError) as info:
+        t.batches()
+    assert info.value.args[0] == (
+        f"{str(hand)!r} has no batches table; record with drop_batches=False (main.py --keep-batches)"
+    )
+    with pytest.raises(KeyError) as info:
+        t.query("E_0", columns=["mean"])
+    assert info.value.args[0] == (
+        "column 'mean' not in the neurons table; columns: phase, act_count, act_mean, act_std, act_min, "
+        "act_max, act_active_frac, act_nan_count, bias, weight_norm, weight_mean, weight_delta_norm, grad_norm, weights"
+    )
+    with pytest.raises(KeyError) as info:
+        t.inputs("E_0").pipe(lambda _: t.query("E_0", columns="act_mean", table="inputs"))
+    assert info.value.args[0] == "column 'act_mean' not in the inputs table; columns: phase, count, mean"
+    with pytest.raises(KeyError) as info:
+        t.query("E_0/L_z*")
+    assert info.value.args[0] == "layer pattern 'L_z*' matches no layer; layers: L_a, L_b, L_c"
+    with pytest.raises(KeyError) as info:
+        t.layer_info("q")
+    assert info.value.args[0] == "layer 'q' not in trace; layers: L_a, L_b, L_c"
+    assert t.query("E_0/L_c", columns="act_max").columns.tolist() == ["act_max"]
+
+
+def test_hand_part_files_dataset_and_sql(hand: Path) -> None:
+    t = load_trace(hand)
+    assert t.part_files() == [str(hand / "neurons" / f"epoch={e}" / "part-0.parquet") for e in (0, 1, 5)]
+    assert t.part_files("classes") == [
+        str(hand / "classes" / f"epoch={e}" / "part-0.parquet") for e in (0, 1)
+    ]
+    assert t.part_files("batches") == []
+    evaluation = load_trace(hand, phase="eval")
+    assert evaluation.part_files("classes") == [str(hand / "classes" / "epoch=0" / "eval-0.parquet")]
+    with pytest.raises(ValueError) as info:
+        t.part_files("cells")
+    assert str(info.value) == "table 'cells' is not one of neurons, classes, inputs, batches"
+
+    table = t.dataset("classes").to_table()
+    assert table.schema.field("epoch").type == pa.int32()
+    assert table.schema.names == [f.name for f in SCHEMAS["classes"]] + ["epoch"]
+    got = sorted(
+        zip(*(table.column(c).to_pylist() for c in ("epoch", "layer", "neuron", "class", "act_mean")))
+    )
+    cells = cells_of([(0, HAND_KEYS), (1, ["L_c"])])
+    assert got == sorted((e, k, n, c, value(e, "train", k, n) + c / 8) for e, k, n in cells for c in (0, 1))
+    empty = t.dataset("batches")
+    assert empty.count_rows() == 0 and empty.schema.names == [f.name for f in SCHEMAS["batches"]] + ["epoch"]
+
+    frame = t.sql("SELECT epoch, layer, neuron, act_mean, phase FROM neurons ORDER BY epoch, layer, neuron")
+    cells = cells_of([(0, HAND_KEYS), (1, ["L_c"]), (5, HAND_KEYS)])
+    assert list(frame.itertuples(index=False, name=None)) == [
+        (e, k, n, value(e, "train", k, n), "train") for e, k, n in cells
+    ]
+    assert frame["epoch"].dtype == np.int32
+    eval_frame = evaluation.sql("SELECT epoch, sum(act_mean) AS s, count(*) AS n FROM classes GROUP BY epoch")
+    assert eval_frame.to_dict("records") == [
+        {
+            "epoch": 0,
+            "s": sum(value(0, "eval", k, n) * 2 + 0.125 for _, k, n in cells_of([(0, HAND_KEYS)])),
+            "n": 16,
+        }
+    ]
+    batches = t.sql("SELECT * FROM batches")
+    assert batches.empty and batches.columns.tolist() == [f.name for f in SCHEMAS["batches"]] + ["epoch"]
+
+
+def test_hand_missing_part_is_named(tmp_path: Path) -> None:
+    write_hand_store(tmp_path / "t")
+    gone = tmp_path / "t" / "classes" / "epoch=1" / "part-0.parquet"
+    gone.unlink()
+    t = load_trace(tmp_path / "t")
+    with pytest.raises(TraceCorruptError) as info:
+        t.part_files("classes")
+    assert str(info.value) == f"listed epochs' parts are missing: {gone}"
+    assert t.part_files() == [
+        str(tmp_path / "t" / "neurons" / f"epoch={e}" / "part-0.parquet") for e in (0, 1, 5)
+    ]
+
+
+def test_hand_committed_rows_must_match_the_layout(tmp_path: Path) -> None:
+    write_hand_store(tmp_path / "t")
+    log = tmp_path / "t" / "epochs.jsonl"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    lines[1]["rows"]["classes"] = 5  # layout 1: L_c's 2 neurons x 2 classes = 4
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    t = load_trace(tmp_path / "t")
+    assert len(t.query("E_1/L_c")) == 2
+    with pytest.raises(TraceCorruptError) as info:
+        t.classes("E_*/L_c")
+    assert str(info.value) == (
+        f"epoch 1: meta.json's layers make 4 classes rows but the epoch committed 5 ({str(log)!r}); the metadata is damaged"
+    )
+
+
+def test_hand_trace_follows_a_rewritten_meta_of_the_same_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nn_staining import trace as trace_module
+
+    root = tmp_path / "t"
+    write_hand_store(root)
+    t = load_trace(root)
+    meta = (root / "meta.json").read_text()
+    (root / "meta.json").unlink()
+    (root / "meta.json").write_text(meta + " ")  # a new file (inode, size) of the same run
+    reads = []
+    real = trace_module.read_meta
+    monkeypatch.setattr(trace_module, "read_meta", lambda p: reads.append(p) or real(p))
+    assert len(t.query("E_0/L_c")) == 2
+    assert len(t.query("E_1/L_c")) == 2
+    assert len(reads) == 1, "the new file is checked once, then remembered"
+    assert t.part_files("classes") and reads == [root]
+
+
+@pytest.mark.parametrize("change", ["other run", "removed", "garbled"])
+def test_hand_trace_refuses_a_re_recorded_store(tmp_path: Path, change: str) -> None:
+    root = tmp_path / "t"
+    write_hand_store(root)
+    t = load_trace(root)
+    meta = root / "meta.json"
+    if change == "other run":
+        meta.write_text(meta.read_text().replace("hand-run", "new-run!"))
+    elif change == "removed":
+        meta.unlink()
+    else:
+        meta.write_text("{")
+    message = f"{str(root)!r} was re-recorded (or removed) after this Trace was loaded; call load_trace again for the new run"
+    for ask in (lambda: t.query("E_0/L_c"), lambda: t.part_files(), lambda: t.dataset("classes")):
+        with pytest.raises(TraceChangedError) as info:
+            ask()
+        assert str(info.value) == message
+
+
+def test_short_epoch_lists() -> None:
+    from nn_staining.trace import _short
+
+    assert _short(list(range(12))) == str(list(range(12)))
+    assert _short(list(range(13))) == "[0, 1, 2, 3, 4, …, 10, 11, 12] (13)"
+    assert _short([]) == "[]"
+
+
+@pytest.fixture(scope="module")
+def hand_wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hand-built store of one layer ``L_0`` of WIDE neurons (two and a half row groups), epochs 0 and 1;
+    act_count = neuron + epoch."""
+    from nn_staining.store import TraceWriter, build_table
+
+    root = tmp_path_factory.mktemp("hand_wide") / "t"
+    writer = TraceWriter(root)
+    layer = {"key": "L_0", "neurons": WIDE, "kind": "features", "in_features": None, "row_offset": 0}
+    meta = {"format": "nn_staining.trace", "format_version": 2, "run_id": "w", "layers": [layer]}
+    writer.write_meta(meta | {"layouts": [{"neurons": ["L_0"], "inputs": []}]})
+    lines = []
+    for epoch in (0, 1):
+        neuron = np.arange(WIDE)
+        columns = {"layer": np.zeros(WIDE, np.int32), "neuron": neuron, "act_count": neuron + epoch}
+        rows = writer.write_epoch(epoch, "train", {"neurons": build_table("neurons", columns, ["L_0"])})
+        lines.append(json.dumps({"epoch": epoch, "phase": "train", "layout": 0, "rows": rows}) + "\n")
+    (root / "epochs.jsonl").write_text("".join(lines))
+    return root
+
+
+def test_a_one_neuron_query_reads_one_row_group_per_epoch(
+    hand_wide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exactly the row groups holding the asked neurons (8192 rows each) are read, in one call per part."""
+    calls: list[list[int]] = []
+    real = pq.ParquetFile.read_row_groups
+
+    def spy(self, row_groups, *args, **kwargs):
+        calls.append(list(row_groups))
+        return real(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    t = load_trace(hand_wide)
+    for signature, groups, cells in [
+        (f"E_*/L_0/n_{R + 7}", [[1], [1]], [(0, R + 7), (1, R + 7)]),
+        (f"E_0/L_0/n_{R - 1}:{R + 1}", [[0, 1]], [(0, R - 1), (0, R)]),
+        (f"E_1/L_0/n_0,{2 * R}", [[0, 2]], [(1, 0), (1, 2 * R)]),
+        (f"E_1/L_0/n_{WIDE - 2}:{WIDE + 100}", [[2]], [(1, WIDE - 2), (1, WIDE - 1)]),
+        ("E_0/L_0/n_0", [[0]], [(0, 0)]),
+    ]:
+        calls.clear()
+        frame = t.query(signature, columns=["act_count"])
+        assert calls == groups, signature
+        assert frame.index.tolist() == [(e, "L_0", n) for e, n in cells]
+        assert frame["act_count"].tolist() == [n + e for e, n in cells]
