@@ -249,7 +249,7 @@ def test_tsne_embedding_matches_sklearn_on_the_activations(planted):
     init = init / init[:, 0].std() * 1e-4
     expected = TSNE(2, perplexity=30, init=init, random_state=0).fit_transform(a)
     np.testing.assert_allclose(frame[["x", "y"]].to_numpy(), expected, atol=1e-6 * np.abs(expected).max())
-    noise = rep.embedding(t, 2, "L_noise", method="tsne")
+    noise = rep.embedding(t, 2, "L_noise")  # no embedding separates classes a layer knows nothing of
     assert silhouette_score(frame[["x", "y"]], frame["label"]) > 0.1 + silhouette_score(
         noise[["x", "y"]], noise["label"]
     )
@@ -332,3 +332,136 @@ def test_results_are_tidy_frames(planted):
     ):
         assert isinstance(frame, pd.DataFrame) and frame.index.is_unique
     assert isinstance(Path(planted.path), Path)
+
+
+# -- figures ------------------------------------------------------------------------------------------
+def _by_gid(fig, gid: str):
+    found = [a for ax in fig.axes for a in ax.get_children() if a.get_gid() == gid]
+    assert len(found) == 1, (gid, len(found))
+    return found[0]
+
+
+def test_plot_cka_draws_the_cka_matrices(planted):
+    from nn_staining import plots
+
+    t = planted
+    fig = plots.plot_cka(t, epoch=1)
+    frame = rep.cka(t, epoch=1)["cka"].unstack("layer_b").droplevel("epoch")
+    layers = ["L_inp", "L_rot", "L_noise", "L_out"]
+    np.testing.assert_allclose(_by_gid(fig, "cka").get_array(), frame.loc[layers, layers].to_numpy())
+    assert [tick.get_text() for tick in fig.axes[0].get_yticklabels()] == ["inp", "rot", "noise", "out"]
+    fig = plots.plot_cka_epochs(t, layers=["L_inp", "L_out"])
+    for layer in ("L_inp", "L_out"):
+        expected = rep.cka(t, layer=layer)["cka"].unstack("epoch_b").droplevel("layer").to_numpy()
+        np.testing.assert_allclose(_by_gid(fig, f"cka:{layer}").get_array(), expected)
+
+
+def test_plot_probe_accuracy_draws_accuracy_baseline_chance_and_rank(planted):
+    from nn_staining import plots
+
+    t = planted
+    fig = plots.plot_probe_accuracy(t)
+    probe = rep.linear_probe(t, inputs=True)
+    ranks = rep.effective_rank(t)
+    for layer in ("L_inp", "L_noise", "L_out", "x"):
+        line = _by_gid(fig, f"probe:{layer}")
+        np.testing.assert_array_equal(line.get_xdata(), t.epochs)
+        np.testing.assert_allclose(line.get_ydata(), probe.xs(layer, level="layer")["accuracy"])
+    np.testing.assert_allclose(
+        _by_gid(fig, "rank:L_noise").get_ydata(), ranks.xs("L_noise", level="layer")["effective_rank"]
+    )
+    assert _by_gid(fig, "chance").get_ydata()[0] == pytest.approx(probe["chance"].iloc[0])
+    assert _by_gid(fig, "probe:L_inp").get_color() != _by_gid(fig, "probe:L_noise").get_color()
+
+
+def test_plot_embeddings_draws_each_embedding_in_class_colours(planted):
+    from matplotlib.colors import to_rgba
+
+    from nn_staining import plots
+
+    t = planted
+    fig = plots.plot_embeddings(t, layers=["L_inp", "L_noise"], epochs=[0, 2])
+    palette = plots.class_palette(CLASSES)
+    for layer, epoch in itertools.product(["L_inp", "L_noise"], [0, 2]):
+        points = _by_gid(fig, f"embedding:{layer}:{epoch}")
+        frame = rep.embedding(t, epoch, layer)
+        np.testing.assert_allclose(points.get_offsets(), frame[["x", "y"]].to_numpy())
+        expected = np.array([to_rgba(palette[k], 0.85) for k in frame["label"]])
+        np.testing.assert_allclose(points.get_facecolors(), expected)
+    texts = [text.get_text() for text in fig.axes[0].texts]
+    assert f"probe acc {rep.linear_probe(t, epochs=[0], layers=['L_inp'])['accuracy'].iloc[0]:.2f}" in texts
+
+
+def test_plot_breadcrumbs_draws_the_sample_paths_through_the_graph_nodes(planted):
+    from nn_staining import plots
+
+    t = planted
+    crumbs = rep.breadcrumbs(t, 3, -1, top_k=2)
+    fig = plots.plot_breadcrumbs(t, 3, -1, top_k=2)
+    keep: dict[str, set[int]] = {}
+    for path in crumbs.paths["path"]:
+        for node in path:
+            layer, neuron = node.split("/n_")
+            keep.setdefault(layer, set()).add(int(neuron))
+    for row in crumbs.active.reset_index().itertuples():
+        if row.activation > 0:
+            keep.setdefault(row.layer, set()).add(row.neuron)
+    layout = plots.graph_layout(t, -1, keep=keep, aspect=plots._aspect(len(t.layers) + 1))
+    for rank, path in enumerate(crumbs.paths["path"]):
+        line = _by_gid(fig, f"breadcrumb:{rank}")
+        nodes = [tuple(node.split("/n_")) for node in path]
+        expected = np.array(
+            [layout.nodes.loc[(layer, int(n)), ["x", "y"]].to_numpy(float) for layer, n in nodes]
+        )
+        np.testing.assert_allclose(line.get_xdata(), expected[:, 0])
+        np.testing.assert_allclose(line.get_ydata(), expected[:, 1])
+        assert line.get_color() == plots.BREADCRUMB_COLOUR
+    assert f"label class {t.probe_labels[3]}" in fig._suptitle.get_text()
+    assert _by_gid(fig, "rings").get_offsets().shape[0] == int((crumbs.active["activation"] > 0).sum())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Trace:
+    """A small CNN on 4×4 one-channel images, recorded with a probe of 8 images."""
+    store = tmp_path_factory.mktemp("images") / "trace"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 4, 4, generator=g), torch.arange(32) % 2
+    x[y == 1, 0, :2] += 1.5  # class 1 is bright in the top rows
+    record_with_probe(model, x, y, (x[:8], y[:8]), store, epochs=2, batch_size=8)
+    return load_trace(store)
+
+
+def test_plot_saliency_draws_images_per_sample_and_epoch(images):
+    from nn_staining import plots
+
+    t = images
+    fig = plots.plot_saliency(t)
+    samples = [0, 1]  # the first probe sample of each class
+    sal = {e: probes.read_saliency(t.path, t.meta, e).reshape(-1, 4, 4) for e in t.epochs}
+    x = probes.read_probe_input(t.path, t.meta, 0).reshape(-1, 4, 4)
+    for s in samples:
+        limit = np.percentile(np.abs(np.stack([sal[e][s] for e in t.epochs])), plots.SALIENCY_PERCENTILE)
+        for e in t.epochs:
+            np.testing.assert_allclose(
+                _by_gid(fig, f"saliency:{s}:{e}").get_array(), sal[e][s] / limit, rtol=1e-6
+            )
+        np.testing.assert_allclose(_by_gid(fig, f"input:{s}").get_array(), x[s])
+    assert _by_gid(fig, "saliency:0:1").get_cmap().name == "RdBu_r"
+
+
+def test_saliency_strips_for_tabular_inputs(planted):
+    from nn_staining import plots
+
+    fig = plots.plot_saliency(planted, samples=[4], epochs=[0, 2])
+    assert _by_gid(fig, "saliency:4:2").get_array().shape == (1, FEATURES)
+
+
+def test_figure_names_list_the_probe_figures_the_run_can_draw(images, planted):
+    from nn_staining import figures
+
+    probe_figures = ["cka", "cka_epochs", "probe_accuracy", "embeddings", "breadcrumbs", "saliency"]
+    names = figures.figure_names(images)
+    assert [n for n in names if n in probe_figures] == probe_figures
+    assert set(probe_figures) <= set(figures.figure_names(planted))
