@@ -695,9 +695,7 @@ class LabelFaults:
     counted there, with no host transfer per batch, and refused by :meth:`raise_any` at end_epoch."""
 
     def __init__(self) -> None:
-        self.count: torch.Tensor | None = None
-        self.example: torch.Tensor | None = None
-        self.rows = False
+        self._counted: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # rows? -> (count, first)
 
     def check(self, labels: torch.Tensor, rows: bool = False, defer: bool = True) -> torch.Tensor | None:
         """The faulty labels (a bool mask over the labels, or over the rows with ``rows``) to leave
@@ -711,25 +709,29 @@ class LabelFaults:
                 raise ValueError(self._message(int(bad.sum()), float(values[bad][0]), rows))
             return None
         flat = bad.reshape(-1)
-        first = values.reshape(-1)[flat.to(torch.uint8).argmax()].to(torch.float64)
-        count = flat.sum()
-        if self.count is None:
-            self.count, self.example = count, first
-        else:
-            self.example = torch.where(self.count > 0, self.example, first)
-            self.count = self.count + count
-        self.rows = self.rows or rows
+        first = values.take(flat.to(torch.uint8).argmax()).to(torch.float64)  # a tensor index: no sync
+        count = flat.sum().to(torch.float64)
+        if rows in self._counted:
+            total, example = self._counted[rows]
+            first, count = torch.where(total > 0, example, first), total + count
+        self._counted[rows] = (count, first)
         return bad.any(1) if rows else bad
 
     def raise_any(self, epoch: int) -> None:
         """Raise ``ValueError`` when faulty labels were counted this epoch (one host transfer)."""
-        if self.count is None:
+        if not self._counted:
             return
-        count, example = torch.stack([self.count.to(torch.float64), self.example]).tolist()
-        if count:
+        kinds = sorted(self._counted)
+        found = torch.stack([v for kind in kinds for v in self._counted[kind]]).tolist()
+        problems = [
+            self._message(round(found[2 * i]), found[2 * i + 1], kind)
+            for i, kind in enumerate(kinds)
+            if found[2 * i]
+        ]
+        if problems:
             raise ValueError(
-                f"epoch {epoch}: {self._message(round(count), example, self.rows)}. They were left out of "
-                "the per-class statistics and the epoch was still written"
+                f"epoch {epoch}: {'; '.join(problems)}. They were left out of the per-class statistics and "
+                "the epoch was still written"
             )
 
     @staticmethod

@@ -154,7 +154,7 @@ class HookTap:
                 _RECORDABLE,
             )
         if not written:
-            if self._passes["eval"] and not self._passes["train"] and "eval" not in self._phases:
+            if self._passes["eval"] and not self._passes["train"]:
                 why = (
                     f"its {self._passes['eval']} forward passes ran in eval mode, which are recorded "
                     "only with record_eval=True"

@@ -105,6 +105,30 @@ def test_labels_on_an_accelerator_are_checked_on_the_device_and_refused_at_end_e
         np.testing.assert_allclose(classes.xs(c, level="class")["act_mean"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_labels_checked_on_the_device_make_no_host_transfer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_no_host_sync import host_transfers_forbidden
+
+    from nn_staining import stats
+
+    monkeypatch.setattr(stats, "checked_on_the_host", lambda labels: False)  # as on a GPU
+    model = mlp()
+    x, y = data(24)
+    calls: list[str] = []
+    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES) as trace:
+        trace.start_epoch(0)
+        with host_transfers_forbidden(calls):
+            for i in range(0, 24, 8):
+                trace.set_targets(y[i : i + 8].double() + (0.5 if i == 8 else 0.0))
+                model(x[i : i + 8])
+                trace.set_targets(nn.functional.one_hot(y[i : i + 8], CLASSES).float())
+                model(x[i : i + 8])
+        with pytest.raises(ValueError, match=r"8 float labels .*e\.g\. (0|1|2)\.5"):
+            trace.end_epoch()
+    assert calls == []
+
+
 def test_exactly_integral_float_and_one_hot_labels_are_accepted(tmp_path: Path) -> None:
     model = mlp()
     x, y = data(12)
