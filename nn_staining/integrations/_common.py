@@ -4,7 +4,6 @@ forward pass, the epoch's last gradients kept until ``end_epoch``, logged metric
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,8 +17,8 @@ log = logging.getLogger(__name__)
 
 #: Keys of a dict batch that the default extractor reads labels from, in this order.
 LABEL_KEYS = ("labels", "label", "y", "targets", "target")
-#: A (batch, 2+) integer tensor of labels is one label per position (tokens), not one per sample.
-TOKEN, SAMPLE, MULTI = "token", "sample", "multi"
+#: What a labels tensor gives: one class per sample, one label per position, or multi-label rows.
+SAMPLE, TOKEN, MULTI = "sample", "token", "multi"
 
 
 def missing_framework(module: str, framework: str, install: str, error: ImportError) -> ImportError:
@@ -66,14 +65,6 @@ def label_kind(labels: Tensor, integer_rows_are_tokens: bool) -> str:
     return TOKEN if integral else MULTI
 
 
-def accepts(function: Callable[..., Any], name: str) -> bool:
-    """Whether ``function`` takes a parameter called ``name`` (a feature of a newer recorder)."""
-    try:
-        return name in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class TargetFeeder:
     """Hands a forward pass's labels (and attention mask) to the trace as that pass starts.
 
@@ -99,8 +90,6 @@ class TargetFeeder:
         self.framework = framework
         self.kind: str | None = None
         self.entries = 0
-        self._mask_supported = accepts(trace.set_targets, "mask")
-        self._mask_warned = False
         self._handle = module.register_forward_pre_hook(self._on_forward, with_kwargs=True, prepend=True)
 
     def remove(self) -> None:
@@ -116,20 +105,8 @@ class TargetFeeder:
         """Give the next pass's labels and mask to the trace (dropped when they are not per sample)."""
         if labels is not None:
             labels = self._per_sample(labels)
-        if mask is not None and not self._mask_supported:
-            if not self._mask_warned:
-                self._mask_warned = True
-                log.warning(
-                    "this nn_staining recorder takes no attention mask (set_targets(y, mask=)); padded "
-                    "positions are counted as observations"
-                )
-            mask = None
-        if labels is None and mask is None:
-            return
-        if mask is not None:
+        if labels is not None or mask is not None:
             self.trace.set_targets(labels, mask=mask)
-        else:
-            self.trace.set_targets(labels)
 
     def _per_sample(self, labels: Tensor) -> Tensor | None:
         """The labels when they give one class per sample; other kinds are decided once and dropped."""

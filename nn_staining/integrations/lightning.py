@@ -27,7 +27,6 @@ from ..recorder import NetworkTrace
 from ._common import (
     GradSnapshot,
     TargetFeeder,
-    accepts,
     default_labels,
     default_mask,
     jsonable_metrics,
@@ -121,13 +120,6 @@ class StainingCallback(pl.Callback):
             "traced_module": self.module if isinstance(self.module, str) else type(model).__name__,
             **(options.pop("config", None) or {}),
         }
-        if resume:
-            if not accepts(NetworkTrace, "resume"):
-                raise RuntimeError(
-                    f"training resumes from {trainer.ckpt_path!r} but this nn_staining's NetworkTrace cannot "
-                    f"continue the trace in {self.store!r} (no resume=); pass overwrite=True to start it anew"
-                )
-            options["resume"] = True
         max_epochs = trainer.max_epochs
         self.trace = NetworkTrace(
             model,
@@ -139,6 +131,7 @@ class StainingCallback(pl.Callback):
             total_epochs=max_epochs if max_epochs is not None and max_epochs > 0 else None,
             record_eval=self.record_eval,
             overwrite=self.overwrite and not resume,
+            resume=resume,
             config=config,
             **options,
         )

@@ -31,7 +31,6 @@ from ..recorder import NetworkTrace
 from ._common import (
     GradSnapshot,
     TargetFeeder,
-    accepts,
     jsonable_metrics,
     missing_framework,
     neuron_weight_params,
@@ -134,13 +133,6 @@ class StainingTrainerCallback(TrainerCallback):
         resume = state.global_step > 0 and os.path.exists(os.path.join(self.store, "meta.json"))
         options = dict(self.trace_options)
         options.setdefault("class_names", self._class_names(model))
-        if resume:
-            if not accepts(NetworkTrace, "resume"):
-                raise RuntimeError(
-                    f"training resumes at step {state.global_step} but this nn_staining's NetworkTrace cannot "
-                    f"continue the trace in {self.store!r} (no resume=); pass overwrite=True to start it anew"
-                )
-            options["resume"] = True
         config = {
             "trainer": "transformers",
             "transformers_version": transformers.__version__,
@@ -156,6 +148,7 @@ class StainingTrainerCallback(TrainerCallback):
             total_epochs=math.ceil(state.num_train_epochs) if state.num_train_epochs else None,
             record_eval=self.record_eval,
             overwrite=self.overwrite and not resume,
+            resume=resume,
             config=config,
             **options,
         )
