@@ -90,6 +90,13 @@ def test_legacy_dash_form_equals_slash_form(legacy: str, slash: str) -> None:
     assert str(parse_signature(legacy)) == slash
 
 
+def test_dashes_inside_names() -> None:
+    # the legacy form's neuron part starts at the last "-n_"; in the slash form a dash is part of the name
+    assert parse_signature("E_1-L_a-n_b-n_2") == Signature(one(1), "L_a-n_b", one(2))
+    assert parse_signature("E_1/L_a-") == Signature(one(1), "L_a-")
+    assert parse_signature("E_1/L_a-n_2") == Signature(one(1), "L_a-n_2")
+
+
 def test_values_are_sorted_and_unique() -> None:
     assert parse_signature("E_3/L_a/n_7,1,4,1").neurons == IndexSelection(values=(1, 4, 7))
     assert str(IndexSelection(values=(7, 1, 4))) == "1,4,7"
