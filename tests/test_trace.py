@@ -960,3 +960,39 @@ def test_a_one_neuron_query_reads_one_row_group_per_epoch(
         assert calls == groups, signature
         assert frame.index.tolist() == [(e, "L_0", n) for e, n in cells]
         assert frame["act_count"].tolist() == [n + e for e, n in cells]
+
+
+def test_probe_views_read_the_probe_sets_activations(tmp_path: Path) -> None:
+    """``Trace.probe``/``probe_gram``/``probe_labels`` against the model run on the probe samples by hand."""
+    import torch
+    from torch import nn
+
+    from nn_staining import NetworkTrace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    x, y = torch.randn(10, 3), torch.tensor([0, 1] * 5)
+    with NetworkTrace(model, tmp_path / "t", num_classes=2, probe=(x[:6], y[:6])) as trace:
+        for epoch in range(2):
+            with torch.no_grad():
+                model[0].bias += 1.0  # a different network each epoch
+            trace.start_epoch(epoch)
+            trace.set_targets(y)
+            model(x)
+            trace.end_epoch()
+    t = load_trace(tmp_path / "t")
+    with torch.no_grad():
+        bias = model[0].bias.clone()
+        model[0].bias -= 1.0
+        first = model[0](x[:6]).double().numpy()
+        model[0].bias.copy_(bias)
+        last = model(x[:6]).double().numpy()
+    np.testing.assert_allclose(t.probe(0, "0"), first, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(t.probe(1, "L_1"), last, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(t.probe_gram(1, "1"), last @ last.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(t.probe_gram(0, "L_0"), first @ first.T, rtol=1e-5, atol=1e-5)
+    assert t.probe_labels.dtype == np.int64 and t.probe_labels.tolist() == [0, 1, 0, 1, 0, 1]
+    with pytest.raises(KeyError, match="layer 'L_9' not in trace"):
+        t.probe(0, "L_9")
+    with pytest.raises(KeyError, match="layer '9' not in trace"):
+        t.probe_gram(0, "9")
