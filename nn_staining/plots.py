@@ -325,7 +325,7 @@ def graph_layout(
             nodes.at[("x", _split(source)[1]), "colour"] = tuple(palette[c])
             nodes.at[("x", _split(source)[1]), "evidence"] = evidence.get((c, _split(source)[1]), 1)
     edges = _place_edges(edges, nodes, columns, widths)
-    labels = [_column_label(trace, layer, chain) for layer in columns]
+    labels = [_column_label(trace, layer, chain, narrow=len(columns) > 6) for layer in columns]
     return GraphLayout(
         epoch,
         columns,
@@ -847,12 +847,13 @@ def _sample(order: np.ndarray, keep: set[int], limit: int) -> np.ndarray:
     return np.array([n for n in order if n in chosen])
 
 
-def _column_label(trace: Trace, layer: str, chain: list[str]) -> str:
+def _column_label(trace: Trace, layer: str, chain: list[str], narrow: bool = False) -> str:
+    """``L_hidden_1`` / ``Linear, 64 neurons``; on three lines when columns are narrow (many layers)."""
     if layer == "x":
         return f"x (inputs)\n{trace.layer_info(chain[0])['in_features']} features"
     info = trace.layer_info(layer)
     kind = info.get("activation") or info.get("type", "")
-    return f"{layer}\n{kind}, {info['neurons']} neurons"
+    return f"{layer}\n{kind}{chr(10) if narrow else ', '}{info['neurons']} neurons"
 
 
 # -- brain scan ------------------------------------------------------------------------------------
