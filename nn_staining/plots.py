@@ -1545,8 +1545,8 @@ def plot_cka(trace: Trace, epoch: int = -1, frame: pd.DataFrame | None = None) -
     epoch = int(frame.index.get_level_values("epoch")[0])
     layers = list(dict.fromkeys(frame.index.get_level_values("layer_a")))
     matrix = frame["cka"].unstack("layer_b").droplevel("epoch").loc[layers, layers].to_numpy()
-    size = 2.2 + 0.55 * len(layers)
-    fig = Figure(figsize=(size + 1.6, size + 0.6), layout="constrained")
+    size = max(3.2, 2.2 + 0.55 * len(layers))
+    fig = Figure(figsize=(size + 1.6, size + 0.8), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", gid="cka")
     names = [_short_layer(k) for k in layers]
@@ -1561,7 +1561,7 @@ def plot_cka(trace: Trace, epoch: int = -1, frame: pd.DataFrame | None = None) -
     ax.set_ylabel("layer")
     fig.colorbar(image, ax=ax, label="linear CKA (1 = same up to rotation and scale)", shrink=0.8)
     fig.suptitle(
-        f"Layer similarity (linear CKA on the probe set) — run '{_run(trace)}', epoch {epoch}", fontsize=10
+        f"Layer similarity (linear CKA on the probe set)\nrun '{_run(trace)}', epoch {epoch}", fontsize=10
     )
     return fig
 
@@ -1581,11 +1581,16 @@ def plot_cka_epochs(trace: Trace, layers: Sequence[str] | None = None) -> Figure
     fig = Figure(figsize=(3.1 * cols + 1.2, 3.0 * rows + 0.8), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     epochs = np.array(trace.epochs)
+    frames = {
+        layer: representations.cka(trace, layer=layer)["cka"].unstack("epoch_b").droplevel("layer")
+        for layer in layers
+    }
+    lowest = np.nanmin([np.nanmin(f.to_numpy()) for f in frames.values()]) if frames else 0.0
+    vmin = float(np.clip(np.floor(lowest * 20) / 20, 0.0, 0.95)) if np.isfinite(lowest) else 0.0
     image = None
     for ax, layer in zip(axes.ravel(), layers):
-        frame = representations.cka(trace, layer=layer)["cka"].unstack("epoch_b").droplevel("layer")
-        matrix = frame.loc[epochs, epochs].to_numpy()
-        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", origin="upper", gid=f"cka:{layer}")
+        matrix = frames[layer].loc[epochs, epochs].to_numpy()
+        image = ax.imshow(matrix, vmin=vmin, vmax=1, cmap="viridis", origin="upper", gid=f"cka:{layer}")
         ticks = np.unique(np.linspace(0, len(epochs) - 1, min(len(epochs), 5)).round().astype(int))
         ax.set_xticks(ticks, [str(epochs[i]) for i in ticks], fontsize=7)
         ax.set_yticks(ticks, [str(epochs[i]) for i in ticks], fontsize=7)
@@ -1595,7 +1600,13 @@ def plot_cka_epochs(trace: Trace, layers: Sequence[str] | None = None) -> Figure
     for ax in axes.ravel()[len(layers) :]:
         ax.set_visible(False)
     if image is not None:
-        fig.colorbar(image, ax=axes, label="linear CKA between the two epochs", shrink=0.8)
+        fig.colorbar(
+            image,
+            ax=axes,
+            label=f"linear CKA between the two epochs (scale from {vmin:g})",
+            shrink=0.8,
+            extend="min" if vmin > 0 else "neither",
+        )
     fig.suptitle(
         f"How each layer's representation settles: CKA across epochs — run '{_run(trace)}', {_epoch_span(trace)}",
         fontsize=10,
@@ -1769,21 +1780,41 @@ def plot_breadcrumbs(trace: Trace, sample: int = 0, epoch: int = -1, top_k: int 
     ax = fig.axes[0]
     inputs = layout.x_column
     top = float(np.abs(paths["score"]).max()) if len(paths) else 0.0
+    labelled: set[tuple[str, int]] = set()
     for rank, (score, path) in enumerate(zip(paths["score"], paths["path"])):
-        points = []
+        points, nodes = [], []
         for node in path:
             layer, neuron = _split(node)
             layer = inputs if layer == "x" else layer
             if layer is None or (layer, neuron) not in layout.nodes.index:
                 continue
             points.append(layout.nodes.loc[(layer, neuron), ["x", "y"]].to_numpy(dtype=float))
+            nodes.append((layer, neuron))
         if len(points) < 2:
             continue
         xs, ys = np.array(points).T
         lw = 1.5 + 3.5 * abs(score) / top if top > 0 else 2.0
         ax.plot(xs, ys, color="white", lw=lw + 2.5, zorder=7, solid_capstyle="round")
+        labelled.update(nodes)
         ax.plot(
             xs, ys, color=BREADCRUMB_COLOUR, lw=lw, zorder=8, solid_capstyle="round", gid=f"breadcrumb:{rank}"
+        )
+    names = trace.feature_names
+    for layer, neuron in sorted(labelled):
+        if layer == "x" and layout.image_shape is not None:
+            continue
+        x, y = layout.nodes.loc[(layer, neuron), ["x", "y"]].to_numpy(dtype=float)
+        text = names[neuron] if layer == "x" and names and neuron < len(names) else f"n_{neuron}"
+        ax.annotate(
+            text,
+            (x, y),
+            xytext=(6, -9),
+            textcoords="offset points",
+            fontsize=7,
+            fontweight="bold",
+            zorder=9,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+            gid=f"breadcrumb_label:{layer}:{neuron}",
         )
     label = int(trace.probe_labels[crumbs.sample])
     predicted = None
@@ -1858,8 +1889,9 @@ def plot_saliency(
     shape = _input_shape(trace)
     image = len(shape) >= 2
     aspect = "equal" if image else "auto"
-    row, width = (1.45, 1.5) if image else (0.5, 2.6)
-    fig = Figure(figsize=(width * (len(epochs) + 1) + 1.8, row * len(samples) + 1.3), layout="constrained")
+    row, width = (1.45, 1.5) if image else (0.7, 2.0)
+    height = row * len(samples) + (1.3 if image else 1.9)
+    fig = Figure(figsize=(width * (len(epochs) + 1) + 1.8, height), layout="constrained")
     axes = fig.subplots(len(samples), len(epochs) + 1, squeeze=False)
     mappable = None
     for r, sample in enumerate(samples):
@@ -1909,9 +1941,10 @@ def plot_saliency(
         fig.colorbar(
             mappable,
             ax=axes,
-            shrink=0.6,
+            shrink=0.6 if image and len(samples) > 2 else 0.5,
+            location="right" if image else "bottom",
             extend="both",
-            label=f"saliency ÷ the row's {SALIENCY_PERCENTILE:g}th percentile of |saliency|",
+            label=f"saliency ÷ row's {SALIENCY_PERCENTILE:g}th pct. of |saliency|",
         )
     fig.suptitle(f"Saliency over training (gradient × input, true class) — run '{_run(trace)}'", fontsize=11)
     return fig
