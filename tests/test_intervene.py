@@ -591,7 +591,8 @@ def test_pipeline_stores_checkpoints_effects_and_causal_rings(tmp_path):
     assert sorted(effects["epoch"].unique()) == [0, 1, 2] and set(effects["unit"]) == {"neurons", "edges"}
     neurons = intervene.load_effects(t, "neuron_effects")
     assert neurons.index.names == ["layer", "neuron"] and (neurons["epoch"] == 2).all()
-    assert figure_names(t)[-3:] == ["effect_matrix", "stain_specificity", "causal_staining_graph"]
+    mine = ["effect_matrix", "stain_specificity", "causal_staining_graph"]
+    assert [name for name in figure_names(t) if name in mine] == mine
     rings = intervene.causal_rings(t, neurons)
     assert set(rings.index.get_level_values("layer")) == {"L_input", "L_hidden_1"}  # the logits left out
     fig = plots.plot_staining_graph(t, -1, neuron_rings=rings)
