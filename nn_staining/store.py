@@ -225,7 +225,8 @@ class TraceWriter:
                     "overwrite=True to replace it, or choose another store path"
                 )
             meta.unlink()  # first: a reader of the old run now finds no trace, not a mix
-            for folder in folders:
+            derived = self.root / "interventions"  # effects measured on the replaced run
+            for folder in folders + ([derived] if derived.is_dir() else []):
                 shutil.rmtree(folder)
             for log_name in (EPOCH_LOG, METRICS_LOG):
                 (self.root / log_name).unlink(missing_ok=True)

@@ -111,3 +111,14 @@ def test_without_resume_an_existing_trace_is_refused(tmp_path: Path) -> None:
         NetworkTrace(model, tmp_path / "t")
     with pytest.raises(ValueError, match="not both"):
         NetworkTrace(model, tmp_path / "t", overwrite=True, resume=True)
+
+
+def test_overwrite_clears_what_belonged_to_the_replaced_run(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 4))
+    with NetworkTrace(model, tmp_path / "t", record_checkpoints=True) as trace, trace.epoch(0):
+        model(torch.randn(2, 3))
+    (tmp_path / "t" / "interventions").mkdir()
+    (tmp_path / "t" / "interventions" / "effects.parquet").write_bytes(b"stale")
+    NetworkTrace(model, tmp_path / "t", overwrite=True).close()
+    left = sorted(p.name for p in (tmp_path / "t").iterdir())
+    assert left == ["meta.json"]
