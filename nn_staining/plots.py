@@ -585,7 +585,7 @@ def draw_staining_graph(
         )
     ax.set_xticks(range(n_columns))
     ax.set_xticklabels(layout.column_labels, fontsize=9 if n_columns <= 6 else 7)
-    ax.set_xlim(-0.6, n_columns - 0.4)
+    ax.set_xlim(-0.9 if layout.x_column == "x" and trace.feature_names else -0.6, n_columns - 0.4)
     ax.set_ylim(-0.13 if layout.notes else -0.03, 1.03)
     ax.set_yticks([])
     ax.set_xlabel(
@@ -655,7 +655,7 @@ def _draw_pixel_grid(ax, group: pd.DataFrame, layout: GraphLayout, palette, n_co
 
 def _label_nodes(ax, trace: Trace, layer: str, group: pd.DataFrame, layout: GraphLayout) -> None:
     """Name the nodes that carry the most path score (at most ``MAX_LABELS`` per column, none overlapping):
-    ``n_7``, with the feature's name for inputs and the evidence mark for the paths' inputs."""
+    ``n_7``, with the feature's name for inputs (left of them)."""
     candidates = group[group["path_score"] > 0].sort_values("path_score", ascending=False)
     gap = 0.022
     placed: list[float] = []
@@ -669,9 +669,11 @@ def _label_nodes(ax, trace: Trace, layer: str, group: pd.DataFrame, layout: Grap
         label = f"n_{neuron}"
         if names is not None and neuron < len(names):
             label += f" {names[neuron]}"
+        left = layer == "x"  # the inputs' labels go left, clear of their edges' evidence marks
         ax.text(
-            row["x"] + 0.07, row["y"], label, fontsize=6.5, va="center", ha="left", color="#222222", zorder=5
-        )
+            row["x"] + (-0.07 if left else 0.07), row["y"], label, fontsize=6.5, va="center",
+            ha="right" if left else "left", color="#222222", zorder=5,
+        )  # fmt: skip
 
 
 def _draw_edges(ax, layout: GraphLayout, palette) -> float:

@@ -584,9 +584,9 @@ def _representation_sections(trace: Trace) -> list[Section]:
 
     last = trace.epochs[-1]
     parts = []
-    cka = rep.cka(trace, epoch=last)["cka"].droplevel("epoch").unstack("layer_b")
-    names = list(cka.index)
-    cka = cka.reindex(index=names, columns=names)
+    frame = rep.cka(trace, epoch=last)
+    names = list(dict.fromkeys(frame.index.get_level_values("layer_a")))  # model order
+    cka = frame["cka"].droplevel("epoch").unstack("layer_b").reindex(index=names, columns=names)
     fig = px.imshow(
         cka.to_numpy(), x=names, y=names, zmin=0, zmax=1, color_continuous_scale="Viridis",
         labels={"color": "linear CKA"}, title=f"Linear CKA between layers, epoch {last}",
@@ -652,7 +652,8 @@ def _representation_sections(trace: Trace) -> list[Section]:
         emb.assign(cls=[plots._class_label(trace, int(c)) for c in emb["label"]]), x="x", y="y", color="cls",
         color_discrete_sequence=[_rgb(c) for c in palette],
         category_orders={"cls": [plots._class_label(trace, c) for c in range(len(palette))]},
-        title=f"Probe samples at {layer}, epoch {last}: the top two principal components", labels={"cls": "class"},
+        title=f"Probe samples at {layer}, epoch {last}: the top two principal components",
+        labels={"cls": "class", "x": "principal component 1", "y": "principal component 2"},
     )  # fmt: skip
     fig.update_layout(height=480)
     parts.append(_figure_html(fig, "embedding"))
