@@ -234,17 +234,37 @@ def known_width(module: nn.Module) -> int | None:
     return None
 
 
-def neuron_weights(module: nn.Module, neurons: int) -> tuple[Tensor | None, Tensor | None]:
-    """The module's (weight, bias) parameters when their rows belong to its output neurons."""
+def weight_is_in_out(module: nn.Module) -> bool:
+    """Whether the module keeps its ``weight`` as (inputs, outputs): Hugging Face's ``Conv1D`` (GPT-2),
+    known by its ``nf`` (outputs) and ``nx`` (inputs) attributes and a weight of shape ``(nx, nf)``."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return False
+    weight, nf, nx = getattr(module, "weight", None), getattr(module, "nf", None), getattr(module, "nx", None)
+    return (
+        isinstance(weight, Tensor)
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in (nf, nx))
+        and tuple(weight.shape) == (nx, nf)
+    )
+
+
+def _neuron_parameters(module: nn.Module, neurons: int) -> tuple[Tensor | None, bool, Tensor | None]:
+    """(weight parameter, whether it is (inputs, outputs), bias) when they belong to the output neurons."""
     if isinstance(module, NO_NEURON_WEIGHTS):
-        return None, None
+        return None, False, None
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
-    weight = (
-        weight if isinstance(weight, Tensor) and weight.dim() >= 1 and weight.shape[0] == neurons else None
-    )
+    in_out = weight_is_in_out(module)
+    rows = weight.shape[1 if in_out else 0] if isinstance(weight, Tensor) and weight.dim() >= 1 else None
+    weight = weight if rows == neurons else None
     bias = bias if isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == neurons else None
-    return weight, bias
+    return weight, in_out and weight is not None, bias
+
+
+def neuron_weights(module: nn.Module, neurons: int) -> tuple[Tensor | None, Tensor | None]:
+    """The module's (weight, bias) with one weight row per output neuron (its incoming weights), when
+    they belong to its neurons; a (inputs, outputs) weight (GPT-2's ``Conv1D``) comes transposed."""
+    weight, in_out, bias = _neuron_parameters(module, neurons)
+    return (weight.T if in_out else weight), bias
 
 
 def describe_layer(key: str, module: nn.Module, layout: OutputLayout) -> dict[str, Any]:
@@ -272,14 +292,18 @@ def snapshot_weights(
     snapshot = {}
     with torch.no_grad():
         for key, layout in layouts.items():
-            weight, bias = neuron_weights(modules[key], layout.neurons)
+            if key not in modules:  # a later call of a module: its weights are stored under its first call
+                continue
+            weight, in_out, bias = _neuron_parameters(modules[key], layout.neurons)
             if weight is None and bias is None:
                 continue
             matrix = grad_norm = None
             if weight is not None:
-                matrix = _host(weight.reshape(layout.neurons, -1))
+                rows = weight.T if in_out else weight
+                matrix = _host(rows.reshape(layout.neurons, -1))
                 if weight.grad is not None:
-                    grad = weight.grad.detach().reshape(layout.neurons, -1).to(torch.float64)  # no overflow
+                    grad = weight.grad.T if in_out else weight.grad
+                    grad = grad.detach().reshape(layout.neurons, -1).to(torch.float64)  # no overflow
                     grad_norm = _host(torch.linalg.vector_norm(grad, dim=1))
             snapshot[key] = LayerWeights(matrix, None if bias is None else _host(bias), grad_norm)
     return snapshot
