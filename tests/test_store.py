@@ -486,6 +486,7 @@ def test_remove_extras_deletes_one_epochs_probes_and_checkpoints(tmp_path: Path)
             (root / folder / f"epoch={epoch}").mkdir(parents=True)
             (root / folder / f"epoch={epoch}" / "x").write_text("x")
     writer.remove_extras(3)
+    writer.remove_extras(7)  # nothing recorded for it: nothing to remove, no error
     left = sorted(str(p.relative_to(root)) for p in root.iterdir() for p in p.iterdir())
     assert left == [
         "checkpoints/epoch=4",

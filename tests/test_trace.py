@@ -464,7 +464,8 @@ def test_epoch_and_layer_views_to_dataframe_take_columns(mlp_run: Run) -> None:
 # -- a hand-built store: meta.json, epochs.jsonl and parts written by the test, values known by formula ------
 # Three layers (a Linear of 3 neurons with 2 inputs, a ReLU of 3, a Linear of 2 with 3 inputs); layout 0
 # holds them all, layout 1 only L_c (L_a and L_b did not fire). Train epochs 0 (layout 0), 1 (layout 1) and
-# 5 (layout 0, neurons only: no labels); eval epoch 0. Every value says where it sits: see ``value``.
+# 5 (layout 0, neurons only: no labels); eval epoch 0; per-batch rows (batches 0 and 1) at train epoch 0
+# only. Every value says where it sits: see ``value``.
 HAND_LAYERS = [
     {"key": "L_a", "module": "a", "type": "Linear", "neurons": 3, "kind": "features", "in_features": 2},
     {"key": "L_b", "module": "b", "type": "ReLU", "neurons": 3, "kind": "features", "in_features": None},
@@ -577,6 +578,20 @@ def write_hand_store(root: Path) -> None:
                     },
                     HAND_KEYS,
                 )
+        if (epoch, phase) == (0, "train"):
+            batched = [(b, k, n) for b in (0, 1) for k, n in cells]
+            tables["batches"] = build_table(
+                "batches",
+                {
+                    "layer": [code[k] for _, k, _ in batched],
+                    "phase": phase,
+                    "batch": [b for b, _, _ in batched],
+                    "neuron": [n for _, _, n in batched],
+                    "act_count": [5 + b for b, _, _ in batched],
+                    "act_mean": [value(0, phase, k, n) + b / 4 for b, k, n in batched],
+                },
+                HAND_KEYS,
+            )
         counts = writer.write_epoch(epoch, phase, tables)
         lines.append({"epoch": epoch, "phase": phase, "layout": layout, "rows": counts})
     (root / "epochs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -769,15 +784,15 @@ def test_hand_weights_and_to_dict(hand: Path) -> None:
     assert type(nested["E_1"]["L_c"]["n_0"]["act_count"]) is int
 
 
-def test_hand_query_errors(hand: Path) -> None:
+def test_hand_query_errors(hand: Path, hand_wide: Path) -> None:
     t = load_trace(hand)
     with pytest.raises(ValueError) as info:
         t.query("E_0", table="cells")
     assert str(info.value) == "table 'cells' is not one of neurons, classes, inputs, batches"
     with pytest.raises(KeyError) as info:
-        t.batches()
+        load_trace(hand_wide).batches()
     assert info.value.args[0] == (
-        f"{str(hand)!r} has no batches table; record with drop_batches=False (main.py --keep-batches)"
+        f"{str(hand_wide)!r} has no batches table; record with drop_batches=False (main.py --keep-batches)"
     )
     with pytest.raises(KeyError) as info:
         t.query("E_0", columns=["mean"])
@@ -803,8 +818,9 @@ def test_hand_part_files_dataset_and_sql(hand: Path) -> None:
     assert t.part_files("classes") == [
         str(hand / "classes" / f"epoch={e}" / "part-0.parquet") for e in (0, 1)
     ]
-    assert t.part_files("batches") == []
+    assert t.part_files("batches") == [str(hand / "batches" / "epoch=0" / "part-0.parquet")]
     evaluation = load_trace(hand, phase="eval")
+    assert evaluation.part_files("batches") == []
     assert evaluation.part_files("classes") == [str(hand / "classes" / "epoch=0" / "eval-0.parquet")]
     with pytest.raises(ValueError) as info:
         t.part_files("cells")
@@ -818,7 +834,7 @@ def test_hand_part_files_dataset_and_sql(hand: Path) -> None:
     )
     cells = cells_of([(0, HAND_KEYS), (1, ["L_c"])])
     assert got == sorted((e, k, n, c, value(e, "train", k, n) + c / 8) for e, k, n in cells for c in (0, 1))
-    empty = t.dataset("batches")
+    empty = evaluation.dataset("batches")
     assert empty.count_rows() == 0 and empty.schema.names == [f.name for f in SCHEMAS["batches"]] + ["epoch"]
 
     frame = t.sql("SELECT epoch, layer, neuron, act_mean, phase FROM neurons ORDER BY epoch, layer, neuron")
@@ -835,7 +851,7 @@ def test_hand_part_files_dataset_and_sql(hand: Path) -> None:
             "n": 16,
         }
     ]
-    batches = t.sql("SELECT * FROM batches")
+    batches = evaluation.sql("SELECT * FROM batches")
     assert batches.empty and batches.columns.tolist() == [f.name for f in SCHEMAS["batches"]] + ["epoch"]
 
 
@@ -996,3 +1012,50 @@ def test_probe_views_read_the_probe_sets_activations(tmp_path: Path) -> None:
         t.probe(0, "L_9")
     with pytest.raises(KeyError, match="layer '9' not in trace"):
         t.probe_gram(0, "9")
+
+
+def test_hand_defaults_whole_tables_and_views(hand: Path) -> None:
+    """The default signatures (every epoch and layer), ``to_dataframe`` and the views' frames."""
+    t = load_trace(hand)
+    everything = cells_of([(0, HAND_KEYS), (1, ["L_c"]), (5, HAND_KEYS)])
+    assert_frame(t.to_dataframe(), expected_neurons(everything))
+    assert_frame(t.to_dataframe(columns=["act_min"]), expected_neurons(everything, columns=["act_min"]))
+    labelled = cells_of([(0, HAND_KEYS), (1, ["L_c"])])
+    classes = t.to_dataframe(table="classes")
+    assert classes.index.tolist() == [(e, k, n, c) for e, k, n in labelled for c in (0, 1)]
+    pd.testing.assert_frame_equal(t.classes(), classes)
+    pd.testing.assert_frame_equal(t.classes(columns=["act_count"]), classes[["act_count"]])
+    nested = t.to_dict()
+    assert list(nested) == ["E_0", "E_1", "E_5"] and list(nested["E_1"]) == ["L_c"]
+    assert nested["E_5"]["L_a"]["n_2"]["act_max"] == value(5, "train", "L_a", 2) + 1
+    assert sum(len(cells) for layers in nested.values() for cells in layers.values()) == len(everything)
+    epoch = t["E_1"]
+    assert list(epoch) == HAND_KEYS and len(epoch) == 3, "an epoch view lists the trace's layers"
+    assert_frame(epoch.to_dataframe(), expected_neurons(cells_of([(1, ["L_c"])])))
+    assert_frame(
+        epoch.to_dataframe(["act_std"]), expected_neurons(cells_of([(1, ["L_c"])]), columns=["act_std"])
+    )
+    layer = t["E_0"]["L_a"]
+    assert len(layer) == 3
+    assert_frame(layer.to_dataframe(), expected_neurons(cells_of([(0, ["L_a"])])))
+    assert_frame(layer.to_dataframe(["bias"]), expected_neurons(cells_of([(0, ["L_a"])]), columns=["bias"]))
+
+
+def test_hand_batches(hand: Path) -> None:
+    t = load_trace(hand)
+    frame = t.batches()
+    cells = cells_of([(0, HAND_KEYS)])
+    assert frame.index.names == ["epoch", "batch", "layer", "neuron"]
+    assert frame.index.tolist() == [(0, b, k, n) for b in (0, 1) for _, k, n in cells]
+    assert frame["act_mean"].tolist() == [
+        value(0, "train", k, n) + b / 4 for b in (0, 1) for _, k, n in cells
+    ]
+    assert frame["act_count"].tolist() == [5] * len(cells) + [6] * len(cells)
+    assert frame.columns.tolist() == ["act_count", "act_mean", "act_std", "act_min", "act_max"]
+    one = t.batches("E_*/L_c/n_1", columns=["act_mean"])
+    assert one.index.tolist() == [(0, 0, "L_c", 1), (0, 1, "L_c", 1)] and one["act_mean"].tolist() == [
+        201.0,
+        201.25,
+    ]
+    assert t.batches("E_*/L_b/n_0,2")["act_mean"].tolist() == [100.0, 102.0, 100.25, 102.25]
+    assert t.batches("E_1:6").empty, "no per-batch rows after epoch 0"
