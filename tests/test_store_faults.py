@@ -114,10 +114,86 @@ def test_garbled_page_bytes_fail_the_checksum(store: Path) -> None:
         load_trace(store).weights(1, "L_0")
 
 
+def page_headers_carry_a_crc(path: Path) -> list[bool]:
+    """For each column chunk's first page (dictionary page, then data page) of row group 0: whether its
+    Thrift header (compact protocol) has field 4, the CRC; without it field 5 or 7 follows field 3."""
+
+    def skip_varint(i: int) -> int:
+        while data[i] & 0x80:
+            i += 1
+        return i + 1
+
+    data, md = path.read_bytes(), pq.ParquetFile(path).metadata
+    flags = []
+    for c in range(md.num_columns):
+        chunk = md.row_group(0).column(c)
+        offsets = [chunk.dictionary_page_offset] if chunk.has_dictionary_page else []
+        for i in offsets + [chunk.data_page_offset]:
+            for _ in range(3):  # page type, uncompressed size, compressed size: an i32 (0x15) each
+                assert data[i] == 0x15
+                i = skip_varint(i + 1)
+            flags.append(data[i] == 0x15)
+    return flags
+
+
 def test_parts_carry_page_checksums(store: Path) -> None:
-    # a reader that verifies checksums reads every page of an intact part without complaint
-    table = pq.ParquetFile(part(store, "neurons", 0), page_checksum_verification=True).read()
-    assert table.num_rows == 15
+    for table in ("neurons", "classes", "inputs"):
+        flags = page_headers_carry_a_crc(part(store, table, 0))
+        assert len(flags) > 5 and all(flags), table
+    unchecked = store / "unchecked.parquet"
+    pq.write_table(pq.read_table(part(store, "neurons", 0)), unchecked, write_page_checksum=False)
+    assert not any(page_headers_carry_a_crc(unchecked)), "the check tells a part without checksums"
+
+
+def hand_store(root: Path, rows: int = 1000) -> pa.Table:
+    """A trace of one layer of ``rows`` neurons at epoch 0 written by the store's writer, act_mean random
+    normal (incompressible, so a flipped byte decodes to other numbers): returns the written table."""
+    from nn_staining.store import TraceWriter, build_table
+
+    writer = TraceWriter(root)
+    layer = {"key": "L_a", "neurons": rows, "kind": "features", "row_offset": 0}
+    layouts = [{"neurons": ["L_a"], "inputs": []}]
+    meta = {"format": "nn_staining.trace", "format_version": 2, "run_id": "h", "layers": [layer]}
+    writer.write_meta(meta | {"layouts": layouts})
+    act_mean = np.random.default_rng(0).normal(size=rows)
+    columns = {"layer": np.zeros(rows, np.int32), "neuron": np.arange(rows), "act_mean": act_mean}
+    table = build_table("neurons", columns, ["L_a"])
+    counts = writer.write_epoch(0, "train", {"neurons": table})
+    (root / "epochs.jsonl").write_text(
+        json.dumps({"epoch": 0, "phase": "train", "layout": 0, "rows": counts}) + "\n"
+    )
+    return table
+
+
+def test_a_flipped_byte_in_a_hand_built_part_fails_every_verified_read(tmp_path: Path) -> None:
+    """Without the written and verified checksums these reads would return other numbers silently."""
+    from nn_staining.rows import ReadPlan
+    from nn_staining.store import read_part
+
+    root = tmp_path / "t"
+    written = hand_store(root)
+    path = part(root, "neurons", 0)
+    assert all(page_headers_carry_a_crc(path))
+    t = load_trace(root)
+    np.testing.assert_array_equal(t.query("E_0/L_a", columns=["act_mean"])["act_mean"], written["act_mean"])
+    md = pq.ParquetFile(path).metadata
+    chunk = md.row_group(0).column(md.schema.to_arrow_schema().get_field_index("act_mean"))
+    data = bytearray(path.read_bytes())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data[middle : middle + 4] = bytes(b ^ 0xFF for b in data[middle : middle + 4])
+    path.write_bytes(bytes(data))
+    unverified = pq.ParquetFile(path).read(columns=["act_mean"]).column(0)
+    assert not unverified.equals(written.column("act_mean")), "the flip changes numbers, not the format"
+    with pytest.raises(
+        TraceCorruptError, match=r"^epoch 0: .*neurons/epoch=0/part-0.parquet' is damaged: .*CRC"
+    ):
+        read_part(path, ["act_mean"], ReadPlan([(0, 1000)], 1000, None), 0)
+    with pytest.raises(TraceCorruptError, match="is damaged"):
+        read_part(path, ["act_mean"], ReadPlan(None, None, None), 0)
+    with pytest.raises(TraceCorruptError, match="is damaged"):
+        t.query("E_0/L_a/n_999", columns=["act_mean"])
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        t.dataset().to_table(columns=["act_mean"])
 
 
 # -- 4. tampered meta.json ------------------------------------------------------------------------------
