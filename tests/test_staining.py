@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import sklearn.datasets  # noqa: F401  (the real-data tests' import, paid once at collection: mutmut forks after it)
 import torch
 from conftest import Capture
 from torch import nn
@@ -483,7 +484,8 @@ def test_contributions_match_numpy_on_the_layer_inputs(frozen):
 
 class Branches(nn.Module):
     """Four Linear layers on two branches: z and a read x (a's 5 outputs feed nothing), b reads x,
-    c reads b's ReLU. The chain into c is b, c: it stops at a (5 outputs, b takes 4), though z fits b."""
+    c reads b's ReLU. The chain into c is b, c; the chain into a is a alone: z's width fits a's input,
+    but a reads x, not z's output (the layer graph says so)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -503,11 +505,11 @@ def branches(tmp_path_factory):
     return record(Branches(), tmp_path_factory.mktemp("branches") / "run", x, y, 3)
 
 
-def test_linear_chain_follows_matching_widths(branches):
+def test_linear_chain_follows_the_layer_graph(branches):
     assert branches.layers == ["L_z", "L_a", "L_b", "L_act", "L_c"]
     assert st.linear_chain(branches) == ["L_b", "L_c"]
     assert st.linear_chain(branches, "L_c") == ["L_b", "L_c"]
-    assert st.linear_chain(branches, "a") == ["L_z", "L_a"]
+    assert st.linear_chain(branches, "a") == ["L_a"]
     assert st.linear_chain(branches, "L_z") == ["L_z"]
     with pytest.raises(ValueError) as info:
         st.linear_chain(branches, "act")
@@ -622,7 +624,17 @@ def test_contribution_identity_on_the_planted_network(planted):
 # -- real data -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("dataset", "classes"), [("breast_cancer", 2), ("digits", 10)])
 def test_output_neurons_stain_with_their_own_class(tmp_path, dataset, classes):
-    config = RunConfig(dataset=dataset, epochs=3, hidden=16, lr=1e-2, output_dir=str(tmp_path), figures=False)
+    config = RunConfig(
+        dataset=dataset,
+        epochs=3,
+        hidden=16,
+        lr=1e-2,
+        output_dir=str(tmp_path),
+        figures=False,
+        checkpoints=False,
+        interventions=False,
+        probe=0,
+    )
     trace = load_trace(run_pipeline(config).store)
     assert trace.num_classes == classes
     frame = st.selectivity(trace)
@@ -650,8 +662,9 @@ def test_output_neurons_stain_with_their_own_class(tmp_path, dataset, classes):
 # -- dead units ------------------------------------------------------------------------------------
 class NextLayerDecides(nn.Module):
     """Neuron 0 of every Linear is -1 on every sample; whether that is *dead* depends on what follows:
-    a ReLU (yes), a tanh (no), a normalisation (no), nothing recorded (yes, as in SimpleNN), an
-    activation of another width (yes), nothing at all (no: the logits)."""
+    a ReLU (yes), a tanh (no), a normalisation (no), a functional relu (yes, as in SimpleNN), an
+    activation of another width (yes), nothing at all (no: the logits). c_norm feeds a sigmoid gate
+    and a product, not a ReLU (no)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -681,7 +694,7 @@ JUDGED = {
     "L_b": False,
     "L_b_tanh": False,
     "L_c": False,
-    "L_c_norm": True,
+    "L_c_norm": False,
     "L_d": True,
     "L_e": True,
     "L_gate": False,
