@@ -191,6 +191,8 @@ def validate_meta(meta: dict[str, Any], path: Path) -> None:
                     f"is {info['input_offset']!r} but the inputs before hold {input_offset}",
                 )
             input_offset += in_features
+    for i, info in enumerate(layers):
+        _validate_graph(info, keys, path, f"layers[{i}]")
     if meta.get("num_neurons", offset) != offset:
         raise _fail(path, "num_neurons", f"is {meta.get('num_neurons')!r} but the layers hold {offset}")
     classes = meta.get("num_classes")
@@ -208,6 +210,24 @@ def validate_meta(meta: dict[str, Any], path: Path) -> None:
         raise _fail(path, "layouts", "must list the layer keys of each row layout")
     if not isinstance(meta.get("run_id"), str):
         raise _fail(path, "run_id", "is missing")
+
+
+def _validate_graph(info: dict[str, Any], keys: set[str], path: Path, where: str) -> None:
+    """A layer's place in the layer graph, when recorded: ``inputs_from`` lists layer keys, ``input_ops``
+    one list of operation names per source, ``elementwise`` is a bool."""
+    if "inputs_from" not in info:
+        return
+    sources, ops = info["inputs_from"], info.get("input_ops")
+    if not isinstance(sources, list) or not all(isinstance(k, str) and k in keys for k in sources):
+        raise _fail(path, f"{where}.inputs_from", f"{sources!r:.200} is not a list of the trace's layer keys")
+    if (
+        not isinstance(ops, list)
+        or len(ops) != len(sources)
+        or not all(isinstance(o, list) and all(isinstance(n, str) for n in o) for o in ops)
+    ):
+        raise _fail(path, f"{where}.input_ops", f"{ops!r:.200} is not one list of operation names per source")
+    if not isinstance(info.get("elementwise"), bool):
+        raise _fail(path, f"{where}.elementwise", f"{info.get('elementwise')!r} is not true or false")
 
 
 def _read_log(path: Path, what: str) -> list[dict[str, Any]]:

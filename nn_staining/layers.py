@@ -37,6 +37,35 @@ CHANNEL_FIRST_TYPES: tuple[type[nn.Module], ...] = (
 )
 #: Non-leaf modules that compute their output without calling their children's forward.
 OPAQUE_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+#: Modules that act on each value on its own (activations, dropout, identity): unit k of their output is
+#: unit k of their input, so a pathway may pass through them (see :mod:`nn_staining.tap`'s layer graph).
+ELEMENTWISE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Softshrink,
+    nn.Hardshrink,
+    nn.LogSigmoid,
+    nn.Threshold,
+    nn.Identity,
+    nn.modules.dropout._DropoutNd,
+)
 #: Modules whose ``weight`` rows are not per output neuron.
 NO_NEURON_WEIGHTS: tuple[type[nn.Module], ...] = (
     nn.Embedding,
@@ -118,6 +147,13 @@ def _keyed(chosen: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]:
             )
         names[key] = name
         out[key] = module
+    for key in out:  # "x:2" is the key of module x's second call in a forward pass
+        base, colon, call = key.rpartition(":")
+        if colon and call.isascii() and call.isdigit() and int(call) >= 2 and base in out:
+            raise ValueError(
+                f"module {names[key]!r} has the layer key {key!r}, which is the key of call {int(call)} of "
+                f"module {names[base]!r}; rename one or leave one out with layers="
+            )
     return out
 
 
@@ -267,12 +303,20 @@ def neuron_weights(module: nn.Module, neurons: int) -> tuple[Tensor | None, Tens
     return (weight.T if in_out else weight), bias
 
 
-def describe_layer(key: str, module: nn.Module, layout: OutputLayout) -> dict[str, Any]:
-    """The layer's ``meta.json`` entry (row offsets are added by :func:`nn_staining.rows.assign_offsets`)."""
-    weight, bias = neuron_weights(module, layout.neurons)
+def describe_layer(
+    key: str, module: nn.Module, layout: OutputLayout, call: int = 1, first_call: str | None = None
+) -> dict[str, Any]:
+    """The layer's ``meta.json`` entry (row offsets are added by :func:`nn_staining.rows.assign_offsets`).
+
+    A later call of a module (``call`` 2, 3…) names its ``first_call``'s key, under which the module's
+    weights and bias are stored once (it has none of its own)."""
+    weight, bias = neuron_weights(module, layout.neurons) if call == 1 else (None, None)
+    module_key = key if call == 1 else first_call
+    extra = {} if call == 1 else {"call": call, "first_call": first_call}
     return {
         "key": key,
-        "module": key[2:] if key != "L_model" else "",
+        "module": module_key[2:] if module_key != "L_model" else "",
+        **extra,
         "type": type(module).__name__,
         "neurons": layout.neurons,
         "kind": "channels" if layout.channel_first else "features",

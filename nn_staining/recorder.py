@@ -401,7 +401,7 @@ class NetworkTrace:
         if self._stored_layers is not None:  # resumed, and this run's layers are not known yet
             layers = self._stored_layers
         else:
-            layers = assign_offsets([self._tap.descriptions[k] for k in self._tap.ordered_layers()])
+            layers = assign_offsets([self._tap.layer_entry(k) for k in self._tap.ordered_layers()])
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

@@ -15,6 +15,7 @@ __all__ = [
     "GRAMMAR",
     "IndexSelection",
     "Signature",
+    "call_key",
     "epoch_key",
     "format_signature",
     "is_glob",
@@ -28,7 +29,8 @@ __all__ = [
 GRAMMAR = (
     "E_<sel>[/L_<name>[/n_<sel>]] where <sel> is *, 3, 2:5 or 1,4,7 "
     "(a range a:b is half-open and needs a < b; integers are non-negative) "
-    "and <name> is a module name or glob such as hidden_1, features.0 or hidden_*; "
+    "and <name> is a module name or glob such as hidden_1, features.0 or hidden_* "
+    "(a module called several times in one forward pass has a layer per call: relu, relu:2, relu:3); "
     "the legacy form E_<sel>-L_<name>-n_<sel> is also accepted"
 )
 
@@ -316,6 +318,17 @@ def layer_key(name: str) -> str:
     if problem:
         raise ValueError(f"invalid layer name {name!r}: {problem}")
     return key
+
+
+def call_key(layer: str, call: int) -> str:
+    """The layer key of call number ``call`` (1, 2, …, in the order of the forward pass) of the module whose
+    key is ``layer``: the key itself for the first call, ``L_x:2`` for the second, and so on."""
+    problem = _layer_problem(layer) if isinstance(layer, str) else f"layer {layer!r} is not a str"
+    if problem:
+        raise ValueError(problem)
+    if _check_index(call, "call") < 1:
+        raise ValueError(f"call must be 1 or more, got {call}")
+    return layer if call == 1 else f"{layer}:{call}"
 
 
 def match_layers(pattern: str, keys: Iterable[str]) -> list[str]:

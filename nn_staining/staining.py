@@ -31,27 +31,42 @@ is not clear: ``stain_margin < max(MARGIN_THRESHOLD, MARGIN_Z·sqrt(1/n_max + 1/
 below 0.1 std or within two standard errors of the difference of the two class means (``n_c``:
 the class's sample count), so that stains reflect the data, not sampling noise.
 
-**Dead** means never positive after its activation: ``act_max <= 0`` or ``act_active_frac == 0``,
-judged on ReLU outputs and on pre-activations (a layer without a recorded activation, assumed to
-feed a ReLU as in SimpleNN), but never on the last layer (the logits), on a layer followed by a
-normalisation layer (BatchNorm, LayerNorm… re-centre it) or on one followed by a recorded
-non-rectifying activation (tanh, sigmoid…), whose negative values carry signal.
+**Dead** means never positive after its activation: ``act_max <= 0`` or ``act_active_frac == 0``.
+It is judged only where "never positive" means the unit is silenced, read from the layer graph the
+recorder learnt from the forward pass (``inputs_from`` / ``input_ops`` in ``meta.json``): on a ReLU or
+ReLU6 layer, and on a layer whose output really feeds one, through a recorded ReLU/ReLU6 module or
+a functional ``relu``, with nothing in between but dropout, copies or a recorded ``Dropout`` /
+``Identity``. Everything else is signed and never dead: an LSTM's output, a dropout output that
+feeds a residual sum, pre-activations before a tanh, GELU or normalisation, the logits.
 
-**Pathways.** For consecutive ``nn.Linear`` layers the mean contribution of input ``k`` to neuron
-``j`` for class ``c`` is ``C[c,j,k] = W[j,k]·E[x_k | c]`` (the ``inputs`` table); with the bias these
-sum exactly to the neuron's class-conditional mean pre-activation when the weights did not change
-during the epoch. An edge's weight is its share ``C[c,j,k] / Σ_k' |C[c,j,k']|`` and a path's score
-is the product of its edges' shares (signed: two inhibitions make an excitation).
+A trace recorded before the graph existed (no layer has ``inputs_from``) keeps the old rule, by
+model order: judged on ReLU outputs and on a layer without a recorded activation, except the last
+layer, one followed by a normalisation layer, or one followed by a non-ReLU activation of its width.
+
+**Pathways.** For ``nn.Linear`` layers chained along the layer graph the mean contribution of input
+``k`` to neuron ``j`` for class ``c`` is ``C[c,j,k] = W[j,k]·E[x_k | c]`` (the ``inputs`` table); with
+the bias these sum exactly to the neuron's class-conditional mean pre-activation when the weights did
+not change during the epoch. An edge's weight is its share ``C[c,j,k] / Σ_k' |C[c,j,k']|`` and a
+path's score is the product of its edges' shares (signed: two inhibitions make an excitation). Layer
+A precedes Linear B in the chain only when B's one input is A's output, directly or through
+elementwise activations (recorded modules that act elementwise, or functional ``relu``, ``gelu``,
+dropout…), and A is an ``nn.Linear`` with as many neurons as B has inputs: layers whose widths
+merely match (BERT's query, key and value) never chain. A trace without the graph chains
+consecutive Linear layers of matching widths, as before.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .trace import Trace
+
+log = logging.getLogger(__name__)
 
 #: A neuron whose selectivity index is below this is unstained.
 SELECTIVITY_THRESHOLD = 0.1
@@ -72,6 +87,14 @@ UNSTAINED = -1
 _CANDIDATES_PER_STEP = 2**22
 
 _NEURON_COLUMNS = ["act_mean", "act_std", "act_min", "act_max", "act_active_frac", "act_nan_count"]
+#: Activations whose "never positive" output is a silenced unit.
+RELU_ACTIVATIONS = frozenset({"relu", "relu6"})
+#: Functional operations (the layer graph's ``input_ops``) after which a unit is silenced when never positive.
+RELU_OPS = frozenset({"relu"})
+#: Operations that keep a value's sign (dropout's mask and scale, copies): they may sit before the ReLU.
+SIGN_KEEPING_OPS = frozenset({"native_dropout", "mul", "div", "clone", "to_copy"})
+#: Recorded modules a unit passes through on its way to a ReLU, keeping its sign.
+SIGN_KEEPING_TYPES = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Identity"})
 
 
 # -- epochs and layers ---------------------------------------------------------------------------
@@ -93,8 +116,51 @@ def _epoch_signature(trace: Trace, epoch: int | None) -> str:
     return "E_*/L_*" if epoch is None else f"E_{resolve_epoch(trace, epoch)}/L_*"
 
 
+def _layer_infos(trace: Trace) -> dict[str, dict[str, Any]]:
+    return {k: trace.layer_info(k) for k in trace.layers}
+
+
+def has_layer_graph(trace: Trace) -> bool:
+    """Whether the trace holds the layer graph learnt from the forward pass (``inputs_from`` in meta.json)."""
+    return any("inputs_from" in info for info in _layer_infos(trace).values())
+
+
 def _judged_dead_by_sign(trace: Trace) -> dict[str, bool]:
     """Per layer: whether 'never positive' means dead (see the module docstring)."""
+    infos = _layer_infos(trace)
+    if any("inputs_from" in info for info in infos.values()):
+        return _judged_dead_by_graph(infos)
+    return _judged_dead_by_order(trace)
+
+
+def _judged_dead_by_graph(infos: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """Per layer: a ReLU-like layer, or one whose output feeds a ReLU through sign-keeping steps only."""
+    consumers: dict[str, list[tuple[str, list[str]]]] = {}
+    for key, info in infos.items():
+        for source, ops in zip(info.get("inputs_from", []), info.get("input_ops", [])):
+            consumers.setdefault(source, []).append((key, list(ops)))
+
+    def feeds_relu(layer: str, seen: set[str]) -> bool:
+        for target, ops in consumers.get(layer, []):
+            for op in ops:
+                if op in RELU_OPS:
+                    return True
+                if op not in SIGN_KEEPING_OPS:
+                    break
+            else:
+                info = infos[target]
+                if info.get("activation") in RELU_ACTIVATIONS:
+                    return True
+                keeps_sign = info.get("type") in SIGN_KEEPING_TYPES and target not in seen
+                if keeps_sign and feeds_relu(target, seen | {target}):
+                    return True
+        return False
+
+    return {k: info.get("activation") in RELU_ACTIVATIONS or feeds_relu(k, {k}) for k, info in infos.items()}
+
+
+def _judged_dead_by_order(trace: Trace) -> dict[str, bool]:
+    """The rule of traces without the layer graph: judged unless the next layer in model order says not."""
     layers = trace.layers
     out = {}
     for i, layer in enumerate(layers):
@@ -277,10 +343,12 @@ def stain_evolution(trace: Trace, stains: pd.DataFrame | None = None) -> StainEv
 
 # -- pathways ------------------------------------------------------------------------------------
 def linear_chain(trace: Trace, end_layer: str | None = None) -> list[str]:
-    """The consecutive ``nn.Linear`` layers ending at ``end_layer`` (default: the last layer), first to last.
+    """The chained ``nn.Linear`` layers ending at ``end_layer`` (default: the last layer), first to last.
 
-    Layer i+1 follows layer i when its ``in_features`` equals layer i's neuron count; only layers
-    whose inputs were recorded count.
+    A Linear precedes the next when the layer graph shows its output is the next one's only input,
+    directly or through elementwise activations, with matching widths (see the module docstring); why
+    the chain stops is logged at INFO. Without the graph (older traces), layer i precedes layer i+1
+    when i+1's ``in_features`` equals i's neuron count. Only layers whose inputs were recorded count.
     """
     linear = [
         k
@@ -293,12 +361,63 @@ def linear_chain(trace: Trace, end_layer: str | None = None) -> list[str]:
             f"pathways need an nn.Linear end layer with recorded inputs; {end!r} is not one "
             f"(such layers: {', '.join(linear) or 'none'})"
         )
+    infos = _layer_infos(trace)
+    if any("inputs_from" in info for info in infos.values()):
+        return _graph_chain(infos, linear, end)
     chain = [end]
     for key in reversed(linear[: linear.index(end)]):
         if trace.layer_info(key)["neurons"] != trace.layer_info(chain[0])["in_features"]:
             break
         chain.insert(0, key)
     return chain
+
+
+def _graph_chain(infos: dict[str, dict[str, Any]], linear: list[str], end: str) -> list[str]:
+    """The Linear chain into ``end`` along the layer graph's edges; logs why it stops."""
+    chain = [end]
+    while True:
+        source, why = _linear_source(infos, chain[0])
+        if source is not None and source not in linear:
+            source, why = None, f"its input comes from {source}, an nn.Linear whose inputs were not recorded"
+        elif source is not None and source in chain:
+            source, why = None, f"its input comes from {source}, already in the chain"
+        elif source is not None and infos[source]["neurons"] != infos[chain[0]]["in_features"]:
+            source, why = None, f"its input comes from {source}, whose width differs"
+        if source is None:
+            log.info("pathways into %s: the chain starts at %s: %s", end, chain[0], why)
+            return chain
+        chain.insert(0, source)
+
+
+def _linear_source(infos: dict[str, dict[str, Any]], key: str) -> tuple[str | None, str]:
+    """The nn.Linear whose output is layer ``key``'s one input through elementwise layers, or (None, why)."""
+    sources = infos[key].get("inputs_from")
+    if sources is None:
+        return None, "its inputs were not seen while the layer graph was learnt"
+    seen = {key}
+    while True:
+        if not sources:
+            return (
+                None,
+                "its input is no recorded layer's output (the model's input, or a tensor computed "
+                "outside recorded modules)",
+            )
+        if len(sources) > 1:
+            return None, f"it reads several recorded layers ({', '.join(sources)})"
+        source = sources[0]
+        info = infos[source]
+        if info.get("type") == "Linear":
+            return source, ""
+        if not info.get("elementwise") or source in seen:
+            return (
+                None,
+                f"its input comes from {source} ({info.get('type')}), not from an nn.Linear through "
+                "elementwise activations",
+            )
+        seen.add(source)
+        sources = info.get("inputs_from")
+        if sources is None:
+            return None, f"the inputs of {source} were not seen while the layer graph was learnt"
 
 
 def contributions(trace: Trace, layer: str, epoch: int = -1) -> np.ndarray:
@@ -308,8 +427,9 @@ def contributions(trace: Trace, layer: str, epoch: int = -1) -> np.ndarray:
     """
     classes = _require_classes(trace)
     epoch = resolve_epoch(trace, epoch)
-    weights = trace.weights(epoch, layer).astype(np.float64)
-    means = trace.inputs(f"E_{epoch}/{trace.layer_info(layer)['key']}")["mean"]
+    info = trace.layer_info(layer)
+    weights = trace.weights(epoch, info.get("first_call") or info["key"]).astype(np.float64)  # stored once
+    means = trace.inputs(f"E_{epoch}/{info['key']}")["mean"]
     means = means.droplevel(["epoch", "layer"]).unstack("class")
     means = means.reindex(index=range(weights.shape[1]), columns=range(classes)).to_numpy(np.float64)
     return weights[None, :, :] * np.nan_to_num(means).T[:, None, :]
@@ -424,7 +544,8 @@ class UnitHealth:
 def unit_health(trace: Trace, epoch: int | None = None, *, level: float = SATURATION_LEVEL) -> UnitHealth:
     """Dead, saturated and exploding units at every recorded epoch (or one ``epoch``).
 
-    dead: never positive after a rectifying activation (``act_max <= 0`` or ``act_active_frac == 0``);
+    dead: never positive where a ReLU really follows (``act_max <= 0`` or ``act_active_frac == 0``; the
+    module docstring says where it is judged);
     saturated: a tanh/sigmoid unit whose output rescaled to y ∈ [-1, 1] has ``E[y²] = std² + mean² >= level²``
     (so by Markov's inequality most samples lie near ±1); exploding: a NaN or ±Inf was seen.
     """

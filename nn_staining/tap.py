@@ -10,11 +10,25 @@ Each thread keeps its own pass: labels given by ``set_targets`` in a thread serv
 next pass, and passes of a thread pool calling one model are recorded as separate batches (a lock
 serialises the appends). ``nn.DataParallel`` replicas are refused; a copy of the model (which
 carries the hooks along) is not recorded.
+
+**Calls.** A module called several times in one forward pass records each call as its own layer,
+numbered in the order of the pass: the first call under the module's key (``L_relu``), the n-th
+under ``L_relu:n``. A module called k times in one pass and m in another records calls 1..max(k, m);
+call n's statistics cover the passes that made an n-th call.
+
+**The layer graph.** In the first :data:`GRAPH_PASSES` recorded passes (and the pass after a layer
+first appears), each layer's hook also notes which recorded layer's output its tensor arguments
+are: the same tensor object, or that output passed through one-input elementwise operations
+(:data:`ELEMENTWISE_OPS`, followed back through the autograd graph), so ``torch.relu(fc(x))``
+feeding the next ``nn.Linear`` is an edge while a residual sum or a reshape is none. It also notes
+whether the layer itself acts elementwise. ``meta.json`` keeps both (``inputs_from``,
+``input_ops``, ``elementwise``) for staining's pathways and dead units.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import weakref
 from collections.abc import Callable
@@ -24,7 +38,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import OutputLayout, describe_layer, known_width, output_layout, unrecordable_reason
+from .layers import (
+    ELEMENTWISE_TYPES,
+    OutputLayout,
+    describe_layer,
+    known_width,
+    output_layout,
+    unrecordable_reason,
+)
+from .signature import call_key
 from .stats import Batch, LabelFaults, PhaseStats
 
 log = logging.getLogger(__name__)
@@ -32,6 +54,34 @@ _NO_PASS = object()  # no forward of the whole model is running
 _RECORDABLE = (
     "a layer's output must be a floating-point tensor with at least one neuron, or a tuple whose "
     "first item is one"
+)
+#: Recorded forward passes in which the layer graph is learnt (afterwards the hooks skip it).
+GRAPH_PASSES = 2
+#: At most this many elementwise operations between one layer's output and another's input.
+MAX_GRAPH_OPS = 8
+#: One-input autograd operations that map unit k to unit k (``ReluBackward0`` is ``relu``); ``mul`` and
+#: ``div`` count only with one tensor that requires grad (a scale or dropout's mask).
+ELEMENTWISE_OPS = frozenset(
+    {
+        "relu",
+        "gelu",
+        "tanh",
+        "sigmoid",
+        "silu",
+        "elu",
+        "leaky_relu",
+        "hardtanh",
+        "hardswish",
+        "hardsigmoid",
+        "mish",
+        "softplus",
+        "log_sigmoid",
+        "native_dropout",
+        "mul",
+        "div",
+        "clone",
+        "to_copy",
+    }
 )
 
 
@@ -47,6 +97,10 @@ class _ThreadPass:
     last_output: tuple[weakref.ref, str] | None = None
     targets: Tensor | None = None
     mask: Tensor | None = None
+    calls: dict[str, int] = field(default_factory=dict)  # per module key: its calls so far in this pass
+    learn: bool = False  # whether this pass learns the layer graph
+    outputs: dict[int, tuple[weakref.ref, str]] = field(default_factory=dict)  # id(output) -> layer
+    nodes: dict[Any, str] = field(default_factory=dict)  # output's autograd node -> layer
 
 
 class HookTap:
@@ -69,6 +123,10 @@ class HookTap:
         self._passes = {"train": 0, "eval": 0}
         self._width_warned: set[str] = set()
         self._reported: set[str] = set()
+        self.calls: dict[str, list[str]] = {}  # module key -> the keys of its later calls (L_x:2, …)
+        self.graph: dict[str, dict[str, tuple[str, ...]]] = {}  # layer -> {source layer: ops between}
+        self.elementwise: dict[str, bool] = {}
+        self._graph_passes_left = GRAPH_PASSES
 
     def __deepcopy__(self, memo: dict) -> HookTap:
         """A deep copy of the hooked model keeps hooks bound to this tap, which ignores its modules."""
@@ -103,8 +161,23 @@ class HookTap:
         state.targets, state.mask = targets, mask
 
     def ordered_layers(self) -> list[str]:
-        """The layers that produced an output so far, in model order."""
-        return [k for k in self.modules if k in self.layouts]
+        """The layers that produced an output so far, in model order (a module's later calls after it)."""
+        return [k for k in self._keys() if k in self.layouts]
+
+    def _keys(self) -> list[str]:
+        return [k for base in self.modules for k in (base, *self.calls.get(base, ()))]
+
+    def layer_entry(self, key: str) -> dict[str, Any]:
+        """The layer's ``meta.json`` entry: its description and, once learnt, the recorded layers its
+        inputs come from (``inputs_from``), the elementwise operations between (``input_ops``, one list
+        per source) and whether it acts elementwise itself."""
+        entry = dict(self.descriptions[key])
+        sources = self.graph.get(key)
+        if sources is not None:
+            entry["inputs_from"] = list(sources)
+            entry["input_ops"] = [list(ops) for ops in sources.values()]
+            entry["elementwise"] = self.elementwise.get(key, False)
+        return entry
 
     # -- attaching -----------------------------------------------------------------------------
     def attach(self, phases: dict[str, PhaseStats]) -> None:
@@ -144,7 +217,7 @@ class HookTap:
         if self.skipped and not self.layouts:
             raise ValueError(_no_recordable_layer(self.skipped))
         new = [
-            k for k in self.modules if k in self.skipped and k not in self.layouts and k not in self._reported
+            k for k in self._keys() if k in self.skipped and k not in self.layouts and k not in self._reported
         ]
         if new:
             self._reported.update(new)
@@ -183,6 +256,8 @@ class HookTap:
             state.stats, state.fired, state.last_output, state.direct = stats, set(), None, None
             state.batch = None if stats is None else stats.start_batch(state.targets, state.mask)
             state.targets = state.mask = None
+            state.calls = {}
+            self._start_graph(state, stats is not None)
 
     def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         """The model's pass is over: modules called on their own from now on make their own batches."""
@@ -191,6 +266,15 @@ class HookTap:
         with self._lock:
             state = self._thread()
             state.stats, state.fired, state.batch = _NO_PASS, set(), None
+            state.calls = {}
+            self._start_graph(state, False)
+
+    def _start_graph(self, state: _ThreadPass, recorded: bool) -> None:
+        """A new batch: it learns the layer graph while learning passes are left."""
+        state.outputs, state.nodes = {}, {}
+        state.learn = recorded and self._graph_passes_left > 0
+        if state.learn:
+            self._graph_passes_left -= 1
 
     def _make_hook(self, key: str) -> Callable[[nn.Module, tuple, Any], None]:
         """The forward hook of layer ``key``: copy its output (and a Linear's input) into the buffers."""
@@ -220,18 +304,28 @@ class HookTap:
             state.batch = stats.start_batch(state.targets, state.mask)  # a new call of the submodules
             state.targets = state.mask = None
             state.fired, state.direct = set(), stats
+            self._start_graph(state, True)
+        call = 1 if direct else state.calls.get(key, 0) + 1  # on its own, each call is a batch
+        layer = key
+        if call > 1:
+            state.calls[key], layer = call, call_key(key, call)
+            if layer not in self.calls.setdefault(key, []):
+                self.calls[key].append(layer)
+        elif not direct:
+            state.calls[key] = 1
         raw = output if isinstance(output, Tensor) else _first_tensor(output)
         if raw is None or not raw.is_floating_point() or raw.dim() == 0:
-            if key not in self.skipped:
-                self.skipped[key] = unrecordable_reason(output) or type(output).__name__
+            if layer not in self.skipped:
+                self.skipped[layer] = unrecordable_reason(output) or type(output).__name__
             return
         out = raw.detach()
-        layout = self.layouts.get(key) or self._discover(key, module, out, state)
+        layout = self.layouts.get(layer) or self._discover(layer, module, out, state, call, key)
         if layout is None:
             return
         if layout.width(out) != layout.neurons:
-            self._warn_width(key, layout, out)
+            self._warn_width(layer, layout, out)
             return
+        key = layer
         samples, batch = layout.samples(out), state.batch
         if batch.labels is not None and not batch.placed:
             self._check_batch(key, batch, samples)
@@ -242,15 +336,31 @@ class HookTap:
         if linear and stats.num_classes and args and isinstance(args[0], Tensor) and args[0].shape[-1]:
             inputs = args[0].detach()  # laid out like the layer's own output rows
             stats.add(key, layout.rows(inputs, inputs.shape[-1]), samples, inputs=True, batch=batch)
+        if state.learn:
+            self._learn(key, module, args, raw, state)
         state.last_output = (weakref.ref(raw), key)
         state.fired.add(key)
+
+    def _learn(self, key: str, module: nn.Module, args: tuple, raw: Tensor, state: _ThreadPass) -> None:
+        """Note where layer ``key``'s tensor arguments come from, whether it acts elementwise, and its
+        output (for the layers after it in this pass)."""
+        sources = self.graph.setdefault(key, {})
+        for arg in args:
+            found = _source(arg, raw, state) if isinstance(arg, Tensor) else None
+            if found is not None and found[0] != key:
+                sources.setdefault(*found)
+        if key not in self.elementwise:
+            self.elementwise[key] = _acts_elementwise(module, args, raw)
+        state.outputs[id(raw)] = (weakref.ref(raw), key)
+        if raw.grad_fn is not None:
+            state.nodes[raw.grad_fn] = key
 
     def _warn_width(self, key: str, layout: OutputLayout, out: Tensor) -> None:
         if key not in self._width_warned:
             self._width_warned.add(key)
             log.warning(
-                "%s produced %d neurons where its first output had %d (a module called at several widths); "
-                "only calls of the first width are recorded",
+                "%s produced %d neurons where its first output had %d (the same call of a module at several "
+                "widths in different passes); only outputs of the first width are recorded",
                 key,
                 layout.width(out),
                 layout.neurons,
@@ -267,9 +377,14 @@ class HookTap:
                 "call set_targets(y) with the labels of the batch passed to the model"
             )
 
-    def _discover(self, key: str, module: nn.Module, out: Tensor, state: _ThreadPass) -> OutputLayout | None:
+    def _discover(
+        self, key: str, module: nn.Module, out: Tensor, state: _ThreadPass, call: int, first_call: str
+    ) -> OutputLayout | None:
         """Learn a layer's layout from its first output (and the output recorded just before it in
-        the same thread); None for an output of width 0, which is skipped."""
+        the same thread); None for an output of width 0, which is skipped. A layer that first appears
+        outside a graph-learning pass makes the next pass learn the graph."""
+        if not state.learn:
+            self._graph_passes_left = max(self._graph_passes_left, 1)
         previous = previous_shape = None
         if state.last_output is not None:
             ref, prev_key = state.last_output
@@ -281,7 +396,7 @@ class HookTap:
             self.skipped.setdefault(key, "0 neurons")
             return None
         self.layouts[key] = layout
-        self.descriptions[key] = describe_layer(key, module, layout)
+        self.descriptions[key] = describe_layer(key, module, layout, call, first_call)
         return layout
 
 
@@ -308,6 +423,64 @@ def _refuse_replica(module: nn.Module) -> None:
 def _recomputing_in_backward() -> bool:
     """Whether autograd's engine is running (a checkpointed forward being recomputed)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _op_name(node: Any) -> str:
+    """An autograd node's operation in snake case (``ReluBackward0``: ``relu``; ``ToCopyBackward0``: ``to_copy``)."""
+    name = re.sub(r"Backward\d*$", "", type(node).__name__)
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _elementwise_input(node: Any) -> Any:
+    """The autograd input of a one-input elementwise node (:data:`ELEMENTWISE_OPS`), else None."""
+    if _op_name(node) not in ELEMENTWISE_OPS:
+        return None
+    inputs = [n for n, _ in node.next_functions if n is not None]
+    return inputs[0] if len(inputs) == 1 else None
+
+
+def _source(arg: Tensor, output: Tensor, state: _ThreadPass) -> tuple[str, tuple[str, ...]] | None:
+    """The recorded layer whose output ``arg`` is in this pass, directly or through elementwise
+    operations (named first to last), or None: followed back through the autograd graph when ``arg``
+    has one, else by tensor identity. An in-place module's input is its output: identity only."""
+    node = arg.grad_fn
+    if node is not None and arg is not output:
+        ops = []
+        for _ in range(MAX_GRAPH_OPS + 1):
+            layer = state.nodes.get(node)
+            if layer is not None:
+                return layer, tuple(reversed(ops))
+            previous = _elementwise_input(node)
+            if previous is None:
+                return None
+            ops.append(_op_name(node))
+            node = previous
+        return None
+    entry = state.outputs.get(id(arg))
+    return (entry[1], ()) if entry is not None and entry[0]() is arg else None
+
+
+def _acts_elementwise(module: nn.Module, args: tuple, output: Tensor) -> bool:
+    """Whether unit k of the module's output is a function of unit k of its input alone: an activation,
+    dropout or identity type, or a parameter-free module of one same-shape tensor argument that works
+    in place, whose autograd graph holds only elementwise operations, or that is named ``…Activation``
+    (Hugging Face's ``GELUActivation``, ``NewGELUActivation``, …)."""
+    if isinstance(module, ELEMENTWISE_TYPES):
+        return True
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if len(tensors) != 1 or tensors[0].shape != output.shape or next(module.parameters(), None) is not None:
+        return False
+    arg = tensors[0]
+    if arg is output:
+        return True
+    node, target = output.grad_fn, arg.grad_fn
+    for _ in range(MAX_GRAPH_OPS):
+        node = None if node is None or target is None else _elementwise_input(node)
+        if node is None:
+            break
+        if node is target:
+            return True
+    return type(module).__name__.endswith("Activation")
 
 
 def _first_tensor(output: Any) -> Tensor | None:

@@ -88,7 +88,7 @@ class SharedActivation(nn.Module):
         return self.act(self.fc2(self.act(self.fc1(x))))
 
 
-def test_module_called_at_two_widths_records_the_first_width(tmp_path: Path, caplog) -> None:
+def test_module_called_at_two_widths_records_each_call(tmp_path: Path, caplog) -> None:
     torch.manual_seed(0)
     model = SharedActivation()
     x, y = data()
@@ -101,16 +101,15 @@ def test_module_called_at_two_widths_records_the_first_width(tmp_path: Path, cap
             trace.set_targets(y)
             model(x)
             trace.end_epoch()
-    widths = [r.getMessage() for r in caplog.records if "several widths" in r.getMessage()]
-    assert widths == [
-        "L_act produced 4 neurons where its first output had 6 (a module called at several widths); "
-        "only calls of the first width are recorded"
-    ]  # once, not per call
-    expected = torch.relu(model.fc1(x)).detach().numpy().mean(0)
-    np.testing.assert_allclose(neuron_means(tmp_path / "t", "L_act"), expected, rtol=1e-5, atol=1e-6)
-    # only act's first-width calls are recorded, and they are exactly fc2's input
+    assert not [r for r in caplog.records if "several widths" in r.getMessage()]
+    t = load_trace(tmp_path / "t")
+    assert t.layers == ["L_fc1", "L_fc2", "L_act", "L_act:2"]  # each call its own layer, after the module
+    assert [t.layer_info(k)["neurons"] for k in t.layers] == [6, 4, 6, 4]
     h = torch.relu(model.fc1(x)).detach().numpy()
-    means = load_trace(tmp_path / "t").inputs("E_0/L_fc2")["mean"].unstack("class").to_numpy()
+    np.testing.assert_allclose(neuron_means(tmp_path / "t", "L_act"), h.mean(0), rtol=1e-5, atol=1e-6)
+    second = torch.relu(model.fc2(torch.relu(model.fc1(x)))).detach().numpy()
+    np.testing.assert_allclose(neuron_means(tmp_path / "t", "L_act:2"), second.mean(0), rtol=1e-5, atol=1e-6)
+    means = t.inputs("E_0/L_fc2")["mean"].unstack("class").to_numpy()  # fc2's input is act's first call
     assert_class_means(means, h, y)
 
 
@@ -137,7 +136,7 @@ def test_inputs_are_not_taken_from_a_module_that_fires_twice(tmp_path: Path) -> 
                 model(x)
             trace.end_epoch()
     t = load_trace(tmp_path / "t")
-    # act's output statistics mix both calls; fc2's input is copied from its own call, never taken from them
+    # act's two calls are two layers; fc2's input is copied from its own call, never taken from them
     h = torch.relu(model.fc1(x)).detach().numpy()
     for epoch in (0, 1):
         means = t.inputs(f"E_{epoch}/L_fc2")["mean"].unstack("class").to_numpy()

@@ -198,7 +198,7 @@ def fast_thread_switches():
 
 
 class SharedActivation(nn.Module):
-    """An MLP whose ReLU module is called twice per pass (two runs of rows per batch)."""
+    """An MLP whose ReLU module is called twice per pass (two layers, L_act and L_act:2, per batch)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -248,8 +248,11 @@ def test_forward_passes_from_a_thread_pool_are_recorded_exactly(
                 list(pool.map(one_pass, range(len(sizes))))
             trace.end_epoch()
             t = trace.load()
+            for i in range(len(sizes)):  # act's second call in each pass is the layer L_act:2
+                seen["L_act:2"][i] = seen["L_act"][i][1:]
+                seen["L_act"][i] = seen["L_act"][i][:1]
             for layer, batches in seen.items():
-                calls = 2 if layer == "L_act" else 1
+                calls = 1
                 values = np.concatenate([np.concatenate(batches[i]) for i in range(len(sizes))])
                 labels = np.concatenate(
                     [np.tile(y[starts[i] : starts[i + 1]], calls) for i in range(len(sizes))]
