@@ -8,8 +8,9 @@ probe passes, the Gram matrices, saliency, restoring modes and RNG) and ``write_
 thread) are timed on their own, and set against one training epoch of the same workload measured
 in the same run. Bytes are the epoch's probe part on disk with the default budget
 (``probes.DEFAULT_PROBE_BUDGET``); "stored" says which layers keep all their activations. The
-"1M-neuron layer" workload shows a layer far wider than the budget: the part stays within the
-budget plus its Gram, and its Gram is built in blocks of samples within ``probes.PROBE_MEMORY``.
+"1M-neuron layer" workload (run once: its float64 Gram is n² × 2^20 multiply-adds) shows a layer
+far wider than the budget: the part stays within the budget plus its Gram, and the Gram is built in
+blocks of samples within ``probes.PROBE_MEMORY``.
 """
 
 from __future__ import annotations
@@ -166,10 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=512, help="probe samples (default 512)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: small ops spin-wait on a busy VM)",
+    )
+    parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}"
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     print(
         f"# probe cost, n = {args.n}, budget {probes.DEFAULT_PROBE_BUDGET / 2**20:g} MiB per epoch, median of "
         f"{args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -183,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.workloads.split(","):
         if name not in WORKLOADS:
             parser.error(f"workload {name!r} is not one of {', '.join(WORKLOADS)}")
-        r = measure(WORKLOADS[name](), args.n, args.repeats)
+        workload = WORKLOADS[name]()
+        r = measure(workload, args.n, args.repeats if workload.train_epoch else 1)
         ratio = r["run_s"] / r["epoch_s"] if r["epoch_s"] == r["epoch_s"] else float("nan")
         print(
             f"| {r['workload']} | {r['layers']} | {r['run_s']:.3f} | {r['write_s']:.3f} | {r['epoch_s']:.3f} | "

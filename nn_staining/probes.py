@@ -178,13 +178,21 @@ def probe_meta(probe: ProbeSet) -> dict[str, Any]:
 # -- what one epoch's probe holds ----------------------------------------------------------------
 @dataclass
 class LayerProbe:
-    """One layer's probe record: full ``width``, Gram ``(n, n)`` float64, kept activations
-    ``(n, k)`` float32 (None when dropped) and, for ``nn.Linear``, the layer's inputs ``(n, in)``."""
+    """One layer's probe record: full ``width``, kept activations ``(n, k)`` float32 (None when
+    dropped), for ``nn.Linear`` the layer's inputs ``(n, in)``, and the Gram matrix ``(n, n)``
+    float64, computed on the device only where the activations were cut (``stored_gram``)."""
 
     width: int
-    gram: np.ndarray
+    stored_gram: np.ndarray | None = None
     activations: np.ndarray | None = None
     inputs: np.ndarray | None = None
+
+    @property
+    def gram(self) -> np.ndarray:
+        """``R Rᵀ`` of the layer's full representation (from the activations when they are complete)."""
+        if self.stored_gram is not None:
+            return self.stored_gram
+        return gram_of(self.activations)
 
     @property
     def neurons(self) -> np.ndarray | None:
@@ -207,8 +215,15 @@ class ProbeRecord:
         """Bytes of the arrays held (Grams at float64)."""
         arrays = [self.input, self.output, self.saliency]
         for lp in self.layers.values():
-            arrays += [lp.gram, lp.activations, lp.inputs]
+            arrays += [lp.stored_gram, lp.activations, lp.inputs]
         return sum(a.nbytes for a in arrays if a is not None)
+
+
+def gram_of(values: np.ndarray) -> np.ndarray:
+    """``A Aᵀ`` in float64, exactly symmetric: how readers and records turn activations into a Gram."""
+    values = np.asarray(values, dtype=np.float64)
+    gram = values @ values.T
+    return (gram + gram.T) / 2
 
 
 def kept_neurons(width: int, k: int) -> np.ndarray:
@@ -356,7 +371,10 @@ class _ProbeRun:
                 ", ".join(f"{self.kept[k]}/{self.widths[k]}" for k in dropped),
             )
         # layers whose full representation does not fit PROBE_MEMORY are done in blocks of samples
-        self.wide = {k for k, w in self.widths.items() if 4 * n * w > PROBE_MEMORY}
+        # the Gram is computed where the activations are cut (readers compute R Rᵀ for the others);
+        # those whose full representation does not fit PROBE_MEMORY are done in blocks of samples
+        self.need_gram = {k for k, w in self.widths.items() if self.kept[k] < w}
+        self.wide = {k for k in self.need_gram if 4 * n * self.widths[k] > PROBE_MEMORY}
         if self.wide:
             block = min(max(1, PROBE_MEMORY // (4 * self.widths[k])) for k in self.wide)
             self.step = min(self.probe.batch_size, block)
@@ -375,7 +393,7 @@ class _ProbeRun:
                 self.acts[key][lo:hi] = cols
             if key in self.keep_inputs and inputs is not None:
                 self.inputs[key][lo:hi] = _per_sample(inputs.detach(), _linear(layout, inputs.shape[-1]))
-            if key not in self.wide:
+            if key in self.reps:
                 self.reps[key][lo:hi] = rep
         if key in self.wide:
             if lo == self.block[0]:
@@ -397,7 +415,7 @@ class _ProbeRun:
         dev = self.device
         self.acts = {k: torch.empty(n, c, device=dev) for k, c in self.kept.items() if c}
         self.inputs = {k: torch.empty(n, self.in_width[k], device=dev) for k in self.keep_inputs}
-        self.reps = {k: torch.empty(n, w, device=dev) for k, w in self.widths.items() if k not in self.wide}
+        self.reps = {k: torch.empty(n, self.widths[k], device=dev) for k in self.need_gram - self.wide}
         self.grams = {k: torch.empty(n, n, dtype=torch.float64, device=dev) for k in self.wide}
         self.block_rep: dict[str, Any] = {}
         outputs = torch.empty(n, self.output_width, device=dev) if self.keep_out else None
@@ -416,14 +434,13 @@ class _ProbeRun:
         self.mode = "off"
         record = ProbeRecord(n=n)
         for key in self.layouts:
-            if key in self.wide:
-                gram = self.grams[key]
-            else:
-                gram = _gram(self.reps[key], torch)
-            gram = (gram + gram.T) / 2  # exactly symmetric (float addition commutes), as stored
+            gram = None
+            if key in self.need_gram:
+                gram = self.grams[key] if key in self.wide else _gram(self.reps[key], torch)
+                gram = ((gram + gram.T) / 2).cpu().numpy()  # exactly symmetric, as stored
             record.layers[key] = LayerProbe(
                 width=self.widths[key],
-                gram=gram.cpu().numpy(),
+                stored_gram=gram,
                 activations=self.acts[key].cpu().numpy() if key in self.acts else None,
                 inputs=self.inputs[key].cpu().numpy() if key in self.inputs else None,
             )
@@ -529,8 +546,8 @@ def probe_table(record: ProbeRecord, layer_order: Sequence[str]) -> list[pa.Tabl
     ]
     for key in order:
         lp = record.layers[key]
-        if lp.activations is None or lp.activations.shape[1] < lp.width:  # else R Rᵀ from the activations
-            blocks.append(_gram_rows(key, lp.gram, lp.width))
+        if lp.stored_gram is not None:  # else readers compute R Rᵀ from the complete activations
+            blocks.append(_gram_rows(key, lp.stored_gram, lp.width))
         if lp.activations is not None:
             blocks.append(_value_rows("activations", key, lp.activations, lp.width))
         if lp.inputs is not None:
@@ -712,9 +729,7 @@ def read_probe_gram(root: str | os.PathLike, meta: dict[str, Any], epoch: int, l
             raise KeyError(
                 f"the probe has no record of {layer!r} at epoch {epoch} (it did not run in the probe pass)"
             )
-        values = _matrix(acts, n, f"activations of {layer!r}").astype(np.float64)
-        gram = values @ values.T
-        return (gram + gram.T) / 2
+        return gram_of(_matrix(acts, n, f"activations of {layer!r}"))
     if table.num_rows != n:
         raise ValueError(
             f"the probe Gram of {layer!r} at epoch {epoch} has {table.num_rows} rows, expected {n}"
