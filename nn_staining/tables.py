@@ -95,11 +95,11 @@ def _weight_columns(
         prev = previous.get(key)
         if w.weights is None or prev is None or prev.shape != w.weights.shape:
             return None
-        return np.linalg.norm(w.weights - prev, axis=1)
+        return np.linalg.norm(w.weights.astype(np.float64) - prev, axis=1)  # float64: no overflow
 
     columns: dict[str, Any] = {
         "bias": column(lambda k, w: w.bias),
-        "weight_norm": column(of_weights(lambda a: np.linalg.norm(a, axis=1))),
+        "weight_norm": column(of_weights(lambda a: np.linalg.norm(a.astype(np.float64), axis=1))),
         "weight_mean": column(of_weights(lambda a: a.mean(axis=1))),
         "weight_delta_norm": column(delta),
         "grad_norm": column(lambda k, w: w.grad_norm),

@@ -393,3 +393,16 @@ def test_feature_names_given_in_config_reach_the_trace(tmp_path: Path) -> None:
             model(torch.randn(4, 2))
             trace.end_epoch()
         assert load_trace(store).feature_names == expected
+
+
+def test_weight_norms_of_huge_weights_are_finite(tmp_path: Path) -> None:
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(3e19)
+    with NetworkTrace(model, tmp_path / "t") as trace:
+        for epoch in range(2):
+            with trace.epoch(epoch):
+                model(torch.ones(4, 3))
+    got = load_trace(tmp_path / "t").query("E_1/L_model")
+    np.testing.assert_allclose(got["weight_norm"], np.sqrt(3) * 3e19, rtol=1e-6)
+    np.testing.assert_array_equal(got["weight_delta_norm"], 0.0)
