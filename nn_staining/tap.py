@@ -18,10 +18,12 @@ call n's statistics cover the passes that made an n-th call.
 
 **The layer graph.** In the first :data:`GRAPH_PASSES` recorded passes (and the pass after a layer
 first appears), each layer's hook also notes which recorded layer's output its tensor arguments
-are: the same tensor object, or that output passed through one-input elementwise operations
-(:data:`ELEMENTWISE_OPS`, followed back through the autograd graph), so ``torch.relu(fc(x))``
-feeding the next ``nn.Linear`` is an edge while a residual sum or a reshape is none. It also notes
-whether the layer itself acts elementwise. ``meta.json`` keeps both (``inputs_from``,
+are, as a pre-hook saw them before the module ran (an in-place module changes them): the same
+tensor object, not changed in place since, or that output passed through one-input elementwise
+operations (:data:`ELEMENTWISE_OPS`, followed back through the autograd graph), so
+``torch.relu(fc(x))`` feeding the next ``nn.Linear`` is an edge while a residual sum (``out +=
+identity`` included) or a reshape is none. It also notes whether the layer itself acts elementwise.
+The pre-hooks exist only while the graph is learnt. ``meta.json`` keeps both (``inputs_from``,
 ``input_ops``, ``elementwise``) for staining's pathways and dead units.
 """
 
@@ -85,6 +87,16 @@ ELEMENTWISE_OPS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class _Arg:
+    """A tensor argument as a module received it (taken by a pre-hook, before an in-place module changes
+    it): its identity, autograd node and version counter."""
+
+    ref: weakref.ref
+    node: Any
+    version: int | None
+
+
 @dataclass
 class _ThreadPass:
     """One thread's bookkeeping: the phase of the model pass it is in (``_NO_PASS`` between passes),
@@ -99,8 +111,9 @@ class _ThreadPass:
     mask: Tensor | None = None
     calls: dict[str, int] = field(default_factory=dict)  # per module key: its calls so far in this pass
     learn: bool = False  # whether this pass learns the layer graph
-    outputs: dict[int, tuple[weakref.ref, str]] = field(default_factory=dict)  # id(output) -> layer
+    outputs: dict[int, tuple[weakref.ref, str, int | None]] = field(default_factory=dict)  # id -> layer
     nodes: dict[Any, str] = field(default_factory=dict)  # output's autograd node -> layer
+    inputs: dict[str, list[list[_Arg]]] = field(default_factory=dict)  # per module key: args as called
 
 
 class HookTap:
@@ -127,6 +140,7 @@ class HookTap:
         self.graph: dict[str, dict[str, tuple[str, ...]]] = {}  # layer -> {source layer: ops between}
         self.elementwise: dict[str, bool] = {}
         self._graph_passes_left = GRAPH_PASSES
+        self._pre_handles: list[torch.utils.hooks.RemovableHandle] = []  # only while the graph is learnt
 
     def __deepcopy__(self, memo: dict) -> HookTap:
         """A deep copy of the hooked model keeps hooks bound to this tap, which ignores its modules."""
@@ -198,6 +212,7 @@ class HookTap:
         """Remove every hook; labels not yet used are dropped (with a warning naming ``epoch``)."""
         for handle in self._handles:
             handle.remove()
+        self._remove_pre_hooks()
         unused = sum(s.targets is not None or s.mask is not None for s in self._threads.values())
         if unused and epoch is not None:
             log.warning(
@@ -268,13 +283,42 @@ class HookTap:
             state.stats, state.fired, state.batch = _NO_PASS, set(), None
             state.calls = {}
             self._start_graph(state, False)
+            if not self._graph_passes_left and not any(s.learn for s in self._threads.values()):
+                self._remove_pre_hooks()
 
     def _start_graph(self, state: _ThreadPass, recorded: bool) -> None:
-        """A new batch: it learns the layer graph while learning passes are left."""
-        state.outputs, state.nodes = {}, {}
+        """A new batch: it learns the layer graph while learning passes are left (with pre-hooks that
+        see each module's arguments before it runs)."""
+        state.outputs, state.nodes, state.inputs = {}, {}, {}
         state.learn = recorded and self._graph_passes_left > 0
         if state.learn:
             self._graph_passes_left -= 1
+            if not self._pre_handles:
+                self._pre_handles = [
+                    module.register_forward_pre_hook(self._make_pre_hook(key, module))
+                    for key, module in self.modules.items()
+                ]
+
+    def _remove_pre_hooks(self) -> None:
+        for handle in self._pre_handles:
+            handle.remove()
+        self._pre_handles = []
+
+    def _make_pre_hook(self, key: str, own: nn.Module) -> Callable[[nn.Module, tuple], None]:
+        """While the graph is learnt: keep module ``key``'s tensor arguments as it receives them."""
+
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            if module is not own or _recomputing_in_backward():
+                return
+            with self._lock:
+                state = self._thread()
+                if state.learn:
+                    taken = [
+                        _Arg(weakref.ref(a), a.grad_fn, _version(a)) for a in args if isinstance(a, Tensor)
+                    ]
+                    state.inputs.setdefault(key, []).append(taken)
+
+        return pre_hook
 
     def _make_hook(self, key: str) -> Callable[[nn.Module, tuple, Any], None]:
         """The forward hook of layer ``key``: copy its output (and a Linear's input) into the buffers."""
@@ -306,7 +350,7 @@ class HookTap:
             state.fired, state.direct = set(), stats
             self._start_graph(state, True)
         call = 1 if direct else state.calls.get(key, 0) + 1  # on its own, each call is a batch
-        layer = key
+        module_key = layer = key
         if call > 1:
             state.calls[key], layer = call, call_key(key, call)
             if layer not in self.calls.setdefault(key, []):
@@ -337,21 +381,28 @@ class HookTap:
             inputs = args[0].detach()  # laid out like the layer's own output rows
             stats.add(key, layout.rows(inputs, inputs.shape[-1]), samples, inputs=True, batch=batch)
         if state.learn:
-            self._learn(key, module, args, raw, state)
+            self._learn(key, module_key, module, args, raw, state)
         state.last_output = (weakref.ref(raw), key)
         state.fired.add(key)
 
-    def _learn(self, key: str, module: nn.Module, args: tuple, raw: Tensor, state: _ThreadPass) -> None:
-        """Note where layer ``key``'s tensor arguments come from, whether it acts elementwise, and its
-        output (for the layers after it in this pass)."""
+    def _learn(
+        self, key: str, module_key: str, module: nn.Module, args: tuple, raw: Tensor, state: _ThreadPass
+    ) -> None:
+        """Note where layer ``key``'s tensor arguments come from (as its pre-hook saw them, else as they
+        are now), whether it acts elementwise, and its output (for the layers after it in this pass)."""
+        pending = state.inputs.get(module_key)
+        taken = pending.pop() if pending else None
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if taken is None or len(taken) != len(tensors):
+            taken = [_Arg(weakref.ref(a), None if a is raw else a.grad_fn, None) for a in tensors]
         sources = self.graph.setdefault(key, {})
-        for arg in args:
-            found = _source(arg, raw, state) if isinstance(arg, Tensor) else None
+        for arg, seen in zip(tensors, taken):
+            found = _source(arg, seen, state)
             if found is not None and found[0] != key:
                 sources.setdefault(*found)
         if key not in self.elementwise:
-            self.elementwise[key] = _acts_elementwise(module, args, raw)
-        state.outputs[id(raw)] = (weakref.ref(raw), key)
+            self.elementwise[key] = _acts_elementwise(module, args, raw, taken)
+        state.outputs[id(raw)] = (weakref.ref(raw), key, _version(raw))
         if raw.grad_fn is not None:
             state.nodes[raw.grad_fn] = key
 
@@ -439,12 +490,21 @@ def _elementwise_input(node: Any) -> Any:
     return inputs[0] if len(inputs) == 1 else None
 
 
-def _source(arg: Tensor, output: Tensor, state: _ThreadPass) -> tuple[str, tuple[str, ...]] | None:
+def _version(tensor: Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place change), None where it has none."""
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        return None
+
+
+def _source(arg: Tensor, seen: _Arg, state: _ThreadPass) -> tuple[str, tuple[str, ...]] | None:
     """The recorded layer whose output ``arg`` is in this pass, directly or through elementwise
-    operations (named first to last), or None: followed back through the autograd graph when ``arg``
-    has one, else by tensor identity. An in-place module's input is its output: identity only."""
-    node = arg.grad_fn
-    if node is not None and arg is not output:
+    operations (named first to last), or None: followed back through the autograd graph from the node
+    ``arg`` had when the module received it, else by tensor identity, unless it was changed in place
+    since that layer returned it (its version counter moved)."""
+    node = seen.node
+    if node is not None:
         ops = []
         for _ in range(MAX_GRAPH_OPS + 1):
             layer = state.nodes.get(node)
@@ -457,23 +517,28 @@ def _source(arg: Tensor, output: Tensor, state: _ThreadPass) -> tuple[str, tuple
             node = previous
         return None
     entry = state.outputs.get(id(arg))
-    return (entry[1], ()) if entry is not None and entry[0]() is arg else None
+    if entry is None or entry[0]() is not arg:
+        return None
+    changed = entry[2] is not None and seen.version is not None and seen.version != entry[2]
+    return None if changed else (entry[1], ())
 
 
-def _acts_elementwise(module: nn.Module, args: tuple, output: Tensor) -> bool:
+def _acts_elementwise(module: nn.Module, args: tuple, output: Tensor, taken: list[_Arg]) -> bool:
     """Whether unit k of the module's output is a function of unit k of its input alone: an activation,
-    dropout or identity type, or a parameter-free module of one same-shape tensor argument that works
-    in place, whose autograd graph holds only elementwise operations, or that is named ``…Activation``
-    (Hugging Face's ``GELUActivation``, ``NewGELUActivation``, …)."""
+    dropout or identity type, or a parameter-free module of one same-shape tensor argument that returns
+    it unchanged, whose autograd graph from it holds only elementwise operations, or that is named
+    ``…Activation`` (Hugging Face's ``GELUActivation``, ``NewGELUActivation``, …)."""
     if isinstance(module, ELEMENTWISE_TYPES):
         return True
     tensors = [a for a in args if isinstance(a, Tensor)]
     if len(tensors) != 1 or tensors[0].shape != output.shape or next(module.parameters(), None) is not None:
         return False
     arg = tensors[0]
-    if arg is output:
-        return True
-    node, target = output.grad_fn, arg.grad_fn
+    node, target = output.grad_fn, taken[0].node
+    if arg is output and (node is None or node is target):
+        return (
+            True  # it returned its input, unchanged (Identity, Dropout in eval) or changed without autograd
+        )
     for _ in range(MAX_GRAPH_OPS):
         node = None if node is None or target is None else _elementwise_input(node)
         if node is None:
