@@ -316,17 +316,20 @@ class Trace(Mapping):
         except ImportError:
             raise ImportError("Trace.sql needs DuckDB: pip install duckdb") from None
         con = duckdb.connect()
+        # DuckDB takes key=value from every folder of a path: under "epoch=9/" or "lr=0.1/" it would
+        # give every row epoch 9 or an extra column, so such a store is scanned as the Arrow dataset.
+        hive_parents = any("=" in part for part in self.path.parts)
         try:
             for table in SCHEMAS:
                 files = self.part_files(table)
-                if files:
+                if files and not hive_parents:
                     listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
                     con.execute(
                         f"CREATE VIEW {table} AS SELECT * REPLACE (CAST(epoch AS INTEGER) AS epoch) "
                         f"FROM read_parquet([{listed}], hive_partitioning = true)"
                     )
                 else:
-                    con.from_arrow(self.dataset(table).to_table()).create_view(table)
+                    con.from_arrow(self.dataset(table)).create_view(table)
             return con.execute(query).df()
         finally:
             con.close()

@@ -1059,3 +1059,27 @@ def test_hand_batches(hand: Path) -> None:
     ]
     assert t.batches("E_*/L_b/n_0,2")["act_mean"].tolist() == [100.0, 102.0, 100.25, 102.25]
     assert t.batches("E_1:6").empty, "no per-batch rows after epoch 0"
+
+
+@pytest.mark.parametrize("parent", ["epoch=9", "lr=0.1"])
+def test_sql_and_dataset_of_a_store_under_a_hive_like_folder(tmp_path: Path, parent: str) -> None:
+    """DuckDB reads ``key=value`` from every folder of a part's path: a store kept under ``epoch=9`` must
+    still give each part's own epoch, and one under ``lr=0.1`` no extra column."""
+    root = tmp_path / parent / "t"
+    write_hand_store(root)
+    t = load_trace(root)
+    expected = [(e, 8 if e != 1 else 2) for e in (0, 1, 5)]
+    counts = t.sql("SELECT epoch, count(*) AS n FROM neurons GROUP BY epoch ORDER BY epoch")
+    assert list(counts.itertuples(index=False, name=None)) == expected
+    assert t.sql("SELECT * FROM classes").columns.tolist() == [f.name for f in SCHEMAS["classes"]] + ["epoch"]
+    assert t.sql("SELECT typeof(epoch) AS t FROM neurons LIMIT 1")["t"].tolist() == ["INTEGER"]
+    epochs = t.dataset().to_table(columns=["epoch"]).column("epoch").to_pylist()
+    assert sorted(set(epochs)) == [0, 1, 5]
+
+
+def test_sql_without_duckdb_says_how_to_install_it(hand: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "duckdb", None)
+    with pytest.raises(ImportError) as info:
+        load_trace(hand).sql("SELECT 1")
+    assert str(info.value) == "Trace.sql needs DuckDB: pip install duckdb"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
