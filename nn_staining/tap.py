@@ -90,9 +90,8 @@ ELEMENTWISE_OPS = frozenset(
 @dataclass(frozen=True)
 class _Arg:
     """A tensor argument as a module received it (taken by a pre-hook, before an in-place module changes
-    it): its identity, autograd node and version counter."""
+    it): its autograd node and version counter."""
 
-    ref: weakref.ref
     node: Any
     version: int | None
 
@@ -313,9 +312,7 @@ class HookTap:
             with self._lock:
                 state = self._thread()
                 if state.learn:
-                    taken = [
-                        _Arg(weakref.ref(a), a.grad_fn, _version(a)) for a in args if isinstance(a, Tensor)
-                    ]
+                    taken = [_Arg(a.grad_fn, _version(a)) for a in args if isinstance(a, Tensor)]
                     state.inputs.setdefault(key, []).append(taken)
 
         return pre_hook
@@ -394,7 +391,7 @@ class HookTap:
         taken = pending.pop() if pending else None
         tensors = [a for a in args if isinstance(a, Tensor)]
         if taken is None or len(taken) != len(tensors):
-            taken = [_Arg(weakref.ref(a), None if a is raw else a.grad_fn, None) for a in tensors]
+            taken = [_Arg(None if a is raw else a.grad_fn, None) for a in tensors]
         sources = self.graph.setdefault(key, {})
         for arg, seen in zip(tensors, taken):
             found = _source(arg, seen, state)
@@ -477,7 +474,7 @@ def _recomputing_in_backward() -> bool:
 
 
 def _op_name(node: Any) -> str:
-    """An autograd node's operation in snake case (``ReluBackward0``: ``relu``; ``ToCopyBackward0``: ``to_copy``)."""
+    """An autograd node's operation in snake case: ``ReluBackward0`` is ``relu``."""
     name = re.sub(r"Backward\d*$", "", type(node).__name__)
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
@@ -535,10 +532,8 @@ def _acts_elementwise(module: nn.Module, args: tuple, output: Tensor, taken: lis
         return False
     arg = tensors[0]
     node, target = output.grad_fn, taken[0].node
-    if arg is output and (node is None or node is target):
-        return (
-            True  # it returned its input, unchanged (Identity, Dropout in eval) or changed without autograd
-        )
+    if arg is output and (node is None or node is target):  # returned unchanged (Identity, eval Dropout)
+        return True
     for _ in range(MAX_GRAPH_OPS):
         node = None if node is None or target is None else _elementwise_input(node)
         if node is None:
