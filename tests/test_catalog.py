@@ -485,3 +485,11 @@ def test_new_run_ids_are_fresh_hex() -> None:
     ids = {new_run_id() for _ in range(20)}
     assert len(ids) == 20
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+@pytest.mark.parametrize("writer", [write_json_atomic, lambda path, payload: rewrite_log(path, [payload])])
+def test_an_unserialisable_payload_raises_its_own_error_and_writes_nothing(tmp_path: Path, writer) -> None:
+    """The JSON error surfaces (no FileNotFoundError from cleaning up a temporary never written)."""
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        writer(tmp_path / "meta.json", {"a": object()})
+    assert list(tmp_path.iterdir()) == []
