@@ -15,6 +15,7 @@ from nn_staining.signature import (
     GRAMMAR,
     IndexSelection,
     Signature,
+    call_key,
     epoch_key,
     format_signature,
     is_glob,
@@ -513,3 +514,51 @@ def test_match_layers_matches_brute_force(keys: list[str], body: str) -> None:
     expected = [pattern] if pattern in keys else [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
     assert match_layers(pattern, keys) == expected
     assert parse_signature(f"E_0/{pattern}").matching_layers(keys) == expected
+
+
+# --- a module's later calls in one forward pass ---------------------------------------------
+
+
+def test_call_keys() -> None:
+    assert call_key("L_layer1.0.relu", 1) == "L_layer1.0.relu"
+    assert call_key("L_layer1.0.relu", 2) == "L_layer1.0.relu:2"
+    assert call_key("L_x:2", 3) == "L_x:2:3"  # a module whose own name ends in ":2"
+    for bad, error, message in [
+        (0, ValueError, "call must be 1 or more, got 0"),
+        (-1, ValueError, "call must be non-negative, got -1"),
+        (True, TypeError, "call must be an int, got True"),
+        (2.0, TypeError, "call must be an int, got 2.0"),
+    ]:
+        with pytest.raises(error) as info:
+            call_key("L_x", bad)  # type: ignore[arg-type]
+        assert str(info.value) == message
+    for layer, message in [
+        ("x", "layer part 'x' does not start with 'L_'"),
+        ("L_", "layer part 'L_' has an empty name"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            call_key(layer, 2)
+        assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "layer", "neurons"),
+    [
+        ("E_3/L_layer1.0.relu:2/n_1", "L_layer1.0.relu:2", one(1)),
+        ("E_3-L_layer1.0.relu:2-n_1", "L_layer1.0.relu:2", one(1)),  # the legacy dash form
+        ("E_3/L_relu:12/n_0:4", "L_relu:12", IndexSelection(0, 4)),  # a neuron range after the call
+        ("E_3/L_relu:*", "L_relu:*", None),
+    ],
+)
+def test_call_keys_in_signatures(text: str, layer: str, neurons: IndexSelection | None) -> None:
+    assert parse_signature(text) == Signature(one(3), layer, neurons)
+    assert format_signature(3, layer.removeprefix("L_"), neurons) == text.replace("-", "/")
+
+
+def test_globs_over_calls() -> None:
+    keys = ["L_relu", "L_relu:2", "L_relu:3", "L_fc", "L_fc:2"]
+    assert match_layers("L_relu*", keys) == ["L_relu", "L_relu:2", "L_relu:3"]
+    assert match_layers("L_*:2", keys) == ["L_relu:2", "L_fc:2"]
+    assert match_layers("L_relu:[23]", keys) == ["L_relu:2", "L_relu:3"]
+    assert match_layers("L_relu", keys) == ["L_relu"]  # the first call alone
+    assert "relu:2" in GRAMMAR
