@@ -235,11 +235,13 @@ def allocate(sizes: dict[str, tuple[int, bool]], budget: int, row_bytes: int) ->
     """Split ``budget`` bytes over items ``{name: (columns, divisible)}`` of ``row_bytes`` per column.
 
     Water-filling from the smallest item: each takes all its columns when they fit its fair share of
-    what is left; a divisible item takes as many columns as fit, an indivisible one none.
-    Returns the columns kept per item.
+    what is left; a divisible item takes as many columns as fit, an indivisible one none. What an
+    indivisible item left unused then goes, smallest first, to dropped indivisible items that fit
+    whole, and to cut divisible ones. Returns the columns kept per item.
     """
     kept: dict[str, int] = {}
     remaining = budget
+    row_bytes = max(row_bytes, 1)
     order = sorted(sizes, key=lambda name: sizes[name][0])
     for i, name in enumerate(order):
         columns, divisible = sizes[name]
@@ -247,10 +249,21 @@ def allocate(sizes: dict[str, tuple[int, bool]], budget: int, row_bytes: int) ->
         if columns * row_bytes <= share:
             kept[name] = columns
         elif divisible:
-            kept[name] = min(columns, share // max(row_bytes, 1))
+            kept[name] = min(columns, share // row_bytes)
         else:
             kept[name] = 0
         remaining -= kept[name] * row_bytes
+    for name in order:  # the second pass: leftovers, whole items first
+        columns, divisible = sizes[name]
+        if not divisible and not kept[name] and columns * row_bytes <= remaining:
+            kept[name] = columns
+            remaining -= columns * row_bytes
+    for name in order:
+        columns, divisible = sizes[name]
+        if divisible and kept[name] < columns:
+            extra = min(columns - kept[name], remaining // row_bytes)
+            kept[name] += extra
+            remaining -= extra * row_bytes
     return kept
 
 

@@ -136,12 +136,20 @@ def test_from_arg_errors_name_the_bad_value(probe, kwargs, message):
 
 
 def test_allocate_water_fills_from_the_smallest_item():
-    # 100 bytes per column: budget 1000 → a (2 cols) fits, b (30, divisible) gets what is left of its
-    # share, c (50, indivisible) gets nothing
+    # 100 bytes per column, 10 columns of budget: a (2) fits its share; b (30, divisible) takes its share
+    # of 4, c (50, indivisible) none; the 4 columns c left go to b
     kept = probes.allocate({"a": (2, False), "b": (30, True), "c": (50, False)}, 1000, 100)
-    assert kept == {"a": 2, "b": 4, "c": 0}
+    assert kept == {"a": 2, "b": 8, "c": 0}
+    # x (7, whole) is over its share (6) at its turn, and y (50, whole) does not fit: x takes y's leftover
+    sizes = {"z1": (1, True), "z2": (1, True), "x": (7, False), "y": (50, False)}
+    assert probes.allocate(sizes, 14, 1) == {"z1": 1, "z2": 1, "x": 7, "y": 0}
     assert probes.allocate({"a": (3, True), "b": (3, True)}, 10**6, 4) == {"a": 3, "b": 3}
     assert probes.allocate({"a": (3, True)}, 0, 4) == {"a": 0}
+    for sizes in ({"a": (7, True), "b": (9, False), "c": (100, True)}, {"a": (1, False), "b": (40, True)}):
+        for budget in (0, 5, 17, 50, 1000):
+            kept = probes.allocate(sizes, budget, 1)
+            assert sum(kept.values()) <= budget
+            assert all(k in (0, sizes[n][0]) for n, k in kept.items() if not sizes[n][1])
     np.testing.assert_array_equal(probes.kept_neurons(10, 3), [0, 3, 6])
     np.testing.assert_array_equal(probes.kept_neurons(5, 5), np.arange(5))
 
