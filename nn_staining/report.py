@@ -75,7 +75,7 @@ def build_report(
     sections: list[Section] = [Section("summary", "Run summary", _summary_html(trace))]
     if not trace.metrics.empty:
         sections.append(
-            Section("training", "Training curves", _figure_html(_training_figure(trace), "training"))
+            Section("training", "Training curves", _figure_html(_training_figure(trace), "training-curves"))
         )
     history: dict[str, Any] = {}
     if trace.num_classes:

@@ -286,3 +286,9 @@ def test_representation_section_shows_cka_and_probe_accuracy(tmp_path) -> None:
     probe = representations.linear_probe(trace)["accuracy"]
     for layer in layers:
         np.testing.assert_allclose(np.asarray(accuracy[layer]["y"], float), probe.xs(layer, level="layer"))
+
+
+def test_element_ids_are_unique(report) -> None:
+    """Plotly draws into document.getElementById(id): a section sharing a figure's id would receive the plot."""
+    ids = re.findall(r'\bid="([^"]+)"', report.read_text())
+    assert len(ids) == len(set(ids)), sorted(i for i in set(ids) if ids.count(i) > 1)
