@@ -4,6 +4,7 @@ and that a query reads only the row groups it needs."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -1083,3 +1084,41 @@ def test_sql_without_duckdb_says_how_to_install_it(hand: Path, monkeypatch: pyte
         load_trace(hand).sql("SELECT 1")
     assert str(info.value) == "Trace.sql needs DuckDB: pip install duckdb"
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_hand_an_epoch_without_a_table_is_skipped_not_the_end(tmp_path: Path) -> None:
+    """Epoch 0 recorded no labels (no classes part): epoch 1's classes are still read."""
+    root = tmp_path / "t"
+    write_hand_store(root)
+    log = root / "epochs.jsonl"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    del lines[0]["rows"]["classes"]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    shutil.rmtree(root / "classes" / "epoch=0")
+    frame = load_trace(root).classes()
+    assert frame.index.tolist() == [(1, "L_c", n, c) for n in (0, 1) for c in (0, 1)]
+
+
+def test_hand_a_short_part_is_refused_though_the_layout_agrees(tmp_path: Path) -> None:
+    """The part must hold the rows its epoch committed: a cut part is an error, never fewer rows."""
+    root = tmp_path / "t"
+    write_hand_store(root)
+    path = root / "neurons" / "epoch=0" / "part-0.parquet"
+    pq.write_table(pq.read_table(path).slice(0, 7), path)
+    with pytest.raises(TraceCorruptError) as info:
+        load_trace(root).query("E_0/L_a/n_0")
+    assert str(info.value) == (
+        f"epoch 0: {str(path)!r} holds 7 rows where the trace's metadata says 8; "
+        "the part or meta.json/epochs.jsonl is damaged"
+    )
+
+
+def test_hand_batches_take_any_neuron_and_phase_must_be_known(hand: Path) -> None:
+    """Per-batch rows are filtered, not laid out: a neuron no layer has is an empty frame, not an error."""
+    t = load_trace(hand)
+    assert t.batches("E_0/L_c/n_5").empty
+    with pytest.raises(KeyError):
+        t.query("E_0/L_c/n_5")
+    with pytest.raises(ValueError) as info:
+        load_trace(hand, phase="test")
+    assert str(info.value) == "phase 'test' is not one of train, eval"
