@@ -30,7 +30,7 @@ from .layers import select_layers, snapshot_weights
 from .records import EpochRecord, PhaseRecord
 from .rows import assign_offsets
 from .schedule import EpochIntervals, EpochSchedule, epoch_rule, jsonable_intervals
-from .stats import ChunkPool, LabelFaults, PhaseStats
+from .stats import ChunkPool, LabelFaults, PhaseStats, checked_on_the_host
 from .store import ROW_GROUP_ROWS, TraceWriter
 from .tap import HookTap
 from .writer import MAX_PENDING_WRITES, EpochWriter, NoWriter
@@ -470,6 +470,14 @@ def normalise_targets(targets: Tensor, faults: LabelFaults | None = None) -> Ten
         bad = (faults or LabelFaults()).check(targets, rows=rows, defer=faults is not None)
         if not rows:  # beyond int64: out of range, or ignored when negative, as integers would be
             targets = targets.clamp(-1, 2**31)
+    if rows and not targets.is_floating_point() and checked_on_the_host(targets):
+        one_hot = bool(((targets == 0) | (targets == 1)).all() and (targets.sum(1) == 1).all())
+        if not one_hot:
+            raise ValueError(
+                f"set_targets got integer labels of shape {tuple(targets.shape)} that are not one-hot rows "
+                f"(e.g. row 0: {targets[0, :8].tolist()}): per-position labels or token ids are not one label "
+                "per sample; give (batch,) class labels (or one-hot rows), and a mask for padded positions"
+            )
     if rows:
         targets = targets.argmax(1)
     targets = targets if targets.dtype == torch.int64 else targets.to(torch.int64)

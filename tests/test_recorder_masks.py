@@ -146,3 +146,18 @@ def test_a_mask_that_does_not_fit_the_labels_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"mask of shape \(3,\) does not match the batch of 4 labels"):
             trace.set_targets(torch.zeros(4, dtype=torch.long), mask=torch.ones(3))
         trace.end_epoch()
+
+
+def test_integer_label_rows_that_are_not_one_hot_are_refused(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 2))
+    ids = torch.randint(0, 30, (16, 32))  # token ids, or per-token classes: not one label per sample
+    with NetworkTrace(model, tmp_path / "t", num_classes=2) as trace:
+        trace.start_epoch(0)
+        with pytest.raises(ValueError, match=r"integer labels of shape \(16, 32\) that are not one-hot rows"):
+            trace.set_targets(ids)
+        trace.set_targets(nn.functional.one_hot(torch.tensor([0, 1, 1]), 2))  # one-hot rows stay accepted
+        model(torch.randn(3, 4))
+        trace.end_epoch()
+    assert load_trace(tmp_path / "t").classes("E_0/L_0")["act_count"].groupby(
+        level="class"
+    ).first().tolist() == [1, 2]
