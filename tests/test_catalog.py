@@ -493,3 +493,66 @@ def test_an_unserialisable_payload_raises_its_own_error_and_writes_nothing(tmp_p
     with pytest.raises(TypeError, match="not JSON serializable"):
         writer(tmp_path / "meta.json", {"a": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the layer graph (inputs_from, input_ops, elementwise), when a layer records it ----------------------
+def with_graph(**entry) -> dict:
+    """META whose L_1 (the ReLU) records where its input comes from."""
+    return meta_with(lambda m: m["layers"][1].update(entry))
+
+
+def test_a_recorded_layer_graph_passes() -> None:
+    validate_meta(with_graph(inputs_from=["L_0"], input_ops=[["relu"]], elementwise=True), PATH)
+    validate_meta(with_graph(inputs_from=[], input_ops=[], elementwise=False), PATH)
+    # a source may be a later layer: the graph is checked against every key of the trace
+    validate_meta(
+        with_graph(inputs_from=["L_2", "L_0"], input_ops=[[], ["add", "mul"]], elementwise=False), PATH
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"inputs_from": "L_0"}, "layers[1].inputs_from 'L_0' is not a list of the trace's layer keys"),
+        ({"inputs_from": ["L_9"]}, "layers[1].inputs_from ['L_9'] is not a list of the trace's layer keys"),
+        (
+            {"inputs_from": ["L_0", 0]},
+            "layers[1].inputs_from ['L_0', 0] is not a list of the trace's layer keys",
+        ),
+        ({"inputs_from": ["L_0"]}, "layers[1].input_ops None is not one list of operation names per source"),
+        (
+            {"inputs_from": ["L_0"], "input_ops": [["relu"], []]},
+            "layers[1].input_ops [['relu'], []] is not one list of operation names per source",
+        ),
+        (
+            {"inputs_from": ["L_0"], "input_ops": ["relu"]},
+            "layers[1].input_ops ['relu'] is not one list of operation names per source",
+        ),
+        (
+            {"inputs_from": ["L_0"], "input_ops": [["relu", 3]]},
+            "layers[1].input_ops [['relu', 3]] is not one list of operation names per source",
+        ),
+        (
+            {"inputs_from": ["L_0"], "input_ops": {}},
+            "layers[1].input_ops {} is not one list of operation names per source",
+        ),
+        ({"inputs_from": ["L_0"], "input_ops": [[]]}, "layers[1].elementwise None is not true or false"),
+        (
+            {"inputs_from": ["L_0"], "input_ops": [[]], "elementwise": 1},
+            "layers[1].elementwise 1 is not true or false",
+        ),
+    ],
+)
+def test_each_damaged_graph_field_has_its_own_message(entry: dict, expected: str) -> None:
+    assert message(with_graph(**entry)) == damaged(expected)
+
+
+def test_a_long_damaged_graph_field_is_quoted_up_to_200_characters() -> None:
+    sources = [f"L_missing_{i}" for i in range(40)]
+    assert message(with_graph(inputs_from=sources)) == damaged(
+        f"layers[1].inputs_from {repr(sources)[:200]} is not a list of the trace's layer keys"
+    )
+    ops = [["op"] * 50]
+    assert message(with_graph(inputs_from=["L_0", "L_2"], input_ops=ops)) == damaged(
+        f"layers[1].input_ops {repr(ops)[:200]} is not one list of operation names per source"
+    )

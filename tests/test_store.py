@@ -587,8 +587,13 @@ def test_writer_resume_keeps_everything_and_overwrite_clears_the_trace(tmp_path:
     before = sorted(p.name for p in root.iterdir())
     TraceWriter(root, resume=True)
     assert sorted(p.name for p in root.iterdir()) == before
+    (root / "interventions" / "epoch=0").mkdir(parents=True)  # effects measured on the replaced run
     TraceWriter(root, overwrite=True)
     assert sorted(p.name for p in root.iterdir()) == ["figures", "notes.txt"]
+    (root / "meta.json").write_text(json.dumps(HAND_META))
+    (root / "interventions").write_text("a file of the user's, not the folder of effects")
+    TraceWriter(root, overwrite=True)
+    assert sorted(p.name for p in root.iterdir()) == ["figures", "interventions", "notes.txt"]
 
 
 def test_drop_epochs_forgets_every_epoch_from_the_first_dropped(tmp_path: Path) -> None:
