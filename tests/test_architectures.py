@@ -513,3 +513,69 @@ def test_a_module_named_like_a_call_is_refused(tmp_path):
         "rename one or leave one out with layers="
     )
     NetworkTrace(model, tmp_path / "t2", layers=["act:2"]).close()  # alone it is a module like any other
+
+
+def test_graph_without_autograd_uses_identity_and_version_counters(tmp_path):
+    """Under no_grad the edges come from tensor identity: the in-place ReLU's first call reads bn1's
+    output; its second call reads bn2's output changed in place by the residual sum: no edge."""
+    torch.manual_seed(11)
+    model = TinyResNet()
+    x, y = torch.randn(12, 1, 6, 6), torch.arange(12) % CLASSES
+    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES) as trace, torch.no_grad():
+        trace.start_epoch(0)
+        for _ in range(3):
+            trace.set_targets(y)
+            model(x)
+        trace.end_epoch()
+    t = load_trace(tmp_path / "t")
+    graph = {k: t.layer_info(k)["inputs_from"] for k in t.layers}
+    assert graph == {
+        "L_stem": [],
+        "L_layer1.0.conv1": ["L_stem"],
+        "L_layer1.0.bn1": ["L_layer1.0.conv1"],
+        "L_layer1.0.relu": ["L_layer1.0.bn1"],
+        "L_layer1.0.relu:2": [],
+        "L_layer1.0.conv2": ["L_layer1.0.relu"],
+        "L_layer1.0.bn2": ["L_layer1.0.conv2"],
+        "L_pool": ["L_layer1.0.relu:2"],
+        "L_fc": [],  # it reads pool(...).flatten(1): a reshape, no edge
+    }
+    elementwise = [k for k in t.layers if t.layer_info(k)["elementwise"]]
+    assert elementwise == ["L_layer1.0.relu", "L_layer1.0.relu:2"]
+
+
+class LateBranch(nn.Module):
+    """``extra`` runs only once ``late`` is set, after the graph's first passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.extra, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, CLASSES)
+        self.late = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        if self.late:
+            h = torch.tanh(self.extra(h))
+        return self.out(h)
+
+
+def test_a_layer_that_first_runs_later_is_learnt_in_the_next_pass(tmp_path):
+    torch.manual_seed(12)
+    model = LateBranch()
+    x, y = class_data(20, 4, seed=13)
+    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES) as trace:
+        for epoch in range(2):
+            trace.start_epoch(epoch)
+            for _ in range(4):
+                trace.set_targets(y)
+                model(x)
+            model.late = True  # its first pass learns nothing of it (no graph pass left); the next one does
+            trace.end_epoch()
+    t = load_trace(tmp_path / "t")
+    assert t.layers == ["L_fc", "L_extra", "L_out"]
+    assert t.layer_info("L_extra")["inputs_from"] == ["L_fc"]
+    assert t.layer_info("L_extra")["input_ops"] == [["relu"]]
+    # out read relu(fc) in the first passes and tanh(extra) later: the graph is the union of what it saw
+    assert t.layer_info("L_out")["inputs_from"] == ["L_fc", "L_extra"]
+    assert t.layer_info("L_out")["input_ops"] == [["relu"], ["tanh"]]
+    assert st.linear_chain(t, "L_extra") == ["L_fc", "L_extra"]
