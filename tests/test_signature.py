@@ -535,9 +535,10 @@ def test_call_keys() -> None:
     for layer, message in [
         ("x", "layer part 'x' does not start with 'L_'"),
         ("L_", "layer part 'L_' has an empty name"),
+        (3, "layer 3 is not a str"),
     ]:
         with pytest.raises(ValueError) as info:
-            call_key(layer, 2)
+            call_key(layer, 2)  # type: ignore[arg-type]
         assert str(info.value) == message
 
 
