@@ -217,7 +217,8 @@ def info_command(args: argparse.Namespace) -> int:
     ]
     print(pd.DataFrame(rows).to_string(index=False))
     print(f"neurons in all: {meta['num_neurons']}")
-    for phase, epochs in meta["epochs"].items():
+    for phase in ("train", "eval"):
+        epochs = trace.epochs if phase == trace.phase else load_trace(trace.path, phase=phase).epochs
         if epochs:
             print(f"recorded epochs ({phase}): {_ranges(epochs)}  ({len(epochs)})")
     if meta.get("num_classes"):
