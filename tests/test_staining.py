@@ -4,7 +4,9 @@ hand-built networks with planted class structure, and hand-made sick units."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -716,20 +718,39 @@ def numpy_dead(rows: np.ndarray, judged: bool) -> np.ndarray:
     return judged & never & np.isfinite(rows).all(0)
 
 
+#: The rule of traces recorded before the layer graph existed: by model order, so the BatchNorm c_norm,
+#: followed by the Linear d, counts as feeding a ReLU (as SimpleNN's pre-activations do).
+JUDGED_BY_ORDER = {**JUDGED, "L_c_norm": True}
+
+
+def without_graph(trace, destination):
+    """A copy of ``trace`` whose meta.json has no layer graph, as recorded before it existed."""
+    shutil.copytree(trace.path, destination)
+    meta = json.loads((destination / "meta.json").read_text())
+    for info in meta["layers"]:
+        for field in ("inputs_from", "input_ops", "elementwise"):
+            info.pop(field, None)
+    (destination / "meta.json").write_text(json.dumps(meta))
+    return load_trace(destination)
+
+
 def test_dead_depends_on_the_layer_that_follows(tmp_path):
     torch.manual_seed(6)
     model = NextLayerDecides()
     x, y = class_data(200, 2, 4, seed=10)
     trace, rows = captured(model, tmp_path, x, y, 2)
     assert trace.layers == list(JUDGED)
-    frame = st.selectivity(trace, epoch=0)
-    health = st.unit_health(trace, epoch=0)
-    for layer, judged in JUDGED.items():
-        expected = numpy_dead(rows[layer], judged)
-        assert expected[0] == judged, layer  # neuron 0 never fires, except in gate (judged False anyway)
-        np.testing.assert_array_equal(frame.loc[(0, layer), "dead"], expected, err_msg=layer)
-        np.testing.assert_array_equal(health.neurons.loc[(0, layer), "dead"], expected, err_msg=layer)
-        assert not frame.loc[(0, layer), "stain"][expected].ge(0).any(), layer  # dead is unstained
+    old = without_graph(trace, tmp_path / "old")
+    assert st.has_layer_graph(trace) and not st.has_layer_graph(old)
+    for t, judged_by_layer in ((trace, JUDGED), (old, JUDGED_BY_ORDER)):
+        frame = st.selectivity(t, epoch=0)
+        health = st.unit_health(t, epoch=0)
+        for layer, judged in judged_by_layer.items():
+            expected = numpy_dead(rows[layer], judged)
+            assert expected[0] == judged, layer  # neuron 0 never fires (but in gate, judged False anyway)
+            np.testing.assert_array_equal(frame.loc[(0, layer), "dead"], expected, err_msg=layer)
+            np.testing.assert_array_equal(health.neurons.loc[(0, layer), "dead"], expected, err_msg=layer)
+            assert not frame.loc[(0, layer), "stain"][expected].ge(0).any(), layer  # dead is unstained
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
