@@ -1076,6 +1076,18 @@ def test_sql_and_dataset_of_a_store_under_a_hive_like_folder(tmp_path: Path, par
     assert t.sql("SELECT typeof(epoch) AS t FROM neurons LIMIT 1")["t"].tolist() == ["INTEGER"]
     epochs = t.dataset().to_table(columns=["epoch"]).column("epoch").to_pylist()
     assert sorted(set(epochs)) == [0, 1, 5]
+    assert "PYTHON_ARROW_SCAN" in sql_plan(t), "scanned through the Arrow dataset"
+
+
+def sql_plan(t) -> str:
+    """DuckDB's plan of a scan of the neurons view."""
+    return "\n".join(t.sql("EXPLAIN SELECT act_mean FROM neurons")["explain_value"].astype(str))
+
+
+def test_sql_reads_the_parts_with_duckdbs_parquet_reader(hand: Path) -> None:
+    """A store in ordinary folders is read by DuckDB's own Parquet reader (file pruning, speed)."""
+    plan = sql_plan(load_trace(hand))
+    assert "READ_PARQUET" in plan and "ARROW" not in plan
 
 
 def test_sql_without_duckdb_says_how_to_install_it(hand: Path, monkeypatch: pytest.MonkeyPatch) -> None:
