@@ -616,6 +616,7 @@ def test_drop_epochs_forgets_every_epoch_from_the_first_dropped(tmp_path: Path) 
     ]:
         (root / folder / f"epoch={epoch}").mkdir()
     (root / "neurons" / "other=5").mkdir()
+    (root / "classes" / "epoch=7").write_text("a stray file named like an epoch folder: skipped, no error")
     shutil.rmtree(root / "batches")  # a table never recorded: the folders after it are still cleared
     TraceWriter(root, resume=True).drop_epochs(2)
     kept = [json.loads(line) for line in (root / "epochs.jsonl").read_text().splitlines()]
@@ -632,6 +633,7 @@ def test_drop_epochs_forgets_every_epoch_from_the_first_dropped(tmp_path: Path) 
     assert folders == [
         "checkpoints/epoch=0",
         "classes/epoch=0",
+        "classes/epoch=7",
         "figures/epoch=0",
         "inputs/epoch=0",
         "neurons/epoch=0",
