@@ -886,6 +886,15 @@ def test_a_unit_exactly_at_the_saturation_level_is_saturated(sick):
         ]
 
 
+def test_unit_health_layers_follow_the_trace_order(trained):
+    """SimpleNN's layers are not in alphabetical order (L_input, L_hidden_1, L_output): neither are the rows."""
+    health = st.unit_health(trained)
+    assert health.layers.index.tolist() == [(e, k) for e in trained.epochs for k in trained.layers]
+    for (epoch, layer), row in health.layers.iterrows():
+        flags = health.neurons.xs((epoch, layer), level=["epoch", "layer"])
+        assert row.tolist() == flags.mean().tolist()
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_sick_units_are_unstained(sick):
     trace, _ = sick
