@@ -660,15 +660,16 @@ def test_hand_trace_metrics(hand: Path) -> None:
 
 
 def test_a_trace_without_metrics_names_or_classes(tmp_path: Path) -> None:
-    from torch import nn
-
-    from nn_staining import NetworkTrace
-
-    NetworkTrace(nn.Sequential(nn.Linear(2, 2)), tmp_path / "t").close()
-    t = load_trace(tmp_path / "t")
+    """A meta.json with no classes, names or config and no epoch or metrics log yet."""
+    (tmp_path / "meta.json").write_text(
+        json.dumps(
+            {"format": "nn_staining.trace", "format_version": 2, "run_id": "r", "layers": [], "layouts": []}
+        )
+    )
+    t = load_trace(tmp_path)
     assert t.metrics.empty and t.metrics.index.name == "epoch"
     assert t.run_metrics == {} and t.class_names == [] and t.feature_names is None and t.num_classes is None
-    assert repr(t).endswith("epochs=[], layers=[])")
+    assert repr(t) == f"Trace({str(tmp_path)!r}, phase='train', epochs=[], layers=[])"
 
 
 @pytest.mark.parametrize(
