@@ -53,7 +53,7 @@ notebook: $(STAMP)  ## run analysis.ipynb headless; the executed copy goes to $(
 	@echo "executed notebook: $(RUN)/analysis.ipynb and $(RUN)/analysis.html"
 
 lab: $(STAMP)  ## open analysis.ipynb in JupyterLab with the venv's nn_staining kernel
-	$(BIN)/jupyter lab analysis.ipynb
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) analysis.ipynb
 
 report: $(STAMP)  ## write $(RUN)/report.html, the interactive report (main.py writes it too)
 	$(BIN)/python -m nn_staining report $(RUN)
