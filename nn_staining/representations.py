@@ -122,8 +122,9 @@ def cka(
     layers: Sequence[str] | None = None,
     epochs: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """Linear CKA between every pair of layers at ``epoch`` (index ``(epoch, layer_a, layer_b)``), or
-    between every pair of epochs of ``layer`` (index ``(layer, epoch_a, epoch_b)``); column ``cka``.
+    """Linear CKA between every pair of layers at ``epoch`` (index ``(epoch, layer_a, layer_b)``, layers as
+    categoricals in model order, which ``unstack`` keeps), or between every pair of epochs of ``layer``
+    (index ``(layer, epoch_a, epoch_b)``); column ``cka``.
 
     CKA near 1: the two representations are the same up to rotation and scale.
     """
@@ -133,7 +134,8 @@ def cka(
         epoch = resolve_epoch(trace, epoch)
         names = _layers(trace, layers, epoch)
         matrix = _cka_matrix([_gram(trace, epoch, k) for k in names])
-        index = pd.MultiIndex.from_product([[epoch], names, names], names=["epoch", "layer_a", "layer_b"])
+        ordered = pd.CategoricalIndex(names, categories=names, ordered=True)  # unstack keeps model order
+        index = pd.MultiIndex.from_product([[epoch], ordered, ordered], names=["epoch", "layer_a", "layer_b"])
     else:
         key = trace.layer_info(layer)["key"]
         chosen = _epochs(trace, epochs)

@@ -5,7 +5,6 @@ activations, scikit-learn, brute force) on a planted network whose answers are k
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -99,6 +98,8 @@ def test_cka_matches_numpy_on_stored_activations(planted):
     frame = rep.cka(t, epoch=2)
     layers = ["L_inp", "L_rot", "L_noise", "L_out"]
     assert list(frame.index.get_level_values("layer_a").unique()) == layers
+    unstacked = frame["cka"].unstack("layer_b")  # model order survives unstack (ordered categoricals)
+    assert list(unstacked.index.get_level_values("layer_a")) == layers and list(unstacked.columns) == layers
     matrix = frame["cka"].unstack("layer_b").droplevel("epoch").loc[layers, layers].to_numpy()
     expected = np.array([[numpy_cka(acts(t, 2, a), acts(t, 2, b)) for b in layers] for a in layers])
     np.testing.assert_allclose(matrix, expected, rtol=1e-9, atol=1e-12)
@@ -324,14 +325,17 @@ def test_trace_without_probe_says_how_to_record_one(mlp_run):
 
 
 def test_results_are_tidy_frames(planted):
-    for frame in (
-        rep.cka(planted, epoch=0),
-        rep.pca_spectrum(planted, epochs=[0]),
-        rep.linear_probe(planted, epochs=[0]),
-        rep.split_units(planted, epochs=[0]),
-    ):
-        assert isinstance(frame, pd.DataFrame) and frame.index.is_unique
-    assert isinstance(Path(planted.path), Path)
+    expected = {
+        "cka": (rep.cka(planted, epoch=0), ["epoch", "layer_a", "layer_b"], 16),
+        "pca": (rep.pca_spectrum(planted, epochs=[0]), ["epoch", "layer", "component"], None),
+        "probe": (rep.linear_probe(planted, epochs=[0]), ["epoch", "layer"], 4),
+        "split": (rep.split_units(planted, epochs=[0]), ["epoch", "layer"], 4),
+        "rank": (rep.effective_rank(planted), ["epoch", "layer"], 12),
+    }
+    for name, (frame, index, rows) in expected.items():
+        assert isinstance(frame, pd.DataFrame) and frame.index.is_unique, name
+        assert list(frame.index.names) == index, name
+        assert rows is None or len(frame) == rows, name
 
 
 # -- figures ------------------------------------------------------------------------------------------
