@@ -158,7 +158,11 @@ class NetworkTrace:
                 f"not {self.num_classes}"
             )
         self.num_classes = self.num_classes or stored_classes
-        missing = [info["key"] for info in stored["layers"] if info["key"] not in self._tap.modules]
+        missing = [
+            info["key"]
+            for info in stored["layers"]
+            if info.get("first_call", info["key"]) not in self._tap.modules
+        ]
         if missing:
             raise ValueError(
                 f"resume=True: the stored trace {self.store!r} has layers this model does not record: "

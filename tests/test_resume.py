@@ -10,6 +10,7 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -122,3 +123,31 @@ def test_overwrite_clears_what_belonged_to_the_replaced_run(tmp_path: Path) -> N
     NetworkTrace(model, tmp_path / "t", overwrite=True).close()
     left = sorted(p.name for p in (tmp_path / "t").iterdir())
     assert left == ["meta.json"]
+
+
+class TwiceReLU(nn.Module):
+    """One ReLU module called twice per pass: layers L_act and L_act:2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(3, 4), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.act(self.fc(x)) - 0.1)
+
+
+def test_resume_continues_a_trace_with_per_call_layers(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = TwiceReLU(), torch.randn(6, 3)
+    with NetworkTrace(model, tmp_path / "t") as trace:
+        for epoch in range(2):
+            with trace.epoch(epoch):
+                model(x)
+    with NetworkTrace(model, tmp_path / "t", resume=True) as trace, trace.epoch(2):
+        model(x)
+    t = load_trace(tmp_path / "t")
+    assert t.epochs == [0, 1, 2]
+    assert t.layers == ["L_fc", "L_act", "L_act:2"]
+    with torch.no_grad():
+        second = torch.relu(torch.relu(model.fc(x)) - 0.1).numpy().mean(0)
+    np.testing.assert_allclose(t.query("E_2/L_act:2")["act_mean"], second, rtol=1e-5, atol=1e-6)
