@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -502,6 +503,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether the model is wrapped by FSDP (its parameters hold each rank's shard only)."""
+    if "torch.distributed.fsdp" not in sys.modules:  # nothing was sharded, and importing it costs seconds
+        return False
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     except ImportError:  # a torch built without distributed
