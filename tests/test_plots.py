@@ -392,6 +392,11 @@ def test_colour_scales_are_sequential_for_non_negative_data_and_show_clipping():
     signed = plots.colour_scale(np.array([-3.0, 1.0, 2.0]), percentile=100)
     assert not signed.sequential and (signed.vmin, signed.vmax) == (-3.0, 3.0) and not signed.clipped
     assert signed.extend == "neither" and signed.cmap == "RdBu_r"
+    empty = plots.colour_scale(np.array([np.nan, np.inf]))  # nothing finite: a unit scale, not a crash
+    assert (empty.vmin, empty.vmax, empty.sequential, empty.clipped) == (-1.0, 1.0, False, False)
+    assert plots.colour_scale(np.array([0, 1, 2], dtype=np.int64)).vmax == pytest.approx(
+        np.percentile([0, 1, 2], 99)
+    )
 
 
 def test_brain_scan_images_are_the_trace_in_stain_order(trace):
@@ -460,6 +465,9 @@ def test_layer_palette_tells_twelve_layers_apart():
     distances = np.sqrt(((palette[:, None] - palette[None]) ** 2).sum(-1))
     assert distances[np.triu_indices(12, 1)].min() > 0.12
     assert len({tuple(c) for c in plots.layer_palette(30)}) == 30
+    beyond = plots.layer_palette(22)[20:]  # past the 20 listed colours: hues spaced evenly from red
+    np.testing.assert_allclose(beyond, [mpl.colors.hsv_to_rgb((h, 0.6, 0.6)) for h in (0.0, 0.5)])
+    assert plots.layer_palette(12) == plots.layer_palette(30)[:12]
     assert plots.graph_size(13)[0] <= 16.0  # a 12-layer staining graph fits one screen at 120 dpi
 
 
