@@ -460,6 +460,11 @@ def test_line_figures_draw_the_computed_series(trace):
             np.testing.assert_allclose(line.get_ydata(), trace.metrics[column])
 
 
+def test_paths_per_class_fall_from_five_to_three_beyond_three_classes(trace):
+    assert [plots.default_top_k(c) for c in (1, 2, 3, 4, 10)] == [5, 5, 5, 3, 3]
+    assert plots.graph_layout(trace).top_k == 5
+
+
 def test_layer_palette_tells_twelve_layers_apart():
     palette = np.array(plots.layer_palette(12))
     distances = np.sqrt(((palette[:, None] - palette[None]) ** 2).sum(-1))
