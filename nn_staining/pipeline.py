@@ -190,16 +190,30 @@ def measure_interventions(
     model: nn.Module, store: Path, x: torch.Tensor, y: torch.Tensor, over_training: bool = True
 ) -> None:
     """The causal check of the stains on held-out ``(x, y)``, stored in ``<store>/interventions/``:
-    ``stain_effects`` at every epoch with a checkpoint (or the last), ``neuron_effects`` at the last."""
+    ``stain_effects`` at up to ``MAX_EFFECT_EPOCHS`` evenly spaced epochs with a checkpoint (the first
+    and the last among them; or the last epoch alone), ``neuron_effects`` at the last."""
     from . import intervene
     from .trace import load_trace
 
     t = load_trace(store)
     if not t.num_classes or not t.epochs:
         return
-    epochs = "all" if over_training and checkpoint_epochs(t) else -1
+    saved = checkpoint_epochs(t)
+    epochs = _spread(saved, MAX_EFFECT_EPOCHS) if over_training and saved else -1
     intervene.save_effects(t, intervene.stain_effects(model, t, x, y, epoch=epochs))
     intervene.save_effects(t, intervene.neuron_effects(model, t, x, y), name="neuron_effects")
+
+
+#: Each epoch of the causal check ablates every layer's stains and controls; a few epochs show the trend.
+MAX_EFFECT_EPOCHS = 8
+
+
+def _spread(epochs: list[int], most: int) -> list[int]:
+    """At most ``most`` of ``epochs``, evenly spaced, always with the first and the last."""
+    if len(epochs) <= most:
+        return list(epochs)
+    picks = sorted({round(i * (len(epochs) - 1) / (most - 1)) for i in range(most)})
+    return [epochs[i] for i in picks]
 
 
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, trace: NetworkTrace):

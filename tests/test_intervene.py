@@ -607,3 +607,12 @@ def test_pipeline_stores_checkpoints_effects_and_causal_rings(tmp_path):
         RunConfig(dataset="moons", epochs=1, hidden=6, output_dir=str(tmp_path), interventions=False)
     )
     assert checkpoint_epochs(t) == [0] and intervene.load_effects(t) is None
+
+
+def test_the_pipeline_checks_stains_at_a_few_evenly_spaced_epochs():
+    from nn_staining.pipeline import MAX_EFFECT_EPOCHS, _spread
+
+    assert MAX_EFFECT_EPOCHS == 8
+    assert _spread(list(range(30)), 8) == [0, 4, 8, 12, 17, 21, 25, 29]
+    assert _spread([3, 5], 8) == [3, 5]
+    assert _spread(list(range(0, 22, 2)), 3) == [0, 10, 20]
