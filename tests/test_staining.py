@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 import shutil
+from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
@@ -149,7 +151,9 @@ def simple_nn_activations(model: SimpleNN, x: torch.Tensor) -> dict[str, np.ndar
     return {"L_input": h0.numpy(), "L_hidden_1": h1.numpy(), "L_output": h2.numpy()}
 
 
-def assert_selectivity_matches_numpy(frame: pd.DataFrame, acts: dict, labels: np.ndarray, classes: int, **kw):
+def assert_selectivity_matches_numpy(
+    frame: pd.DataFrame, acts: dict, labels: np.ndarray | dict[str, np.ndarray], classes: int, **kw
+):
     assert frame.index.names == ["epoch", "layer", "neuron"]
     assert list(frame.columns) == ["stain", "selectivity", "stain_margin", "top_class", "dead"]
     assert [str(t) for t in frame.dtypes] == ["int64", "float64", "float64", "int64", "bool"]
@@ -158,7 +162,13 @@ def assert_selectivity_matches_numpy(frame: pd.DataFrame, acts: dict, labels: np
     ]
     for layer, a in acts.items():
         for n in range(a.shape[1]):
-            expected = numpy_selectivity(a[:, n], labels, classes, layer != "L_output", **kw)
+            observed = labels[layer] if isinstance(labels, dict) else labels
+            judged = (
+                kw.pop("judged", {}).get(layer, layer != "L_output")
+                if "judged" in kw
+                else layer != "L_output"
+            )
+            expected = numpy_selectivity(a[:, n], observed, classes, judged, **kw)
             row = frame.xs((layer, n), level=["layer", "neuron"]).iloc[0]
             assert row["selectivity"] == pytest.approx(expected["selectivity"], abs=1e-4), (layer, n)
             assert row["stain_margin"] == pytest.approx(expected["stain_margin"], abs=1e-4), (layer, n)
@@ -220,6 +230,105 @@ def test_noise_margin_uses_the_counts_of_the_top_two_classes(tmp_path):
     assert flips > 0  # the sweep tells the right standard error from the mixed-up ones
 
 
+class SeqThenHead(nn.Module):
+    """A Linear over 3 steps (each step an observation of its sample's class), then one over the step mean:
+    the first layer counts 3 observations per sample, the second one. Named so that the model order
+    (z_seq, a_head) is not the alphabetical one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.z_seq, self.a_head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a_head(self.z_seq(x).mean(1))
+
+
+def test_noise_margin_uses_each_layers_own_counts(tmp_path):
+    torch.manual_seed(11)
+    model = SeqThenHead()
+    g = torch.Generator().manual_seed(15)
+    y = torch.cat([torch.zeros(150), torch.ones(50), torch.full((25,), 2)]).long()[
+        torch.randperm(225, generator=g)
+    ]
+    x = torch.randn(225, 3, 4, generator=g)
+    x[torch.arange(225), :, y] += 0.7
+    trace = record(model, tmp_path / "run", x, y, 3)
+    with torch.no_grad():
+        seq = model.z_seq(x)
+        acts = {
+            "L_z_seq": seq.reshape(-1, 5).double().numpy(),
+            "L_a_head": model.a_head(seq.mean(1)).double().numpy(),
+        }
+    labels = {"L_z_seq": np.repeat(y.numpy(), 3), "L_a_head": y.numpy()}
+    assert trace.classes("E_0/L_z_seq/n_0")["act_count"].tolist() == [450, 150, 75]
+    flips = 0
+    for z in (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0):
+        kw = {"threshold": 0.0, "min_margin": 0.0, "margin_z": z}
+        frame = st.selectivity(trace, epoch=0, **kw)
+        assert_selectivity_matches_numpy(
+            frame, acts, labels, 3, judged={"L_z_seq": True, "L_a_head": False}, **kw
+        )
+        for layer, a in acts.items():
+            other = labels["L_a_head" if layer == "L_z_seq" else "L_z_seq"]
+            for n in range(a.shape[1]):
+                mine = numpy_selectivity(a[:, n], labels[layer], 3, False, **kw)["stain"]
+                means = np.array([a[labels[layer] == c, n].mean() for c in range(3)])
+                top, second = np.argsort(-means, kind="stable")[:2]
+                counts = np.bincount(other)
+                lead = (means[top] - means[second]) / a[:, n].std()
+                theirs = lead >= z * np.sqrt(1 / counts[top] + 1 / counts[second])
+                flips += (mine >= 0) != theirs
+    assert flips > 0  # the sweep tells each layer's counts from the other layer's
+
+
+def test_tied_class_means_stain_the_lowest_class(tmp_path):
+    """20 classes, one input feature whose value is fixed per class; classes 11 and 15 tie for the top.
+    numpy's default (unstable) argsort puts 15 first here; the stain must be 11."""
+    values = [11, 9, 19, 4, 12, 0, 16, 15, 8, 1, 7, 25, 5, 2, 3, 25, 6, 17, 18, 10]
+    model = nn.Sequential(nn.Linear(1, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    y = torch.arange(400) % 20
+    x = torch.tensor(values, dtype=torch.float32)[y][:, None]
+    trace = record(model, tmp_path / "run", x, y, 20)
+    means = trace.classes("E_0/L_0/n_0")["act_mean"].to_numpy()
+    np.testing.assert_allclose(means, values, atol=1e-5)
+    assert means[11] == means[15] == means.max()  # an exact tie
+    row = st.selectivity(trace, epoch=0, threshold=0.0, min_margin=0.0, margin_z=0.0).iloc[0]
+    assert row["top_class"] == 11 and row["stain"] == 11
+    assert row["stain_margin"] == 0.0  # the runner-up is the tied class 15
+
+
+def test_a_neuron_exactly_at_a_threshold_is_stained(frozen):
+    trace = frozen[0]
+    frame = st.selectivity(trace, epoch=0)
+    stained = frame[frame["stain"] >= 0]
+    assert len(stained) > 0
+    for cell, row in stained.iterrows():
+        at_index = st.selectivity(trace, epoch=0, threshold=row["selectivity"]).loc[cell, "stain"]
+        above_index = st.selectivity(trace, epoch=0, threshold=np.nextafter(row["selectivity"], 2)).loc[
+            cell, "stain"
+        ]
+        assert (at_index, above_index) == (row["stain"], -1), cell
+        kw = {"threshold": 0.0, "margin_z": 0.0}
+        at_margin = st.selectivity(trace, epoch=0, min_margin=row["stain_margin"], **kw).loc[cell, "stain"]
+        above = st.selectivity(trace, epoch=0, min_margin=np.nextafter(row["stain_margin"], 99), **kw)
+        assert (at_margin, above.loc[cell, "stain"]) == (row["stain"], -1), cell
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_selectivity_with_two_classes_one_never_seen(tmp_path):
+    """Class 1 has no samples: its count is 0, which must not warn (1/0) nor stain anything."""
+    torch.manual_seed(12)
+    model = SimpleNN(6, 5, 2)
+    x, _ = class_data(60, 2, 6, seed=16)
+    trace = record(model, tmp_path / "run", x, torch.zeros(60, dtype=torch.long), 2)
+    frame = st.selectivity(trace, epoch=0)
+    assert (frame["stain"] == -1).all() and (frame["top_class"] == 0).all()
+    assert frame["selectivity"].isna().all() and frame["stain_margin"].isna().all()
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_selectivity_with_a_class_never_seen(tmp_path):
     """Class 2 has no samples: its mean is NaN, it is never the top class and is left out of μ'rest."""
@@ -262,6 +371,24 @@ def test_selectivity_epoch_selection(trained):
         st.selectivity(trained, epoch=99)
     with pytest.raises(KeyError, match=r"epoch -7 out of range; recorded epochs: \[0, 1, 2, 3, 4, 5\]"):
         st.selectivity(trained, epoch=-7)
+
+
+def test_epochs_counted_from_the_end_when_the_first_is_not_zero(tmp_path):
+    torch.manual_seed(13)
+    model = SimpleNN(6, 4, 2)
+    x, y = class_data(40, 2, 6, seed=17)
+    with NetworkTrace(model, tmp_path / "run", num_classes=2) as trace:
+        for epoch in (2, 5):
+            trace.start_epoch(epoch)
+            trace.set_targets(y)
+            model(x)
+            trace.end_epoch()
+    t = load_trace(tmp_path / "run")
+    assert st.resolve_epoch(t, -1) == 5 and st.resolve_epoch(t, -2) == 2 and st.resolve_epoch(t, 2) == 2
+    with pytest.raises(KeyError, match=r"epoch 0 not in trace; recorded epochs: \[2, 5\]"):
+        st.resolve_epoch(t, 0)
+    with pytest.raises(KeyError, match=r"epoch -3 out of range; recorded epochs: \[2, 5\]"):
+        st.resolve_epoch(t, -3)
 
 
 # -- stain evolution -----------------------------------------------------------------------------
@@ -332,6 +459,9 @@ def test_stain_evolution_of_hand_built_stains(trained):
         index=pd.MultiIndex.from_product([epochs, ["L_input", "L_hidden_1"]], names=["epoch", "layer"]),
     )
     pd.testing.assert_frame_equal(evolution.layers, layers)
+    # rows handed over in another order (L_hidden_1 first): the per-layer table keeps the trace's order
+    shuffled = st.stain_evolution(trained, stains.iloc[::-1])
+    pd.testing.assert_frame_equal(shuffled.layers, layers)
 
 
 def test_stain_evolution_on_a_trained_trace(trained):
@@ -507,17 +637,36 @@ def branches(tmp_path_factory):
     return record(Branches(), tmp_path_factory.mktemp("branches") / "run", x, y, 3)
 
 
-def test_linear_chain_follows_the_layer_graph(branches):
+def test_linear_chain_follows_the_layer_graph(branches, tmp_path, caplog):
     assert branches.layers == ["L_z", "L_a", "L_b", "L_act", "L_c"]
     assert st.linear_chain(branches) == ["L_b", "L_c"]
     assert st.linear_chain(branches, "L_c") == ["L_b", "L_c"]
     assert st.linear_chain(branches, "a") == ["L_a"]
     assert st.linear_chain(branches, "L_z") == ["L_z"]
+    old = without_graph(branches, tmp_path / "old")  # the old rule: matching widths in model order
+    assert st.linear_chain(old) == ["L_b", "L_c"] and st.linear_chain(old, "L_a") == ["L_z", "L_a"]
+    with caplog.at_level(logging.INFO, logger="nn_staining.staining"):
+        st.linear_chain(branches)
+    assert caplog.messages == [
+        "pathways into L_c: the chain starts at L_b: its input is no recorded layer's output "
+        "(the model's input, or a tensor computed outside recorded modules)"
+    ]
     with pytest.raises(ValueError) as info:
         st.linear_chain(branches, "act")
     assert str(info.value) == (
         "pathways need an nn.Linear end layer with recorded inputs; 'L_act' is not one "
         "(such layers: L_z, L_a, L_b, L_c)"
+    )
+
+
+def test_linear_chain_needs_a_linear_layer(tmp_path):
+    model = nn.Sequential(OrderedDict(act=nn.Tanh()))
+    x, y = class_data(20, 2, 3, seed=18)
+    trace = record(model, tmp_path / "run", x, y, 2)
+    with pytest.raises(ValueError) as info:
+        st.linear_chain(trace)
+    assert str(info.value) == (
+        "pathways need an nn.Linear end layer with recorded inputs; 'L_act' is not one (such layers: none)"
     )
 
 
@@ -753,6 +902,48 @@ def test_dead_depends_on_the_layer_that_follows(tmp_path):
             assert not frame.loc[(0, layer), "stain"][expected].ge(0).any(), layer  # dead is unstained
 
 
+class SignKeeping(nn.Module):
+    """a reaches a ReLU through a Dropout and an Identity (both keep the sign); b feeds c through a
+    functional tanh (not sign-keeping: no ReLU that way) and, second in model order, a ReLU module.
+    Neuron 0 of every Linear is -1 on every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.drop, self.ident, self.relu = nn.Linear(4, 3), nn.Dropout(0.5), nn.Identity(), nn.ReLU()
+        self.b, self.c, self.b_relu = nn.Linear(4, 3), nn.Linear(3, 2), nn.ReLU()
+        with torch.no_grad():
+            for linear in (self.a, self.b, self.c):
+                linear.weight[0] = 0.0
+                linear.bias[0] = -1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.ident(self.drop(self.a(x))))
+        g = self.b(x)
+        return self.c(torch.tanh(g)) + self.b_relu(g)[:, :2] + h[:, :2]
+
+
+def test_dead_through_sign_keeping_modules_and_past_other_consumers(tmp_path):
+    torch.manual_seed(14)
+    x, y = class_data(100, 2, 4, seed=19)
+    trace, rows = captured(SignKeeping(), tmp_path, x, y, 2)
+    assert trace.layer_info("L_c")["input_ops"] == [["tanh"]]  # the graph the rule reads
+    judged = {
+        "L_a": True,
+        "L_drop": True,
+        "L_ident": True,
+        "L_relu": True,
+        "L_b": True,
+        "L_c": False,
+        "L_b_relu": True,
+    }
+    health = st.unit_health(trace, epoch=0).neurons
+    for layer, judged_here in judged.items():
+        expected = numpy_dead(rows[layer], judged_here)
+        assert expected[0] == judged_here, layer
+        at = health.xs((0, layer), level=["epoch", "layer"])["dead"]
+        np.testing.assert_array_equal(at, expected, err_msg=layer)
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_nan_and_inf_neurons_are_exploding_not_dead(tmp_path):
     torch.manual_seed(7)
@@ -774,6 +965,7 @@ def test_nan_and_inf_neurons_are_exploding_not_dead(tmp_path):
     assert frame["dead"].tolist() == [False, True, False, False, True, True]
     assert (frame["stain"] == -1).all()
     assert frame.loc[(0, "L_0", 0), "top_class"] == -1 and frame.loc[(0, "L_1", 0), "top_class"] == -1
+    assert frame.loc[(0, "L_0", 1), "stain_margin"] == 0.0  # a constant unit: std 0, margin 0 (not NaN)
 
 
 # -- unit health -----------------------------------------------------------------------------------
