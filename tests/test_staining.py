@@ -546,6 +546,29 @@ def test_top_paths_with_zeros_and_signs_match_brute_force(seed):
                 assert score == pytest.approx(product, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_top_paths_skip_paths_through_nan_edges(seed):
+    """NaN edges (a user's shares may hold them) end every path through them: the top paths are brute
+    force's among the paths whose product is a number, however few of those remain."""
+    rng = np.random.default_rng(200 + seed)
+    sizes = [int(v) for v in rng.integers(2, 7, size=int(rng.integers(3, 5)))]
+    shares = [
+        np.where(rng.random((b, a)) < 0.5, np.nan, rng.normal(size=(b, a)))
+        for a, b in itertools.pairwise(sizes)
+    ]
+    for k in (1, 2, 3, 50):
+        for target in range(sizes[-1]):
+            scores, paths = st.top_paths(shares, target, k)
+            finite = [(s, p) for s, p in brute_paths(shares, target) if np.isfinite(s)]
+            expected = sorted(finite, key=lambda sp: -sp[0])[:k]
+            np.testing.assert_allclose(scores, [s for s, _ in expected], atol=1e-12)
+            assert len(set(paths)) == len(paths)
+            for score, path in zip(scores, paths):
+                product = np.prod([m[path[i + 1], path[i]] for i, m in enumerate(shares)])
+                assert score == pytest.approx(product, abs=1e-12)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_edge_shares_by_hand():
     contrib = np.array([[[1.0, -3.0], [0.0, 0.0]], [[2.0, 2.0], [-1.0, 0.0]]])
     np.testing.assert_allclose(
@@ -580,6 +603,16 @@ def test_pathways_match_brute_force_on_a_recorded_network(frozen):
         np.testing.assert_allclose(got["score"], [s for s, _ in expected], rtol=1e-6)
         assert list(got["path"]) == [p for _, p in expected]
         assert (got["epoch"] == 0).all() and (got["target_class"] == c).all()
+
+
+def test_pathways_default_to_ten_and_name_the_end_layer(tmp_path):
+    torch.manual_seed(15)
+    model = SimpleNN(6, 7, 2)  # 2 output neurons, 3 classes
+    x, y = class_data(90, 3, 6, seed=20)
+    trace = record(model, tmp_path / "run", x, y, 3)
+    assert len(st.pathways(trace, 1)) == 10  # of 6 * 7 * 7 paths
+    with pytest.raises(KeyError, match=r"layer 'L_output' has no neuron 2"):
+        st.pathways(trace, 2)
 
 
 def test_pathways_at_an_epoch_of_a_trained_network(trained):
