@@ -64,10 +64,6 @@ class EpochWriter:
         """Queue ``log_metrics`` values (appended to the metrics log after the epochs already queued)."""
         self._jobs.append(self._run(self.store.append_metrics, key, values))
 
-    def submit_meta(self, meta: dict[str, Any]) -> None:
-        """Queue a ``meta.json`` rewrite (written only if it changed)."""
-        self._jobs.append(self._run(self.store.write_meta, meta))
-
     def raise_finished_errors(self) -> None:
         """Re-raise the error of a write that has already failed (without waiting for running ones)."""
         while self._jobs and self._jobs[0].done():
@@ -135,9 +131,6 @@ class NoWriter:
 
     def submit_epoch(self, record: EpochRecord) -> None:
         """Drop ``record``: rank 0 writes the merged epoch."""
-
-    def submit_meta(self, meta: dict[str, Any]) -> None:
-        """Drop ``meta``: rank 0 writes ``meta.json``."""
 
     def submit_metrics(self, key: str, values: dict[str, Any]) -> None:
         """Drop the metrics: rank 0 keeps them."""
