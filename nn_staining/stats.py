@@ -16,11 +16,12 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from . import kernels
 from .records import ActivationStats, BatchStats, ClassMeans, LayerStats, PhaseRecord
 
 #: Device memory one chunk's buffers may take before they are reduced.
@@ -118,9 +119,13 @@ class Moments:
         rows); ``dropped`` (n, 1) bool marks rows that are not observations (masked positions);
         ``scratch`` holds reusable temporaries (fresh multi-MB allocations cost page faults).
         """
-        scratch = scratch or Scratch()
         if self.shift is None:
             self.shift = torch.nan_to_num(rows.mean(0), nan=0.0, posinf=0.0, neginf=0.0)
+        ops = kernels.cpu_ops(rows)
+        if ops is not None:
+            self._fold_fused(ops, rows, labels, segments, dropped)
+            return
+        scratch = scratch or Scratch()
         centred = scratch.take(0, rows.shape, rows.device)
         scale = None
         if self.class_only:  # per-class sums alone overflow float32 only past ~1e33
@@ -134,12 +139,9 @@ class Moments:
             scale = _chunk_scale(chunk_min, chunk_max, self.shift)
             inverse = scale.reciprocal().to(torch.float32)
             torch.addcmul(-(self.shift * inverse), rows, inverse, out=centred)  # (x - shift) / scale
-        if dropped is None:
-            self.count += rows.shape[0]
-        else:
+        self._count(rows, dropped)
+        if dropped is not None:
             centred.masked_fill_(dropped, 0.0)
-            kept = (~dropped).sum(dtype=torch.float64)
-            self.kept = kept if self.kept is None else self.kept + kept
             if labels is not None:
                 labels = labels.masked_fill(dropped[:, 0], self.num_classes)
         total = self._class_sums(centred, labels, scale) if labels is not None else None
@@ -156,6 +158,46 @@ class Moments:
             self.nonfinite += (bad if dropped is None else bad & ~dropped).sum(0)
         if self.keep_batches and segments:
             self._update_batches(rows, segments)
+
+    def _fold_fused(
+        self,
+        ops: Any,
+        rows: torch.Tensor,
+        labels: torch.Tensor | None,
+        segments: list[Segment] | None,
+        dropped: torch.Tensor | None,
+    ) -> None:
+        """:meth:`update` by the C++ kernel (``nn_staining/kernels``): one pass over ``rows``."""
+        self._count(rows, dropped)
+        if self.class_only and labels is None:
+            return
+        ops.fold_chunk(
+            rows.contiguous(),
+            self.shift.contiguous(),
+            None if labels is None else labels.contiguous(),
+            None if dropped is None else dropped.reshape(-1).contiguous(),
+            self.num_classes,
+            self.class_only,
+            self.sum,
+            self.sum_sq,
+            self.minimum,
+            self.maximum,
+            self.active,
+            self.nonfinite,
+            self.class_count,
+            self.class_sum,
+        )
+        if self.keep_batches and segments and not self.class_only:
+            unique, starts, lengths, offsets = _batch_groups(segments)
+            self.batches.append((unique, ops.batch_stats(rows.contiguous(), starts, lengths, offsets)))
+
+    def _count(self, rows: torch.Tensor, dropped: torch.Tensor | None) -> None:
+        """Add the chunk's observations: its rows, or (counted on the device) those not ``dropped``."""
+        if dropped is None:
+            self.count += rows.shape[0]
+        else:
+            kept = (~dropped).sum(dtype=torch.float64)
+            self.kept = kept if self.kept is None else self.kept + kept
 
     def _class_sums(
         self, centred: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None
@@ -257,6 +299,25 @@ def _chunk_scale(low: torch.Tensor, high: torch.Tensor, shift: torch.Tensor) -> 
     exponent = torch.ceil(torch.log2(reach)) - 30
     exponent = torch.where(torch.isfinite(exponent), exponent, 0.0).clamp_min(0.0)
     return torch.exp2(exponent)
+
+
+def _batch_groups(segments: list[Segment]) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk's batches in order, and for the kernel each batch's row runs: (batch ids, run starts,
+    run lengths, offsets), batch ``g`` owning the runs ``offsets[g]:offsets[g + 1]``."""
+    runs: dict[int, list[tuple[int, int]]] = {}
+    start = 0
+    for segment in segments:
+        runs.setdefault(segment.batch, []).append((start, segment.rows))
+        start += segment.rows
+    unique = sorted(runs)
+    ordered = [run for batch in unique for run in runs[batch]]
+    offsets = np.cumsum([0] + [len(runs[batch]) for batch in unique])
+    return (
+        unique,
+        torch.tensor([s for s, _ in ordered], dtype=torch.int64),
+        torch.tensor([n for _, n in ordered], dtype=torch.int64),
+        torch.from_numpy(offsets.astype(np.int64)),
+    )
 
 
 def _merge_batch_runs(ids: np.ndarray, stacked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,317 @@
+// Fused chunk reductions for nn_staining's Moments (nn_staining/stats.py), CPU float32 rows.
+//
+// fold_chunk reads every buffered value once: per neuron the sums of (x - shift) per class (the
+// total is their sum), of its squares, the min and max (NaN propagating, as amin/amax do), the
+// active (> 0) and non-finite counts. Columns are cut into tiles spread over torch's intra-op
+// threads; each tile keeps float32 partial sums that are folded into float64 every FOLD rows.
+// A tile whose chunk strays more than 2^30 from the shift is summed again divided by a power of
+// two (the same scale as stats._chunk_scale), so its float32 squares cannot overflow.
+//
+// batch_stats gives the per-batch (count, mean, std, min, max) rows, in float64, two passes per
+// batch over rows that are still in cache.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TILE = 128;  // columns per tile (512 bytes of each row)
+constexpr int FOLD = 64;       // rows summed in float32 before a fold into float64
+
+struct Outputs {
+  double* sum;
+  double* sum_sq;
+  float* minimum;
+  float* maximum;
+  double* active;
+  double* nonfinite;
+  double* class_count;  // may be null (no classes)
+  double* class_sum;    // (classes, f), may be null
+};
+
+inline float nan_min(float m, float v) { return (v < m || v != v) ? v : m; }
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
+
+// The float64 power of two that brings the chunk's x - shift within 2^30 (1 for ordinary values,
+// NaN, infinities or no observation); stats._chunk_scale, per neuron.
+inline double chunk_scale(float low, float high, float shift) {
+  double s = shift;
+  double reach = std::max(static_cast<double>(high) - s, s - static_cast<double>(low));
+  double exponent = std::ceil(std::log2(reach)) - 30.0;
+  if (!std::isfinite(exponent) || exponent < 0.0) return 1.0;
+  return std::exp2(exponent);
+}
+
+// One tile's sums: slots (classes + 1) × width of per-class sums (the last slot: rows without a
+// class), square sums; float32 partials folded into float64 every FOLD rows of a slot.
+struct TileSums {
+  int64_t width, slots;
+  std::vector<float> part, part_sq;
+  std::vector<double> sums, sq;
+  std::vector<int> pending;
+  std::vector<int64_t> counts;
+  int pending_sq = 0;
+
+  TileSums(int64_t width, int64_t slots)
+      : width(width), slots(slots), part(slots * width), part_sq(width), sums(slots * width),
+        sq(width), pending(slots), counts(slots) {}
+
+  void fold_slot(int64_t l) {
+    float* p = part.data() + l * width;
+    double* s = sums.data() + l * width;
+    for (int64_t j = 0; j < width; ++j) {
+      s[j] += p[j];
+      p[j] = 0.0f;
+    }
+    pending[l] = 0;
+  }
+
+  void fold_sq() {
+    for (int64_t j = 0; j < width; ++j) {
+      sq[j] += part_sq[j];
+      part_sq[j] = 0.0f;
+    }
+    pending_sq = 0;
+  }
+
+  void fold_all() {
+    for (int64_t l = 0; l < slots; ++l)
+      if (pending[l]) fold_slot(l);
+    if (pending_sq) fold_sq();
+  }
+};
+
+// The sums of one tile's columns [j0, j0 + w) over every kept row: c = x * inv - shift * inv.
+// With ``extremes`` also the min / max and active / non-finite counts (the first pass).
+template <bool Scaled, bool Squares, bool Extremes>
+void sum_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const int64_t* labels,
+              const bool* dropped, int64_t slots, const float* shift, const float* inv, TileSums& t,
+              float* mn, float* mx, int32_t* act, int32_t* bad) {
+  const int64_t none = slots - 1;
+  float* __restrict part_sq = t.part_sq.data();
+  for (int64_t r = 0; r < n; ++r) {
+    if (dropped && dropped[r]) continue;
+    int64_t l = labels ? labels[r] : none;
+    if (l < 0 || l > none) l = none;
+    const float* __restrict x = rows + r * f + j0;
+    float* __restrict p = t.part.data() + l * w;
+    for (int64_t j = 0; j < w; ++j) {
+      const float v = x[j];
+      const float c = Scaled ? v * inv[j] - shift[j] * inv[j] : v - shift[j];
+      p[j] += c;
+      if (Squares) part_sq[j] += c * c;
+      if (Extremes) {
+        mn[j] = nan_min(mn[j], v);
+        mx[j] = nan_max(mx[j], v);
+        act[j] += v > 0.0f;
+        bad[j] += !(std::fabs(v) <= std::numeric_limits<float>::max());
+      }
+    }
+    t.counts[l] += 1;
+    if (++t.pending[l] == FOLD) t.fold_slot(l);
+    if (Squares && ++t.pending_sq == FOLD) t.fold_sq();
+  }
+  t.fold_all();
+}
+
+void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const int64_t* labels,
+                 const bool* dropped, int64_t classes, const float* shift_all, bool class_only,
+                 bool count_classes, const Outputs& out) {
+  const int64_t slots = classes + 1;
+  const float* shift = shift_all + j0;
+  TileSums t(w, slots);
+  std::vector<double> scale(w, 1.0);
+  if (class_only) {
+    sum_tile<false, false, false>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, nullptr,
+                                  nullptr, nullptr, nullptr);
+  } else {
+    std::vector<float> mn(w, std::numeric_limits<float>::infinity());
+    std::vector<float> mx(w, -std::numeric_limits<float>::infinity());
+    std::vector<int32_t> act(w, 0), bad(w, 0);
+    sum_tile<false, true, true>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, mn.data(),
+                                mx.data(), act.data(), bad.data());
+    bool scaled = false;
+    for (int64_t j = 0; j < w; ++j) {
+      scale[j] = chunk_scale(mn[j], mx[j], shift[j]);
+      scaled |= scale[j] != 1.0;
+    }
+    if (scaled) {  // rare: values beyond 2^30 of the shift; sum the tile again, divided by scale
+      std::vector<float> inv(w);
+      for (int64_t j = 0; j < w; ++j) inv[j] = static_cast<float>(1.0 / scale[j]);
+      t = TileSums(w, slots);
+      sum_tile<true, true, false>(rows, n, f, j0, w, labels, dropped, slots, shift, inv.data(), t,
+                                  nullptr, nullptr, nullptr, nullptr);
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      const int64_t k = j0 + j;
+      double total = 0.0;
+      for (int64_t l = 0; l < slots; ++l) total += t.sums[l * w + j];
+      out.sum[k] += total * scale[j];
+      out.sum_sq[k] += t.sq[j] * (scale[j] * scale[j]);
+      out.minimum[k] = nan_min(out.minimum[k], mn[j]);
+      out.maximum[k] = nan_max(out.maximum[k], mx[j]);
+      out.active[k] += act[j];
+      out.nonfinite[k] += bad[j];
+    }
+  }
+  for (int64_t l = 0; l < classes; ++l) {
+    double* cs = out.class_sum + l * f + j0;
+    const double* s = t.sums.data() + l * w;
+    for (int64_t j = 0; j < w; ++j) cs[j] += s[j] * scale[j];
+    if (count_classes) out.class_count[l] += static_cast<double>(t.counts[l]);
+  }
+}
+
+void check_accumulator(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
+              "fold_chunk: ", name, " must be a contiguous CPU ", c10::toString(dtype), " tensor of ", numel,
+              " elements");
+}
+
+void fold_chunk(const at::Tensor& rows, const at::Tensor& shift, const std::optional<at::Tensor>& labels,
+                const std::optional<at::Tensor>& dropped, int64_t classes, bool class_only,
+                const at::Tensor& sum, const at::Tensor& sum_sq, const at::Tensor& minimum,
+                const at::Tensor& maximum, const at::Tensor& active, const at::Tensor& nonfinite,
+                const at::Tensor& class_count, const at::Tensor& class_sum) {
+  TORCH_CHECK(rows.dim() == 2 && rows.device().is_cpu() && rows.scalar_type() == at::kFloat &&
+                  rows.is_contiguous(),
+              "fold_chunk: rows must be a contiguous 2-D CPU float32 tensor");
+  const int64_t n = rows.size(0), f = rows.size(1);
+  check_accumulator(shift, at::kFloat, f, "shift");
+  check_accumulator(class_count, at::kDouble, classes, "class_count");
+  check_accumulator(class_sum, at::kDouble, classes * f, "class_sum");
+  if (!class_only) {
+    check_accumulator(sum, at::kDouble, f, "sum");
+    check_accumulator(sum_sq, at::kDouble, f, "sum_sq");
+    check_accumulator(minimum, at::kFloat, f, "minimum");
+    check_accumulator(maximum, at::kFloat, f, "maximum");
+    check_accumulator(active, at::kDouble, f, "active");
+    check_accumulator(nonfinite, at::kDouble, f, "nonfinite");
+  }
+  const int64_t* label_ptr = nullptr;
+  if (labels.has_value()) {
+    TORCH_CHECK(labels->device().is_cpu() && labels->scalar_type() == at::kLong && labels->is_contiguous() &&
+                    labels->numel() == n,
+                "fold_chunk: labels must be a contiguous CPU int64 tensor of one label per row");
+    label_ptr = labels->data_ptr<int64_t>();
+  }
+  const bool* drop_ptr = nullptr;
+  if (dropped.has_value()) {
+    TORCH_CHECK(dropped->device().is_cpu() && dropped->scalar_type() == at::kBool &&
+                    dropped->is_contiguous() && dropped->numel() == n,
+                "fold_chunk: dropped must be a contiguous CPU bool tensor of one flag per row");
+    drop_ptr = dropped->data_ptr<bool>();
+  }
+  if (n == 0 || f == 0) return;
+  Outputs out{class_only ? nullptr : sum.data_ptr<double>(),
+              class_only ? nullptr : sum_sq.data_ptr<double>(),
+              class_only ? nullptr : minimum.data_ptr<float>(),
+              class_only ? nullptr : maximum.data_ptr<float>(),
+              class_only ? nullptr : active.data_ptr<double>(),
+              class_only ? nullptr : nonfinite.data_ptr<double>(),
+              class_count.data_ptr<double>(),
+              class_sum.data_ptr<double>()};
+  const float* data = rows.data_ptr<float>();
+  const float* shift_ptr = shift.data_ptr<float>();
+  const int64_t tiles = (f + TILE - 1) / TILE;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t j0 = tile * TILE;
+      reduce_tile(data, n, f, j0, std::min(TILE, f - j0), label_ptr, drop_ptr, classes, shift_ptr,
+                  class_only, tile == 0, out);
+    }
+  });
+}
+
+// Per group of rows (a batch: the segments [starts[s], starts[s] + lengths[s]) for s in
+// [offsets[g], offsets[g + 1])), the float64 count, mean, std (population), min and max.
+at::Tensor batch_stats(const at::Tensor& rows, const at::Tensor& starts, const at::Tensor& lengths,
+                       const at::Tensor& offsets) {
+  TORCH_CHECK(rows.dim() == 2 && rows.device().is_cpu() && rows.scalar_type() == at::kFloat &&
+                  rows.is_contiguous(),
+              "batch_stats: rows must be a contiguous 2-D CPU float32 tensor");
+  for (const at::Tensor* t : {&starts, &lengths, &offsets})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1,
+                "batch_stats: segments must be 1-D contiguous CPU int64 tensors");
+  const int64_t n = rows.size(0), f = rows.size(1), groups = offsets.numel() - 1;
+  TORCH_CHECK(groups >= 0 && starts.numel() == lengths.numel(), "batch_stats: malformed segments");
+  const int64_t* st = starts.data_ptr<int64_t>();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[groups] == starts.numel(), "batch_stats: malformed group offsets");
+  for (int64_t s = 0; s < starts.numel(); ++s)
+    TORCH_CHECK(st[s] >= 0 && len[s] >= 0 && st[s] + len[s] <= n, "batch_stats: segment out of range");
+  for (int64_t g = 0; g < groups; ++g) TORCH_CHECK(off[g] <= off[g + 1], "batch_stats: malformed offsets");
+  at::Tensor result = at::empty({5, groups, f}, rows.options().dtype(at::kDouble));
+  if (groups == 0 || f == 0) return result;
+  const float* data = rows.data_ptr<float>();
+  double* res = result.data_ptr<double>();
+  const int64_t plane = groups * f;
+  const int64_t tiles = (f + TILE - 1) / TILE;
+  at::parallel_for(0, tiles * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> total(TILE), dev(TILE);
+    std::vector<float> mn(TILE), mx(TILE);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / tiles, j0 = (item % tiles) * TILE, w = std::min(TILE, f - j0);
+      std::fill(total.begin(), total.end(), 0.0);
+      std::fill(dev.begin(), dev.end(), 0.0);
+      std::fill(mn.begin(), mn.end(), std::numeric_limits<float>::infinity());
+      std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+      int64_t count = 0;
+      for (int64_t s = off[g]; s < off[g + 1]; ++s) {
+        for (int64_t r = st[s]; r < st[s] + len[s]; ++r) {
+          const float* __restrict x = data + r * f + j0;
+          for (int64_t j = 0; j < w; ++j) {
+            total[j] += x[j];
+            mn[j] = nan_min(mn[j], x[j]);
+            mx[j] = nan_max(mx[j], x[j]);
+          }
+        }
+        count += len[s];
+      }
+      const double c = static_cast<double>(count);
+      for (int64_t j = 0; j < w; ++j) total[j] /= c;  // the mean
+      for (int64_t s = off[g]; s < off[g + 1]; ++s) {
+        for (int64_t r = st[s]; r < st[s] + len[s]; ++r) {
+          const float* __restrict x = data + r * f + j0;
+          for (int64_t j = 0; j < w; ++j) {
+            const double d = static_cast<double>(x[j]) - total[j];
+            dev[j] += d * d;
+          }
+        }
+      }
+      const int64_t base = g * f + j0;
+      for (int64_t j = 0; j < w; ++j) {
+        res[base + j] = c;
+        res[plane + base + j] = total[j];
+        res[2 * plane + base + j] = std::sqrt(dev[j] / c);
+        res[3 * plane + base + j] = mn[j];
+        res[4 * plane + base + j] = mx[j];
+      }
+    }
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nn_staining, m) {
+  m.def(
+      "fold_chunk(Tensor rows, Tensor shift, Tensor? labels, Tensor? dropped, int classes, bool class_only, "
+      "Tensor(a!) sum, Tensor(b!) sum_sq, Tensor(c!) minimum, Tensor(d!) maximum, Tensor(e!) active, "
+      "Tensor(f!) nonfinite, Tensor(g!) class_count, Tensor(h!) class_sum) -> ()");
+  m.def("batch_stats(Tensor rows, Tensor starts, Tensor lengths, Tensor offsets) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nn_staining, CPU, m) {
+  m.impl("fold_chunk", &fold_chunk);
+  m.impl("batch_stats", &batch_stats);
+}
