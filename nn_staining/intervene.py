@@ -17,10 +17,12 @@ importance). This module is the one place that changes what a model computes, al
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import numbers
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from torch import nn
 from . import staining
 from .checkpoints import checkpoint_epochs, checkpoint_path, read_checkpoint
 from .layers import output_layout
-from .signature import is_glob, layer_key, match_layers, parse_signature
+from .signature import call_key, is_glob, layer_key, match_layers, parse_signature
 from .trace import Trace, load_trace
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,13 @@ INTERVENTIONS = "interventions"
 # -- layers of a model ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Layer:
+    """A layer: one call of a module (``call`` 1 is ``module_key`` itself, the n-th ``module_key:n``)."""
+
     module: nn.Module
     channels: bool | None  # None: decided from the output's shape (no trace)
     neurons: int | None
+    module_key: str = ""
+    call: int = 1
 
 
 def _as_trace(trace: Trace | str | os.PathLike | None) -> Trace | None:
@@ -78,11 +84,16 @@ def _as_trace(trace: Trace | str | os.PathLike | None) -> Trace | None:
 
 
 def _model_layers(model: nn.Module, trace: Trace | None) -> dict[str, _Layer]:
-    """Layer key → module: the trace's layers when given, else every named module of ``model``."""
+    """Layer key → module call: the trace's layers when given (a module called n times in a pass has n
+    layers), else the first call of every named module of ``model`` whose name a signature can address."""
     modules = dict(model.named_modules())
     if trace is None:
-        named = {layer_key(name): _Layer(m, None, None) for name, m in modules.items() if name}
-        return named or {"L_model": _Layer(model, None, None)}
+        named = {}
+        for name, m in modules.items():
+            key = _addressable_key(name) if name else None
+            if key is not None:
+                named[key] = _Layer(m, None, None, key)
+        return named or {"L_model": _Layer(model, None, None, "L_model")}
     out = {}
     for key in trace.layers:
         info = trace.layer_info(key)
@@ -93,17 +104,100 @@ def _model_layers(model: nn.Module, trace: Trace | None) -> dict[str, _Layer]:
                 f"trace layer {key!r} (module {info.get('module')!r}) is not a module of this model; "
                 f"its modules: {', '.join(n for n in modules if n) or '(none)'}. Does the model match the trace?"
             )
-        out[key] = _Layer(modules[name], info.get("kind") == "channels", int(info["neurons"]))
+        call = int(info.get("call", 1))
+        module_key = str(info.get("first_call", key)) if call > 1 else key
+        out[key] = _Layer(
+            modules[name], info.get("kind") == "channels", int(info["neurons"]), module_key, call
+        )
     return out
 
 
-def _match_layers(pattern: str, layers: Mapping[str, _Layer]) -> list[str]:
-    """Layer keys named by ``pattern`` (an exact key first, else a glob); ``KeyError`` listing them otherwise."""
+def _addressable_key(name: str) -> str | None:
+    """The module's layer key, or None when no signature can address its name (``/``, whitespace)."""
+    try:
+        return layer_key(name)
+    except ValueError:
+        return None
+
+
+def _split_call(key: str) -> tuple[str, int] | None:
+    """``("L_x", n)`` for a call key ``L_x:n`` (n ≥ 2), else None."""
+    base, colon, call = key.rpartition(":")
+    if colon and base and call.isascii() and call.isdigit() and int(call) >= 2:
+        return base, int(call)
+    return None
+
+
+def _calls_of(module_key: str, layers: Mapping[str, _Layer]) -> list[str]:
+    return [k for k, spec in layers.items() if spec.module_key == module_key]
+
+
+def _match_layers(pattern: str, layers: dict[str, _Layer], traced: bool = True) -> list[str]:
+    """Layer keys named by ``pattern`` (an exact key first, else a glob); ``KeyError`` listing them otherwise.
+
+    ``L_x:n`` names call n of module x: a ``ValueError`` listing x's calls when the trace has no such call;
+    without a trace (``traced=False``) it is added to ``layers``, and checked when the model runs."""
     key = pattern if pattern.startswith("L_") else f"L_{pattern}"
     hits = match_layers(key, layers)
-    if not hits:
-        raise KeyError(f"layer {pattern!r} matches no layer; layers: {', '.join(layers)}")
-    return hits
+    if hits:
+        return hits
+    split = _split_call(key)
+    if split is not None and split[0] in layers and layers[split[0]].call == 1:
+        base, call = split
+        if traced:
+            calls = _calls_of(base, layers)
+            raise ValueError(
+                f"layer {pattern!r} names call {call} of module {layers[base].module_key[2:]!r}, but the trace "
+                f"has {len(calls)} call{'s' if len(calls) > 1 else ''} of it per forward pass; its layers: "
+                f"{', '.join(calls)}"
+            )
+        layers[key] = _Layer(layers[base].module, None, None, base, call)
+        return [key]
+    raise KeyError(f"layer {pattern!r} matches no layer; layers: {', '.join(layers)}")
+
+
+class _CallCounter:
+    """Counts each module's calls in the current forward pass of ``model`` (per thread), so that an
+    intervention on ``L_x:n`` acts on the n-th call alone. A module called on its own, outside a pass of
+    the whole model, makes call 1 each time (as the recorder counts)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.local = threading.local()
+        self.seen: dict[str, int] = {}  # per module key: the most calls one pass made
+
+    def attach(self, handles: list) -> None:
+        """Hook the model's pass boundaries (the handles go to ``handles``)."""
+        handles.append(self.model.register_forward_pre_hook(self._start))
+        handles.append(self.model.register_forward_hook(self._end, always_call=True))
+
+    def _start(self, module: nn.Module, args: Any) -> None:
+        self.local.calls = {}
+
+    def _end(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.local.calls = None
+
+    def next_call(self, module_key: str) -> int:
+        """The number of the call ``module_key`` is making now."""
+        calls = getattr(self.local, "calls", None)
+        if calls is None:
+            call = 1
+        else:
+            call = calls[module_key] = calls.get(module_key, 0) + 1
+        self.seen[module_key] = max(self.seen.get(module_key, 0), call)
+        return call
+
+    def check_reached(self, named: Iterable[tuple[str, str, int]]) -> None:
+        """After the block: a ``ValueError`` for a call (``key``, module key, call) no pass made, where the
+        module ran (only without a trace are calls not known beforehand)."""
+        for key, module_key, call in named:
+            made = self.seen.get(module_key, 0)
+            if 0 < made < call:
+                calls = ", ".join(call_key(module_key, n) for n in range(1, made + 1))
+                raise ValueError(
+                    f"layer {key!r} names call {call} of module {module_key[2:]!r}, which the forward passes "
+                    f"called at most {made} time{'s' if made > 1 else ''}; its layers: {calls}"
+                )
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -172,17 +266,31 @@ def neuron_selection(
 
     ``selection``: a signature (``"L_hidden_1/n_3,7"``, ``"E_5/L_hidden_*"``, globs allowed), a frame
     or series indexed by (layer, neuron) or (epoch, layer, neuron), a mapping or (layer, neuron) pairs.
+    A layer is one call of a module: ``L_x`` its first call in a forward pass, ``L_x:n`` its n-th.
     """
-    layers = _model_layers(model, trace)
+    chosen, epoch, _ = _select(selection, _model_layers(model, trace), trace is not None)
+    return chosen, epoch
+
+
+def _select(
+    selection: Selection, layers: dict[str, _Layer], traced: bool
+) -> tuple[dict[str, list[int] | None], int | None, list[tuple[str, list[int] | None]]]:
+    """:func:`neuron_selection` on ``layers``, and, without a trace, the signature's glob with its neurons
+    (it also names the later calls it matches, which only the forward pass reveals)."""
     chosen: dict[str, set[int] | None] = {}
     epoch: int | None = None
+    globs: list[tuple[str, list[int] | None]] = []
     if isinstance(selection, str):
         text = selection.strip()
         sig = parse_signature(text if text.startswith("E_") else f"E_*/{text}")
         if sig.layer is None:
             raise ValueError(f"selection {selection!r} names no layer: expected L_<name>[/n_<sel>]")
         epoch = sig.epochs.values[0] if sig.epochs.is_single else None
-        for key in _match_layers(sig.layer, layers):
+        if not traced and is_glob(sig.layer):
+            globs.append((sig.layer, _glob_neurons(sig)))
+        for key in (
+            _glob_first_calls(sig.layer, layers) if globs else _match_layers(sig.layer, layers, traced)
+        ):
             width = layers[key].neurons
             if sig.neurons is None or sig.neurons.is_all:
                 chosen[key] = None
@@ -205,14 +313,15 @@ def neuron_selection(
             epoch = int(epochs[0]) if len(epochs) == 1 else None
         pairs = zip(selection.index.get_level_values("layer"), selection.index.get_level_values("neuron"))
         for layer, neuron in pairs:
-            chosen.setdefault(_match_layers(str(layer), layers)[0], set()).add(int(neuron))
+            chosen.setdefault(_match_layers(str(layer), layers, traced)[0], set()).add(int(neuron))
     elif isinstance(selection, Mapping):
         for layer, neurons in selection.items():
-            chosen.setdefault(_match_layers(str(layer), layers)[0], set()).update(int(n) for n in neurons)
+            key = _match_layers(str(layer), layers, traced)[0]
+            chosen.setdefault(key, set()).update(int(n) for n in neurons)
     else:
         for item in selection:
             layer, neuron = item
-            chosen.setdefault(_match_layers(str(layer), layers)[0], set()).add(int(neuron))
+            chosen.setdefault(_match_layers(str(layer), layers, traced)[0], set()).add(int(neuron))
     out: dict[str, list[int] | None] = {}
     for key, neurons in chosen.items():
         width = layers[key].neurons
@@ -224,9 +333,28 @@ def neuron_selection(
             raise KeyError(f"layer {key!r} has no neuron {bad[0]}; its neurons: 0..{width - 1}")
         if neurons:
             out[key] = sorted(neurons)
-    if not out or all(v == [] for v in out.values()):
+    if (not out or all(v == [] for v in out.values())) and not globs:
         raise ValueError(f"selection {_describe(selection)} names no neuron")
-    return out, epoch
+    return out, epoch, globs
+
+
+def _glob_neurons(sig: Any) -> list[int] | None:
+    if sig.neurons is None or sig.neurons.is_all:
+        return None
+    if sig.neurons.values is not None:
+        return sorted(set(sig.neurons.values))
+    return list(range(sig.neurons.start, sig.neurons.stop))
+
+
+def _glob_first_calls(pattern: str, layers: dict[str, _Layer]) -> list[str]:
+    """Without a trace: the modules' first calls a glob matches; a ``KeyError`` when it can match no call of
+    any module (neither ``L_x`` nor, for a glob with a ``:``, ``L_x:<n>``)."""
+    key = pattern if pattern.startswith("L_") else f"L_{pattern}"
+    base = key.rpartition(":")[0]
+    hits = [k for k in layers if fnmatch.fnmatchcase(k, key)]
+    if not hits and not (base and any(fnmatch.fnmatchcase(k, base) for k in layers)):
+        raise KeyError(f"layer {pattern!r} matches no layer; layers: {', '.join(layers)}")
+    return hits
 
 
 def _describe(selection: Any) -> str:
@@ -253,11 +381,15 @@ def _replace(
     return torch.where(mask.view(shape), fill.view(shape), output)
 
 
-def _ablation_hook(layer: str, spec: _Layer, neurons: list[int] | None, values: np.ndarray | None):
+Change = Callable[[nn.Module, Any], Any]
+
+
+def _ablation(layer: str, spec: _Layer, neurons: list[int] | None, values: np.ndarray | None) -> Change:
+    """``(module, output) -> output`` with the neurons of ``layer`` replaced by 0 or ``values``."""
     index = None if neurons is None else torch.as_tensor(neurons, dtype=torch.long)
     vals = None if values is None else torch.as_tensor(values)
 
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+    def change(module: nn.Module, output: Any) -> Any:
         first = output[0] if isinstance(output, tuple) else output
         if not isinstance(first, torch.Tensor):
             raise TypeError(
@@ -270,6 +402,30 @@ def _ablation_hook(layer: str, spec: _Layer, neurons: list[int] | None, values: 
         idx = torch.arange(first.shape[dim] if first.dim() else 1) if index is None else index
         new = _replace(first, dim, idx, vals).reshape(first.shape)
         return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return change
+
+
+def _call_hook(
+    module_key: str,
+    counter: _CallCounter,
+    by_call: Mapping[int, list[Change]],
+    globs: list[tuple[str, Change]],
+) -> Callable[[nn.Module, Any, Any], Any]:
+    """The forward hook of a module: at its n-th call in a pass, the changes of layer ``L_x:n`` (and of
+    the globs that match that key, for n ≥ 2; a glob's first calls are in ``by_call``)."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        call = counter.next_call(module_key)
+        changes = list(by_call.get(call, ()))
+        if call > 1 and globs:
+            layer = call_key(module_key, call)
+            changes += [change for pattern, change in globs if fnmatch.fnmatchcase(layer, pattern)]
+        if not changes:
+            return None
+        for change in changes:
+            output = change(module, output)
+        return output
 
     return hook
 
@@ -293,7 +449,7 @@ def ablate(
         raise ValueError(f"mode {mode!r} is not one of: {', '.join(MODES)}")
     trace = _as_trace(trace)
     layers = _model_layers(model, trace)
-    chosen, named_epoch = neuron_selection(selection, model, trace)
+    chosen, named_epoch, globs = _select(selection, layers, trace is not None)
     values: dict[str, np.ndarray] = {}
     if mode == "mean":
         if trace is None:
@@ -305,12 +461,32 @@ def ablate(
             means = trace.query(f"E_{at}/{key}", columns=["act_mean"])["act_mean"]
             means = means.droplevel(["epoch", "layer"]).reindex(neurons).to_numpy(np.float64)
             values[key] = means
-    handles = []
+    by_module: dict[str, dict[int, list[Change]]] = {}
+    modules = {spec.module_key: spec.module for spec in layers.values()}
+    for key, neurons in chosen.items():
+        spec = layers[key]
+        change = _ablation(key, spec, neurons, values.get(key))
+        by_module.setdefault(spec.module_key, {}).setdefault(spec.call, []).append(change)
+    glob_changes: dict[str, list[tuple[str, Change]]] = {}
+    for pattern, neurons in globs:  # without a trace: the later calls a glob matches, as the passes make them
+        key = pattern if pattern.startswith("L_") else f"L_{pattern}"
+        base = key.rpartition(":")[0]
+        for name, spec in list(layers.items()):
+            if spec.call == 1 and (
+                fnmatch.fnmatchcase(name, key) or (base and fnmatch.fnmatchcase(name, base))
+            ):
+                glob_changes.setdefault(name, []).append((key, _ablation(key, spec, neurons, None)))
+                by_module.setdefault(name, {})
+    counter = _CallCounter(model)
+    handles: list[Any] = []
     try:
-        for key, neurons in chosen.items():
-            hook = _ablation_hook(key, layers[key], neurons, values.get(key))
-            handles.append(layers[key].module.register_forward_hook(hook))
+        counter.attach(handles)
+        for module_key, by_call in by_module.items():
+            hook = _call_hook(module_key, counter, by_call, glob_changes.get(module_key, []))
+            handles.append(modules[module_key].register_forward_hook(hook))
         yield chosen
+        if trace is None:
+            counter.check_reached((k, layers[k].module_key, layers[k].call) for k in chosen)
     finally:
         for handle in handles:
             handle.remove()
@@ -362,33 +538,95 @@ def ablate_edges(
     model: nn.Module, edges: Any, *, trace: Trace | str | os.PathLike | None = None
 ) -> Iterator[list[Edge]]:
     """Within the block, the weights ``W[j, k]`` of the listed edges ``(layer, j, k)`` (or of pathways:
-    a ``staining.pathways`` frame or paths) are 0; on exit they are written back bit-exactly."""
+    a ``staining.pathways`` frame or paths) are 0; on exit they are written back bit-exactly.
+
+    An edge of ``L_x`` is cut in module x's first call of each forward pass, one of ``L_x:n`` in its n-th
+    call: the first call's cut is in place throughout the block, and a pre-hook writes another call's
+    weights just before it runs (its forward hook writes the first call's back)."""
     trace = _as_trace(trace)
     layers = _model_layers(model, trace)
     edge_list = _edge_list(edges)
     grouped: dict[str, list[tuple[int, int]]] = {}
     for layer, j, k in edge_list:
-        grouped.setdefault(_match_layers(layer, layers)[0], []).append((j, k))
-    saved = []
+        grouped.setdefault(_match_layers(layer, layers, trace is not None)[0], []).append((j, k))
+    cuts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # module key -> call -> (j, k)
+    weights: dict[str, torch.Tensor] = {}
+    for key, pairs in grouped.items():
+        spec = layers[key]
+        weight = getattr(spec.module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            raise ValueError(f"layer {key!r} has no (out, in) weight matrix to cut edges from")
+        j = torch.as_tensor([p[0] for p in pairs], dtype=torch.long, device=weight.device)
+        k = torch.as_tensor([p[1] for p in pairs], dtype=torch.long, device=weight.device)
+        if int(j.max()) >= weight.shape[0] or int(k.max()) >= weight.shape[1] or min(j.min(), k.min()) < 0:
+            raise KeyError(
+                f"edge out of range for layer {key!r}: its weight is {tuple(weight.shape[:2])} (out, in)"
+            )
+        weights[spec.module_key] = weight
+        cuts.setdefault(spec.module_key, {})[spec.call] = (j, k)
+    counter = _CallCounter(model)
+    handles: list[Any] = []
+    cutter = {key: _EdgeCuts(weights[key], calls) for key, calls in cuts.items()}
     try:
-        with torch.no_grad():
-            for key, pairs in grouped.items():
-                weight = getattr(layers[key].module, "weight", None)
-                if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-                    raise ValueError(f"layer {key!r} has no (out, in) weight matrix to cut edges from")
-                j = torch.as_tensor([p[0] for p in pairs], dtype=torch.long, device=weight.device)
-                k = torch.as_tensor([p[1] for p in pairs], dtype=torch.long, device=weight.device)
-                if int(j.max()) >= weight.shape[0] or int(k.max()) >= weight.shape[1] or int(j.min()) < 0:
-                    raise KeyError(
-                        f"edge out of range for layer {key!r}: its weight is {tuple(weight.shape[:2])} (out, in)"
-                    )
-                saved.append((weight, j, k, weight[j, k].clone()))
-                weight[j, k] = 0
+        for edge_cuts in cutter.values():
+            edge_cuts.cut(1)
+        counter.attach(handles)
+        modules = {spec.module_key: spec.module for spec in layers.values()}
+        for key, edge_cuts in cutter.items():
+            module = modules[key]
+            handles.append(module.register_forward_pre_hook(edge_cuts.pre_hook(key, counter)))
+            handles.append(module.register_forward_hook(edge_cuts.hook, always_call=True))
         yield edge_list
+        if trace is None:
+            counter.check_reached((k, layers[k].module_key, layers[k].call) for k in grouped)
     finally:
+        for handle in handles:
+            handle.remove()
+        for edge_cuts in cutter.values():
+            edge_cuts.restore()
+
+
+class _EdgeCuts:
+    """One module's cut edges per call: the original values of every cut weight, and which call's cut the
+    weight holds (the first call's between calls)."""
+
+    def __init__(self, weight: torch.Tensor, calls: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.weight, self.calls = weight, calls
+        j = torch.cat([jk[0] for jk in calls.values()])
+        k = torch.cat([jk[1] for jk in calls.values()])
+        self.all = (j, k)
+        self.original = weight.detach()[j, k].clone()
+        self.holding: int | None = None  # None: the original weights
+        self.stack: list[bool] = []
+
+    def cut(self, call: int) -> None:
+        """The weights with call ``call``'s edges cut (the original weights when it has none)."""
+        want = call if call in self.calls else None
+        if want == self.holding:
+            return
         with torch.no_grad():
-            for weight, j, k, old in reversed(saved):
-                weight[j, k] = old
+            self.weight[self.all] = self.original
+            if want is not None:
+                self.weight[self.calls[want]] = 0
+        self.holding = want
+
+    def restore(self) -> None:
+        """The original weights, bit-exactly."""
+        with torch.no_grad():
+            self.weight[self.all] = self.original
+        self.holding = None
+
+    def pre_hook(self, module_key: str, counter: _CallCounter) -> Callable[[nn.Module, Any], None]:
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            call = counter.next_call(module_key)
+            self.stack.append(call != 1)
+            self.cut(call)
+
+        return pre_hook
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.stack and self.stack.pop():
+            self.cut(1)
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -461,9 +699,29 @@ def _check_layers(t: Trace, layers: Sequence[str] | str | None) -> list[str]:
     if layers is None:
         return list(t.layers)
     patterns = [layers] if isinstance(layers, str) else list(layers)
-    spec = {k: None for k in t.layers}
-    keys = [k for p in patterns for k in _match_layers(p, spec)]  # type: ignore[arg-type]
+    spec = {k: _Layer(None, None, None, *_call_of(t, k)) for k in t.layers}  # type: ignore[arg-type]
+    keys = [k for p in patterns for k in _match_layers(p, spec)]
     return list(dict.fromkeys(keys))
+
+
+def _call_of(t: Trace, key: str) -> tuple[str, int]:
+    """The (module key, call) of a trace layer: ``L_x:2`` is call 2 of ``L_x``."""
+    info = t.layer_info(key)
+    call = int(info.get("call", 1))
+    return (str(info.get("first_call", key)) if call > 1 else key), call
+
+
+def _called_once(t: Trace, keys: list[str]) -> list[str]:
+    """The layers of modules called once per forward pass; Captum's layer attributions hook a module, not one
+    of its calls, so the layers of modules called several times are left out (logged)."""
+    calls = [_call_of(t, k) for k in t.layers]
+    several = {m for m, call in calls if call > 1}
+    left = [k for k in keys if _call_of(t, k)[0] in several]
+    if left:
+        log.info(
+            "conductance: left out %s (their modules run several times per forward pass)", ", ".join(left)
+        )
+    return [k for k in keys if k not in left]
 
 
 def _control_neurons(frame: pd.DataFrame, count: int, control: str, rng: np.random.Generator) -> np.ndarray:
@@ -769,12 +1027,13 @@ def conductance(
 ) -> pd.DataFrame:
     """Captum's ``LayerConductance`` of every neuron for every class c (target logit c, baseline 0),
     averaged over the held-out samples of class c: a (layer, neuron) × class frame (channels summed
-    over their spatial positions)."""
+    over their spatial positions). Layers of a module called several times per pass are left out."""
     layer_conductance = _captum()
     t = _as_trace(t)
     classes = staining._require_classes(t)
     at = staining.resolve_epoch(t, epoch)
     keys = _check_layers(t, layers)
+    keys = _called_once(t, keys)
     model_layers = _model_layers(model, t)
     labels = np.asarray(torch.as_tensor(y).cpu().numpy(), dtype=np.int64).reshape(-1)
     device = next(model.parameters(), torch.empty(0)).device
@@ -799,6 +1058,9 @@ def conductance(
                 table[:, c] = (total / len(xs)).numpy()
             index = pd.MultiIndex.from_product([[key], range(spec.neurons)], names=["layer", "neuron"])
             frames.append(pd.DataFrame(table, index=index, columns=pd.Index(range(classes), name="class")))
+    if not frames:
+        index = pd.MultiIndex.from_arrays([[], []], names=["layer", "neuron"])
+        return pd.DataFrame(index=index, columns=pd.Index(range(classes), name="class"), dtype=np.float64)
     return pd.concat(frames)
 
 
@@ -838,7 +1100,7 @@ def conductance_correlation(
     stained neurons whose conductance for their stain class is positive."""
     t = _as_trace(t)
     at = staining.resolve_epoch(t, epoch)
-    keys = _check_layers(t, layers)
+    keys = _called_once(t, _check_layers(t, layers))
     table = (
         conductances
         if conductances is not None

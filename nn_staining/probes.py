@@ -11,6 +11,9 @@ convolution-like module's) gives the per-channel mean over spatial positions; a 
 ``(batch, …, features)`` gives the mean over the middle positions (a ``batch_first=False`` output
 has the batch in dimension 1).
 
+A module called several times in one forward pass gives one layer per call, keyed as the recorder
+keys them (:func:`~nn_staining.signature.call_key`): its first call ``L_x``, its n-th ``L_x:n``.
+
 Store: ``<root>/probes/epoch=<e>/part-0.parquet``, one row per (kind, layer, sample), one row
 group per (kind, layer)::
 
@@ -319,21 +322,28 @@ class _ProbeRun:
     # -- hooks ------------------------------------------------------------------------------------
     def _attach(self) -> None:
         self.last: tuple[Any, tuple[int, ...]] | None = None
+        self.calls: dict[str, int] = {}
         self.handles.append(self.model.register_forward_pre_hook(self._on_start))
         for key, module in self.modules.items():
             self.handles.append(module.register_forward_hook(self._hook(key)))
 
     def _on_start(self, module: Any, args: Any) -> None:
         self.last = None
+        self.calls = {}  # per module key: its calls so far in this pass
 
-    def _hook(self, key: str):
+    def _hook(self, module_key: str):
+        """Module ``module_key``'s hook: its n-th call in a pass is the layer ``call_key(module_key, n)``,
+        as the recorder keys it."""
         from torch import Tensor, nn
 
         from .layers import output_layout
+        from .signature import call_key
 
-        linear = isinstance(self.modules[key], nn.Linear)
+        linear = isinstance(self.modules[module_key], nn.Linear)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            call = self.calls[module_key] = self.calls.get(module_key, 0) + 1
+            key = call_key(module_key, call)
             raw = output if isinstance(output, Tensor) else _first_tensor(output)
             if raw is None or not raw.is_floating_point() or raw.dim() == 0:
                 return
@@ -349,9 +359,6 @@ class _ProbeRun:
             layout = self.layouts.get(key)
             if layout is None or layout.width(out) != layout.neurons or (self.round and key not in self.wide):
                 return
-            if self.fired.get(key):  # a module called twice in a pass: its first call counts
-                return
-            self.fired[key] = True
             self._collect(key, _per_sample(out, layout), args[0] if linear and args else None, layout)
 
         return hook
@@ -440,7 +447,7 @@ class _ProbeRun:
                 self.block = (block_start, min(block_start + self.step, n))
                 for lo in starts[r:]:
                     hi = min(lo + self.step, n)
-                    self.batch, self.fired = (lo, hi), {}
+                    self.batch = (lo, hi)
                     result = self.model(self._inputs(lo, hi))
                     if r == 0 and outputs is not None:
                         outputs[lo:hi] = result.detach().to(torch.float32)
