@@ -539,7 +539,8 @@ def breadcrumbs(
     shares = []
     for key in chain:
         x = probes.read_probe_inputs(trace.path, trace.meta, epoch, key)[sample].astype(np.float64)
-        shares.append(staining.edge_shares(trace.weights(epoch, key).astype(np.float64) * x[None, :]))
+        weights = trace.weights(epoch, trace.layer_info(key).get("first_call") or key)  # stored once a module
+        shares.append(staining.edge_shares(weights.astype(np.float64) * x[None, :]))
     if not 0 <= target < shares[-1].shape[0]:
         raise KeyError(f"target_class {target} not among {chain[-1]}'s neurons 0..{shares[-1].shape[0] - 1}")
     scores, nodes = staining.top_paths(shares, target, top_k)

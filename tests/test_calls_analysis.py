@@ -394,3 +394,36 @@ def test_modules_no_signature_can_address_are_skipped():
     with pytest.raises(KeyError) as error:
         intervene.neuron_selection("L_odd*/n_0", model)
     assert error.value.args[0].endswith("matches no layer; layers: L_fc")
+
+
+def test_breadcrumbs_follow_each_call_of_a_shared_linear_by_brute_force(loop):
+    """A sample's paths through ``fc → tied → tied:2 → out``: each call's own inputs, the shared weights."""
+    model, t, x, y = loop
+    sample = 3
+    layers = loop_numpy(model, x)
+    w = {name: p.detach().double().numpy() for name, p in model.named_parameters()}
+    steps = [
+        (w["fc.weight"], layers["input"]),
+        (w["tied.weight"], layers["L_act"]),
+        (w["tied.weight"], layers["L_act:2"]),
+        (w["out.weight"], layers["L_act:3"]),
+    ]
+    shares = []
+    for weight, inputs in steps:
+        contrib = weight * inputs[sample][None, :]
+        shares.append(contrib / np.abs(contrib).sum(1, keepdims=True))
+    target = int(y[sample])
+    scored = []
+    for i0 in range(3):
+        for i1 in range(6):
+            for i2 in range(6):
+                for i3 in range(6):
+                    path = (i0, i1, i2, i3, target)
+                    score = np.prod([shares[s][path[s + 1], path[s]] for s in range(4)])
+                    scored.append((score, path))
+    scored.sort(key=lambda item: -item[0])
+    crumbs = rep.breadcrumbs(t, sample, 0, top_k=4)
+    names = ["x", "L_fc", "L_tied", "L_tied:2", "L_out"]
+    for rank, (score, path) in enumerate(scored[:4]):
+        assert crumbs.paths.loc[rank, "score"] == pytest.approx(score, rel=1e-5)
+        assert crumbs.paths.loc[rank, "path"] == tuple(f"{names[i]}/n_{n}" for i, n in enumerate(path))
