@@ -12,6 +12,10 @@ importance). This module is the one place that changes what a model computes, al
   measures every class's held-out accuracy and true-class logit against a same-sized control;
   :func:`specificity` condenses it per layer; :func:`neuron_effects` ablates neurons one by one.
 - :func:`conductance_correlation` compares stains with Captum's layer conductance (optional).
+
+A layer is one call of a module, as the recorder keys it: ``L_x`` is module x's first call in each
+forward pass of the model, ``L_x:n`` its n-th; interventions count each module's calls per pass and
+change only the call they name.
 """
 
 from __future__ import annotations
@@ -443,7 +447,9 @@ def ablate(
     at ``epoch`` (``"mean"``; default: the selection's one epoch, else the last). Yields layer → neurons.
 
     Forward hooks return the modified output (linear-like: neuron = last dimension; channels: dimension
-    1); they are removed on exit, even on an exception, so the model then computes exactly as before.
+    1) of the call each layer names (``L_x:2``: module x's second call in each pass); they are removed on
+    exit, even on an exception, so the model then computes exactly as before. Without a trace, a call no
+    pass reached is a ``ValueError`` at the end of the block.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of: {', '.join(MODES)}")
