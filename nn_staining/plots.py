@@ -8,7 +8,7 @@ state is touched and any backend (Agg included) works: ``fig.savefig("x.png")``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib as mpl
@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 
 from . import staining
 from .trace import Trace
@@ -185,6 +185,128 @@ def _selection(trace: Trace, epoch: int, stains: pd.DataFrame | None) -> pd.Data
     return frame.xs(epoch, level="epoch") if "epoch" in frame.index.names else frame
 
 
+# -- large models: blocks summarised, the head in detail ---------------------------------------------
+#: The staining graph draws at most this many layer columns; a model with more has its blocks summarised.
+MAX_GRAPH_LAYERS = 16
+#: The head (the classifier's Linear chain and the layer feeding it) is drawn in detail up to this many layers.
+MAX_HEAD_LAYERS = 5
+
+
+@dataclass
+class Block:
+    """Consecutive layers that a figure summarises as one: ``name`` is their module-name prefix
+    (``layer1.0``, ``bert.encoder.layer.3``; empty for top-level modules), ``label`` what the figure calls it."""
+
+    name: str
+    label: str
+    layers: list[str]
+
+
+@dataclass
+class LayerSummary:
+    """What a figure draws of a model's layers, in model order: ``items`` are layer keys (drawn in
+    detail) or :class:`Block` s (summarised); ``note`` says what was summarised ("" when nothing was)."""
+
+    items: list[str | Block]
+    note: str
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The summarised blocks, in model order."""
+        return [item for item in self.items if isinstance(item, Block)]
+
+    @property
+    def detailed(self) -> list[str]:
+        """The layers drawn neuron by neuron, in model order."""
+        return [item for item in self.items if isinstance(item, str)]
+
+
+def _module_name(layer: str) -> str:
+    """``L_layer1.0.relu:2`` → ``layer1.0.relu`` (the module's qualified name)."""
+    name = layer[2:] if layer.startswith("L_") else layer
+    return name.split(":", 1)[0]
+
+
+def block_name(layer: str) -> str:
+    """The block a layer belongs to: its module name up to the first numbered module (``layer1.0``,
+    ``bert.encoder.layer.3``), else its parent module's name (``bert.embeddings``; ``""`` at top level)."""
+    parts = _module_name(layer).split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1])
+
+
+def head_layers(trace: Trace, limit: int = MAX_HEAD_LAYERS) -> list[str]:
+    """The model's last layers, drawn in detail: from the layer feeding the classifier's Linear chain
+    (:func:`staining.linear_chain`) to the end, at most ``limit``; the last two without a chain."""
+    layers = trace.layers
+    try:
+        start = max(layers.index(staining.linear_chain(trace)[0]) - 1, 0)
+    except ValueError:
+        start = len(layers) - 2
+    return layers[max(start, len(layers) - limit, 0) :]
+
+
+def _span_label(first: str, last: str) -> str:
+    """``bert.encoder.layer.0`` … ``bert.encoder.layer.3`` → ``bert.encoder.layer.0–3``."""
+    if first == last:
+        return first
+    a, b = first.split("."), last.split(".")
+    common = 0
+    while common < min(len(a), len(b)) - 1 and a[common] == b[common]:
+        common += 1
+    return ".".join(a[:common] + [".".join(a[common:]) + "–" + ".".join(b[common:])])
+
+
+def _block(layers: list[str], names: list[str]) -> Block:
+    first, last = names[0], names[-1]
+    if first == last and first:
+        label = first
+    elif first == last:  # top-level modules
+        label = _span_label(_module_name(layers[0]), _module_name(layers[-1]))
+    else:
+        label = _span_label(first or _module_name(layers[0]), last or _module_name(layers[-1]))
+    return Block(first if first == last else label, label, layers)
+
+
+def layer_summary(trace: Trace, max_items: int, head: int = MAX_HEAD_LAYERS) -> LayerSummary:
+    """Every layer in detail when there are at most ``max_items``; otherwise the head
+    (:func:`head_layers`) in detail and the layers before it in blocks of consecutive layers sharing
+    :func:`block_name`, adjacent blocks merged evenly until blocks and head fit in ``max_items``."""
+    layers = trace.layers
+    if len(layers) <= max_items:
+        return LayerSummary(list(layers), "")
+    detailed = head_layers(trace, min(head, max_items - 1))
+    body = layers[: len(layers) - len(detailed)]
+    runs: list[tuple[str, list[str]]] = []
+    for layer in body:
+        name = block_name(layer)
+        if runs and runs[-1][0] == name:
+            runs[-1][1].append(layer)
+        else:
+            runs.append((name, [layer]))
+    groups = np.array_split(np.arange(len(runs)), min(len(runs), max(max_items - len(detailed), 1)))
+    blocks = [_block([k for i in group for k in runs[i][1]], [runs[i][0] for i in group]) for group in groups]
+    shown = ", ".join(detailed) if len(detailed) <= 2 else f"{detailed[0]} … {detailed[-1]}"
+    note = (
+        f"{len(body)} layers in {len(blocks)} blocks summarised (grouped by module name); "
+        f"head ({len(detailed)} layers: {shown}) shown neuron by neuron"
+    )
+    return LayerSummary([*blocks, *detailed], note)
+
+
+def block_stains(frame: pd.DataFrame, block: Block, num_classes: int) -> pd.Series:
+    """Share of a block's units per stain at one epoch (a selectivity frame indexed by (layer, neuron)):
+    one entry per class, then ``unstained`` and ``dead``; they sum to 1."""
+    rows = frame[frame.index.get_level_values("layer").isin(block.layers)]
+    stain, dead = rows["stain"].to_numpy(), rows["dead"].to_numpy(bool)
+    counts = [int(((stain == c) & ~dead).sum()) for c in range(num_classes)]
+    counts += [int(((stain < 0) & ~dead).sum()), int(dead.sum())]
+    index = [*range(num_classes), "unstained", "dead"]
+    return pd.Series(np.array(counts, float) / max(len(rows), 1), index=index, name=block.label)
+
+
 # -- staining graph ------------------------------------------------------------------------------
 #: Nodes named per column at most: those carrying the most path score (a column's input features included).
 MAX_LABELS = 10
@@ -212,7 +334,9 @@ class GraphLayout:
     (summed path score), ``sign`` (+1 excitatory, -1 inhibitory: the sign of the edge's mean
     contribution ``W[j,k]·E[x_k|c]`` for that class) and ``xs``, ``ys`` (its drawn points).
     ``evidence``: per (target_class, input neuron) on a path, +1 when the class's mean of that input
-    is above 0 (high values are the evidence), -1 below (low values are).
+    is above 0 (high values are the evidence), -1 below (low values are). ``blocks``: per summarised
+    column (large models, see :func:`layer_summary`) its :class:`Block` and :func:`block_stains`;
+    ``note`` says what was summarised.
     """
 
     epoch: int
@@ -227,6 +351,8 @@ class GraphLayout:
     x_column: str | None
     chain: list[str]
     top_k: int
+    blocks: dict[str, tuple[Block, pd.Series]] = field(default_factory=dict)
+    note: str = ""
 
 
 def default_top_k(num_classes: int) -> int:
@@ -245,21 +371,32 @@ def graph_layout(
     keep: dict[str, set[int]] | None = None,
     aspect: float = 0.3,
     paths: GraphPaths | None = None,
+    summary: LayerSummary | None = None,
 ) -> GraphLayout:
     """The staining graph's nodes (sorted by stain, wide layers sampled) and the edges of the ``top_k``
     pathways into each output neuron, with their signs.
 
     ``order`` (a selectivity frame) fixes the node order, e.g. to the last epoch's so that nodes stay in
     place across epochs; ``keep`` names nodes a sample must keep; ``aspect`` is a column's width over
-    the plot's height (it makes an input pixel grid square); ``paths`` reuses a :func:`graph_paths`.
+    the plot's height (it makes an input pixel grid square); ``paths`` reuses a :func:`graph_paths`;
+    ``summary`` (:func:`layer_summary`) draws its blocks as one column each, and the paths within its
+    detailed layers only (default: every layer in detail).
     """
     epoch = staining.resolve_epoch(trace, epoch)
     frame = _selection(trace, epoch, stains)
     ordering = frame if order is None else _selection(trace, _frame_epoch(order, epoch), order)
     palette = class_palette(trace.num_classes or 0)
-    paths = graph_paths(trace, epoch, top_k) if paths is None else paths
+    summary = LayerSummary(list(trace.layers), "") if summary is None else summary
+    if paths is None:
+        paths = graph_paths(trace, epoch, top_k, layers=summary.detailed if summary.blocks else None)
     chain, x_column, edges, evidence = paths.chain, paths.x_column, paths.edges, paths.evidence
-    columns = (["x"] if x_column == "x" else []) + trace.layers
+    blocks = {
+        f"block:{i}:{item.label}": item for i, item in enumerate(summary.items) if isinstance(item, Block)
+    }
+    ids = {id(block): column for column, block in blocks.items()}
+    columns = (["x"] if x_column == "x" else []) + [
+        ids[id(item)] if isinstance(item, Block) else item for item in summary.items
+    ]
     image_shape = _image_shape(trace, chain) if x_column == "x" else None
     forced = _edge_nodes(edges)
     for layer, ids in (keep or {}).items():
@@ -267,6 +404,9 @@ def graph_layout(
 
     rows, widths, notes = [], {}, {}
     for col, layer in enumerate(columns):
+        if layer in blocks:
+            widths[layer] = sum(trace.layer_info(k)["neurons"] for k in blocks[layer].layers)
+            continue
         if layer == "x":
             width = trace.layer_info(chain[0])["in_features"]
             shown = np.arange(width)
@@ -325,7 +465,14 @@ def graph_layout(
             nodes.at[("x", _split(source)[1]), "colour"] = tuple(palette[c])
             nodes.at[("x", _split(source)[1]), "evidence"] = evidence.get((c, _split(source)[1]), 1)
     edges = _place_edges(edges, nodes, columns, widths)
-    labels = [_column_label(trace, layer, chain, narrow=len(columns) > 6) for layer in columns]
+    stained = {column: (b, block_stains(frame, b, len(palette))) for column, b in blocks.items()}
+    chars = _label_chars(len(columns)) if blocks else 0  # long module names broken after dots
+    labels = [
+        _block_label(trace, *stained[layer], chars or 99)
+        if layer in stained
+        else _column_label(trace, layer, chain, len(columns) > 6, chars)
+        for layer in columns
+    ]
     return GraphLayout(
         epoch,
         columns,
@@ -339,6 +486,8 @@ def graph_layout(
         x_column,
         chain,
         paths.top_k,
+        stained,
+        summary.note,
     )
 
 
@@ -355,11 +504,14 @@ class GraphPaths:
     top_k: int
 
 
-def graph_paths(trace: Trace, epoch: int = -1, top_k: int | None = None) -> GraphPaths:
-    """The ``top_k`` pathways into each output neuron (:func:`staining.pathways`) as signed edges per class."""
+def graph_paths(
+    trace: Trace, epoch: int = -1, top_k: int | None = None, layers: Sequence[str] | None = None
+) -> GraphPaths:
+    """The ``top_k`` pathways into each output neuron (:func:`staining.pathways`) as signed edges per
+    class; with ``layers`` (the detailed layers of a large model), only the part of the chain among them."""
     epoch = staining.resolve_epoch(trace, epoch)
     top_k = default_top_k(trace.num_classes or 0) if top_k is None else top_k
-    chain, paths, x_column, shares = _graph_paths(trace, epoch, top_k)
+    chain, paths, x_column, shares = _graph_paths(trace, epoch, top_k, layers)
     edges, evidence = _graph_edges(trace, epoch, chain, paths, shares, x_column)
     return GraphPaths(chain, x_column, edges, evidence, top_k)
 
@@ -499,10 +651,12 @@ def plot_staining_graph(
         if rings is not None
         else None
     )
-    n_columns = len(trace.layers) + 1
+    summary = layer_summary(trace, MAX_GRAPH_LAYERS)
+    n_columns = len(summary.items) + 1
     layout = graph_layout(
-        trace, epoch, top_k=top_k, max_nodes=max_nodes, stains=stains, keep=keep, aspect=_aspect(n_columns)
-    )
+        trace, epoch, top_k=top_k, max_nodes=max_nodes, stains=stains, keep=keep, aspect=_aspect(n_columns),
+        summary=summary,
+    )  # fmt: skip
     fig = Figure(figsize=graph_size(len(layout.columns)), layout="constrained")
     draw_staining_graph(fig, trace, layout, rings)
     return fig
@@ -538,6 +692,9 @@ def draw_staining_graph(
     nodes = layout.nodes
     n_columns = len(layout.columns)
     for col, layer in enumerate(layout.columns):
+        if layer in layout.blocks:
+            _draw_block(ax, col, layer, *layout.blocks[layer], palette)
+            continue
         group = nodes.xs(layer, level="layer")
         count = len(group)
         if layer == "x" and layout.image_shape is not None:
@@ -615,6 +772,39 @@ def draw_staining_graph(
         fontsize=9,
     )
     fig.suptitle(f"Staining graph — run '{_run(trace)}', epoch {layout.epoch}", fontsize=12)
+    if layout.blocks:
+        fig.supxlabel(
+            f"{layout.note}\na summarised block's bar: the share of its units stained for each class "
+            "(top), unstained (grey) and dead (dark)",
+            fontsize=8,
+            color="#333333",
+        )
+
+
+#: Width of a summarised block's bar in the staining graph, in columns.
+BLOCK_WIDTH = 0.36
+
+
+def _draw_block(ax, col: int, column: str, block: Block, shares: pd.Series, palette) -> None:
+    """A summarised block as one stacked bar from the top: each class's share of its units in the class
+    colour, then unstained (grey) and dead (dark)."""
+    colours = [*palette, to_rgb(UNSTAINED_COLOUR), to_rgb(DEAD_COLOUR)]
+    top = 1.0
+    for (key, share), colour in zip(shares.items(), colours):
+        if share <= 0:
+            continue
+        ax.add_patch(
+            Rectangle(
+                (col - BLOCK_WIDTH / 2, top - share), BLOCK_WIDTH, share, facecolor=colour,
+                edgecolor="white", lw=0.5, zorder=3, gid=f"block:{block.label}:{key}",
+            )
+        )  # fmt: skip
+        top -= share
+    ax.add_patch(
+        Rectangle(
+            (col - BLOCK_WIDTH / 2, 0), BLOCK_WIDTH, 1, fill=False, edgecolor="#555555", lw=0.6, zorder=4
+        )
+    )
 
 
 def _draw_pixel_grid(ax, group: pd.DataFrame, layout: GraphLayout, palette, n_columns: int) -> None:
@@ -806,7 +996,7 @@ def _graph_legend(trace: Trace, layout: GraphLayout, palette, top: float, rings:
 
 
 def _graph_paths(
-    trace: Trace, epoch: int, top_k: int
+    trace: Trace, epoch: int, top_k: int, layers: Sequence[str] | None = None
 ) -> tuple[list[str], list[tuple[int, np.ndarray, list]], str | None, dict]:
     """The Linear chain, each class's top pathways (node ids from the input feature to the output neuron,
     as :func:`staining.pathways` finds them), the column of their input features, and the edge shares.
@@ -819,6 +1009,9 @@ def _graph_paths(
     try:
         chain = staining.linear_chain(trace)
     except ValueError:
+        return [], [], None, {}
+    chain = chain if layers is None else [k for k in chain if k in set(layers)]
+    if not chain:
         return [], [], None, {}
     classes = trace.num_classes or 0
     if trace.layer_info(chain[-1])["neurons"] < classes:
@@ -849,13 +1042,38 @@ def _sample(order: np.ndarray, keep: set[int], limit: int) -> np.ndarray:
     return np.array([n for n in order if n in chosen])
 
 
-def _column_label(trace: Trace, layer: str, chain: list[str], narrow: bool = False) -> str:
-    """``L_hidden_1`` / ``Linear, 64 neurons``; on three lines when columns are narrow (many layers)."""
+def _wrap(name: str, chars: int) -> str:
+    """``name`` broken after dots into lines of at most ``chars`` characters (where it can be)."""
+    lines = [""]
+    for token in name.replace(".", ".\0").split("\0"):
+        if lines[-1] and len(lines[-1]) + len(token) > chars:
+            lines.append("")
+        lines[-1] += token
+    return "\n".join(lines)
+
+
+def _label_chars(n_columns: int) -> int:
+    """Characters of a 7-point column label that fit a staining graph's column."""
+    width = graph_size(n_columns)[0] - LEGEND_WIDTH - 0.8
+    return max(int(width / n_columns * 72 / (7 * 0.62)), 6)
+
+
+def _block_label(trace: Trace, block: Block, shares: pd.Series, chars: int) -> str:
+    """``layer1.0`` / ``6 layers`` / ``48 units`` / ``4% stained``: a summarised column's label."""
+    units = sum(trace.layer_info(k)["neurons"] for k in block.layers)
+    stained = 1 - shares["unstained"] - shares["dead"]
+    return f"{_wrap(block.label, chars)}\n{len(block.layers)} layers\n{units} units\n{stained:.0%} stained"
+
+
+def _column_label(trace: Trace, layer: str, chain: list[str], narrow: bool = False, chars: int = 0) -> str:
+    """``L_hidden_1`` / ``Linear, 64 neurons``; on three lines when columns are narrow (many layers), the
+    name broken after dots when longer than ``chars``."""
     if layer == "x":
         return f"x (inputs)\n{trace.layer_info(chain[0])['in_features']} features"
     info = trace.layer_info(layer)
     kind = info.get("activation") or info.get("type", "")
-    return f"{layer}\n{kind}{chr(10) if narrow else ', '}{info['neurons']} neurons"
+    name = _wrap(layer, chars) if chars else layer
+    return f"{name}\n{kind}{chr(10) if narrow else ', '}{info['neurons']} neurons"
 
 
 # -- brain scan ------------------------------------------------------------------------------------
@@ -1326,12 +1544,14 @@ def save_staining_animation(
     epochs = [staining.resolve_epoch(trace, e) for e in epochs]
     stains = staining.selectivity(trace) if stains is None else stains
     order = stains.xs(recorded[-1], level="epoch")
-    paths = {e: graph_paths(trace, e) for e in epochs}
+    summary = layer_summary(trace, MAX_GRAPH_LAYERS)
+    detailed = summary.detailed if summary.blocks else None
+    paths = {e: graph_paths(trace, e, layers=detailed) for e in epochs}
     keep: dict[str, set[int]] = {}
     for p in paths.values():
         for layer, ids in _edge_nodes(p.edges).items():
             keep.setdefault(layer, set()).update(ids)
-    n_columns = len(trace.layers) + 1
+    n_columns = len(summary.items) + 1
     fig = Figure(figsize=graph_size(n_columns), layout="constrained")
     writer = PillowWriter(fps=fps)
     with writer.saving(fig, str(path), dpi):
@@ -1339,7 +1559,7 @@ def save_staining_animation(
             fig.clear()
             layout = graph_layout(
                 trace, e, stains=stains.xs(e, level="epoch"), order=order, keep=keep,
-                aspect=_aspect(n_columns), paths=paths[e],
+                aspect=_aspect(n_columns), paths=paths[e], summary=summary,
             )  # fmt: skip
             draw_staining_graph(fig, trace, layout)
             writer.grab_frame()
