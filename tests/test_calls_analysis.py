@@ -427,3 +427,12 @@ def test_breadcrumbs_follow_each_call_of_a_shared_linear_by_brute_force(loop):
     for rank, (score, path) in enumerate(scored[:4]):
         assert crumbs.paths.loc[rank, "score"] == pytest.approx(score, rel=1e-5)
         assert crumbs.paths.loc[rank, "path"] == tuple(f"{names[i]}/n_{n}" for i, n in enumerate(path))
+
+
+def test_conductance_leaves_out_modules_called_several_times(loop):
+    """Captum hooks a module, not one of its calls: only the layers of modules called once are measured."""
+    pytest.importorskip("captum")
+    model, t, x, y = loop
+    table = intervene.conductance(model, t, x, y, layers=["L_fc", "L_act:2", "L_tied"], n_steps=4)
+    assert set(table.index.get_level_values("layer")) == {"L_fc"}
+    assert set(intervene.conductance_correlation(model, t, x, y, n_steps=4).index) == {"L_fc", "L_out"}
