@@ -6,6 +6,11 @@
   parts are in place. A reader sees exactly the epochs with a complete line; a torn last line
   (a crash while appending) is no commit. Appending costs the same at epoch 10 and 100,000.
 - ``metrics.jsonl`` is appended by ``log_metrics``; a later line wins for the same key.
+- ``history.jsonl`` lists the history index's blocks (format 3): each line names a block file
+  under ``_history/`` that holds a run of committed epochs' neuron rows ordered neuron-major,
+  appended after the file is in place. A later block supersedes the blocks whose epochs it
+  covers. The index is derived from the parts: a reader that finds a block file gone reads the
+  parts instead.
 
 Loading validates all three (size bounds, types, consistent row offsets) so a damaged or hostile
 folder gets a clear error, never a memory blow-up or a wrong answer. No torch here.
@@ -22,10 +27,13 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "nn_staining.trace"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Versions this code reads: 2 (no history index) and 3 (2 plus ``history.jsonl`` and ``_history/``).
+READABLE_VERSIONS = (2, 3)
 META = "meta.json"
 EPOCH_LOG = "epochs.jsonl"
 METRICS_LOG = "metrics.jsonl"
+INDEX_LOG = "history.jsonl"
 #: Loading refuses larger metadata files (a real one is a few KB per layer).
 MAX_META_BYTES = 32 * 2**20
 MAX_LOG_BYTES = 512 * 2**20
@@ -54,6 +62,24 @@ class Commit:
     phase: str
     layout: int
     rows: dict[str, int]
+
+
+@dataclass(frozen=True)
+class IndexBlock:
+    """One block of the history index: ``epochs`` (committed, consecutive in commit order, one
+    row layout) of ``phase`` in one file, ``rows`` neuron rows per epoch, ordered by cell (the row
+    of an epoch's part) then epoch; ``level`` counts the merges that built it."""
+
+    phase: str
+    level: int
+    epochs: tuple[int, ...]
+    layout: int
+    rows: int
+
+    @property
+    def file(self) -> str:
+        """The block's file name under ``_history/neurons/``: phase, first and last epoch, level."""
+        return f"{self.phase}-{self.epochs[0]}-{self.epochs[-1]}-L{self.level}.parquet"
 
 
 def new_run_id() -> str:
@@ -150,11 +176,13 @@ def validate_meta(meta: dict[str, Any], path: Path) -> None:
     """Check the fields readers rely on, and that every layer's row offsets follow from the layer
     order and sizes (tampered offsets would make a query return another layer's rows)."""
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        newer = _is_int(version) and version > FORMAT_VERSION
         raise _fail(
             path,
             "format_version",
-            f"is {version!r}; this nn_staining reads version {FORMAT_VERSION} (re-record it)",
+            f"is {version!r}; this nn_staining reads versions {', '.join(map(str, READABLE_VERSIONS))} "
+            + ("(the trace was written by a newer nn_staining: upgrade it)" if newer else "(re-record it)"),
         )
     layers = meta.get("layers")
     if not isinstance(layers, list):
@@ -282,4 +310,58 @@ def read_metrics(root: str | os.PathLike, meta: dict[str, Any]) -> dict[str, dic
         key, values = line.get("key"), line.get("values")
         if isinstance(key, str) and isinstance(values, dict):
             out.setdefault(key, {}).update(values)
+    return out
+
+
+def index_line(block: IndexBlock) -> dict[str, Any]:
+    return {
+        "phase": block.phase,
+        "level": block.level,
+        "epochs": list(block.epochs),
+        "layout": block.layout,
+        "rows": block.rows,
+    }
+
+
+def read_index(
+    root: str | os.PathLike, meta: dict[str, Any], commits: dict[str, dict[int, Commit]]
+) -> dict[str, list[IndexBlock]]:
+    """The history index's live blocks per phase, in epoch order: each later line supersedes the
+    blocks it overlaps, and a block is used only when every epoch in it is committed with its
+    layout and row count (an index left behind by a resume that dropped epochs is ignored)."""
+    path = Path(root) / INDEX_LOG
+    live: dict[str, dict[int, IndexBlock]] = {"train": {}, "eval": {}}
+    for number, line in enumerate(_read_log(path, "history index"), 1):
+        phase, level, epochs, layout, rows = (
+            line.get(k) for k in ("phase", "level", "epochs", "layout", "rows")
+        )
+        if (
+            phase not in live
+            or not _is_int(level)
+            or not isinstance(epochs, list)
+            or not epochs
+            or not all(_is_int(e) and e <= MAX_EPOCH for e in epochs)
+            or any(a >= b for a, b in zip(epochs, epochs[1:]))
+            or not _is_int(layout)
+            or not _is_int(rows, 1)
+        ):
+            raise TraceCorruptError(f"{str(path)!r} line {number} is not a valid index block: {line!r:.200}")
+        block = IndexBlock(phase, level, tuple(epochs), layout, rows)
+        blocks = live[phase]
+        for first in [
+            f for f, b in blocks.items() if b.epochs[0] <= epochs[-1] and epochs[0] <= b.epochs[-1]
+        ]:
+            del blocks[first]
+        blocks[epochs[0]] = block
+    out: dict[str, list[IndexBlock]] = {}
+    for phase, blocks in live.items():
+        done = commits.get(phase, {})
+        out[phase] = [
+            b
+            for _, b in sorted(blocks.items())
+            if all(
+                e in done and done[e].layout == b.layout and done[e].rows.get("neurons") == b.rows
+                for e in b.epochs
+            )
+        ]
     return out

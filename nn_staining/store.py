@@ -5,12 +5,21 @@ Layout (``epoch`` lives only in the directory name, as pyarrow's ``write_dataset
     <store>/meta.json, epochs.jsonl, metrics.jsonl      see :mod:`nn_staining.catalog`
     <store>/<table>/epoch=<e>/part-0.parquet          train rows
     <store>/<table>/epoch=<e>/eval-0.parquet          eval rows (record_eval=True)
+    <store>/_history/neurons/<phase>-<first>-<last>-L<level>.parquet   the history index (format 3)
 
 Every part is written under a dot-prefixed temporary name and renamed into place, the
 ``neurons`` part last; the epoch counts once its line is appended to ``epochs.jsonl``. A failed
 write removes every part of that epoch, so no engine sees half of it. Parts carry page
 checksums, verified on read. Rows are ordered by layer then neuron (:mod:`nn_staining.rows`),
-so a reader reads only the row groups a signature needs. No torch here.
+so a reader reads only the row groups a signature needs.
+
+The history index makes a query over many epochs open few files: the writer copies the scalar
+``neurons`` columns of every run of ``INDEX_FANIN`` small committed epochs into one block file,
+rows ordered by cell (an epoch part's row) then epoch, so one neuron's history in a block is one
+contiguous run of rows; ``INDEX_FANIN`` blocks of one level merge into a block of the next. The
+index is a derived copy under ``_history/`` (which engines globbing ``<table>/*/*.parquet`` never
+see): the parts stay the record, a block is listed in ``history.jsonl`` only once its file is in
+place, and a reader that finds a block gone reads the parts instead. No torch here.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +42,18 @@ from .catalog import (
     EPOCH_LOG,
     FORMAT_NAME,
     FORMAT_VERSION,
+    INDEX_LOG,
     META,
     METRICS_LOG,
     Commit,
+    IndexBlock,
     NotATraceError,
     TraceCorruptError,
     append_line,
     commit_line,
+    index_line,
     read_commits,
+    read_index,
     read_meta,
     read_metrics,
     regular_file,
@@ -59,6 +73,14 @@ EPOCH_FOLDERS = TABLES + ("probes", "checkpoints")
 PHASES = ("train", "eval")
 #: Rows per Parquet row group: a query reads whole row groups, so smaller is more selective.
 ROW_GROUP_ROWS = 8192
+#: The history index's folder (its ``neurons`` blocks); ``history.jsonl`` lists the live blocks.
+HISTORY = "_history"
+#: Epochs with at least this many neuron rows are not indexed: their part's open is already amortised.
+INDEX_BELOW_ROWS = 65_536
+#: Epochs (level 0) or blocks (level l > 0) merged into one block of the next level.
+INDEX_FANIN = 16
+#: No index block holds more rows than this (its merge is skipped).
+INDEX_MAX_ROWS = 2**22
 
 _LAYER = pa.dictionary(pa.int32(), pa.string())
 _F32 = pa.float32()
@@ -110,6 +132,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         + _stat_fields(BATCH_COLUMNS)
     ),
 }
+
+#: The ``neurons`` columns the history index copies (every one but the ``weights`` list).
+INDEXED_COLUMNS = [f.name for f in SCHEMAS["neurons"] if f.name != "weights"]
 
 #: The index columns of each table (besides ``epoch``) and its cell-level key.
 INDEX_COLUMNS = {
@@ -215,9 +240,11 @@ class TraceWriter:
         meta = self.root / META
         folders = [self.root / t for t in EPOCH_FOLDERS if (self.root / t).exists()]
         self._meta: dict[str, Any] | None = None
+        self._index: dict[str, _IndexState] = {}
         if meta.exists():
             read_meta(self.root)  # only a folder that really is a trace is continued or cleared
             if resume:
+                self.remove_unlisted_blocks()
                 return
             if not overwrite:
                 raise FileExistsError(
@@ -228,7 +255,8 @@ class TraceWriter:
             derived = self.root / "interventions"  # effects measured on the replaced run
             for folder in folders + ([derived] if derived.is_dir() else []):
                 shutil.rmtree(folder)
-            for log_name in (EPOCH_LOG, METRICS_LOG):
+            shutil.rmtree(self.root / HISTORY, ignore_errors=True)
+            for log_name in (EPOCH_LOG, METRICS_LOG, INDEX_LOG):
                 (self.root / log_name).unlink(missing_ok=True)
         elif folders:
             raise FileExistsError(
@@ -286,10 +314,15 @@ class TraceWriter:
         append_line(self.root / METRICS_LOG, {"key": key, "values": values})
 
     def drop_epochs(self, first: int) -> None:
-        """Forget every epoch from ``first`` on: the logs stop listing them (atomically), then
-        their parts, probe records and checkpoints are deleted."""
+        """Forget every epoch from ``first`` on: the logs stop listing them (atomically; the history
+        index first), then their parts, index blocks, probe records and checkpoints are deleted."""
         meta = read_meta(self.root)
         commits = read_commits(self.root, meta)
+        blocks = read_index(self.root, meta, commits)
+        kept_blocks = [index_line(b) for phase in blocks.values() for b in phase if b.epochs[-1] < first]
+        if (self.root / INDEX_LOG).exists():
+            rewrite_log(self.root / INDEX_LOG, kept_blocks)
+        self._index.clear()
         kept = [commit_line(c) for phase in commits.values() for e, c in sorted(phase.items()) if e < first]
         rewrite_log(self.root / EPOCH_LOG, kept)
         metrics = read_metrics(self.root, meta)
@@ -303,6 +336,132 @@ class TraceWriter:
                 number = child.name[6:]
                 if child.name.startswith("epoch=") and number.isdigit() and int(number) >= first:
                     shutil.rmtree(child, ignore_errors=True)
+        self.remove_unlisted_blocks()
+
+    # -- the history index -------------------------------------------------------------------------
+    def remove_unlisted_blocks(self) -> None:
+        """Delete index files no live block names: those of a merge or a resume interrupted before
+        its clean-up, and temporaries (only the writer of a store calls this)."""
+        folder = self.root / HISTORY / "neurons"
+        if not folder.is_dir():
+            return
+        meta = read_meta(self.root)
+        live = {
+            b.file
+            for phase in read_index(self.root, meta, read_commits(self.root, meta)).values()
+            for b in phase
+        }
+        for child in folder.iterdir():
+            if child.name not in live:
+                with contextlib.suppress(OSError):
+                    child.unlink()
+
+    def index_committed(self, commit: Commit) -> None:
+        """Add a just-committed epoch to the history index: every ``INDEX_FANIN`` consecutive small
+        epochs of one row layout become a level-0 block, and ``INDEX_FANIN`` consecutive blocks of
+        one level merge into one of the next (up to ``INDEX_MAX_ROWS`` rows)."""
+        rows = commit.rows.get("neurons", 0)
+        state = self._index.get(commit.phase)
+        if state is None:  # first commit since the store was opened: the logs include this one
+            state = self._index[commit.phase] = self._load_index_state(commit.phase)
+        else:
+            key = (commit.layout, rows)
+            if not 0 < rows < INDEX_BELOW_ROWS or key != state.key:
+                state.tail.clear()
+                state.run.clear()
+                state.key = key
+            if 0 < rows < INDEX_BELOW_ROWS:
+                state.tail.append(commit.epoch)
+        if not 0 < rows < INDEX_BELOW_ROWS:
+            return
+        try:
+            while len(state.tail) >= INDEX_FANIN and INDEX_FANIN * rows <= INDEX_MAX_ROWS:
+                epochs, state.tail = state.tail[:INDEX_FANIN], state.tail[INDEX_FANIN:]
+                block = IndexBlock(commit.phase, 0, tuple(epochs), commit.layout, rows)
+                self._write_block(block, [self._epoch_rows(e, commit.phase, rows) for e in epochs], 1)
+                state.run.append(block)
+                self._merge_full_levels(state)
+        except BaseException:
+            state.tail.clear()
+            state.run.clear()
+            raise
+
+    def _merge_full_levels(self, state: _IndexState) -> None:
+        """Merge the newest ``INDEX_FANIN`` blocks of the run while they share a level."""
+        while len(state.run) >= INDEX_FANIN:
+            group = state.run[-INDEX_FANIN:]
+            first = group[0]
+            epochs = tuple(e for b in group for e in b.epochs)
+            if len({b.level for b in group}) != 1 or len(epochs) * first.rows > INDEX_MAX_ROWS:
+                return
+            merged = IndexBlock(first.phase, first.level + 1, epochs, first.layout, first.rows)
+            k = len(first.epochs)
+            self._write_block(merged, [self._block_rows(b) for b in group], k)
+            state.run[-INDEX_FANIN:] = [merged]
+            for b in (
+                group
+            ):  # listed as superseded already: a crash here leaves files remove_unlisted_blocks deletes
+                with contextlib.suppress(OSError):
+                    index_path(self.root, b).unlink()
+
+    def _write_block(self, block: IndexBlock, sources: list[pa.Table], k: int) -> None:
+        """Interleave ``sources`` (each ``block.rows`` cells × ``k`` epochs, cell-major) into one
+        cell-major block file, rename it into place, then list it in the index log."""
+        path = index_path(self.root, block)
+        data = pa.concat_tables(sources)
+        order = np.arange(data.num_rows).reshape(len(sources), block.rows, k).transpose(1, 0, 2).ravel()
+        try:
+            _write_table(data.take(order), _temporary(path))
+            os.replace(_temporary(path), path)
+        except BaseException:
+            _temporary(path).unlink(missing_ok=True)
+            raise
+        append_line(self.root / INDEX_LOG, index_line(block))
+
+    def _epoch_rows(self, epoch: int, phase: str, rows: int) -> pa.Table:
+        """The indexed columns of a committed epoch's ``neurons`` part (checksums verified)."""
+        path = part_path(self.root, "neurons", epoch, phase)
+        return read_part(path, INDEXED_COLUMNS, ReadPlan(None, rows, None), epoch)
+
+    def _block_rows(self, block: IndexBlock) -> pa.Table:
+        path = index_path(self.root, block)
+        return read_part(
+            path, INDEXED_COLUMNS, ReadPlan(None, block.rows * len(block.epochs), None), block.epochs[0]
+        )
+
+    def _load_index_state(self, phase: str) -> _IndexState:
+        """The index as the logs leave it: epochs committed after the last live block wait in the tail."""
+        meta = read_meta(self.root)
+        commits = read_commits(self.root, meta)
+        blocks = read_index(self.root, meta, commits).get(phase, [])
+        last = blocks[-1].epochs[-1] if blocks else -1
+        done = commits.get(phase, {})
+        state = _IndexState()
+        for epoch in sorted(e for e in done if e > last):
+            c = done[epoch]
+            key = (c.layout, c.rows.get("neurons", 0))
+            if key != state.key:
+                state.tail.clear()
+                state.key = key
+            state.tail.append(epoch)
+        if state.key is not None and not 0 < state.key[1] < INDEX_BELOW_ROWS:
+            state.tail.clear()
+        return state
+
+
+class _IndexState:
+    """The writer's view of one phase's index: the epochs not yet in a block (consecutive, one row
+    layout) and the newest run of consecutive blocks that may still merge."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, int] | None = None
+        self.tail: list[int] = []
+        self.run: list[IndexBlock] = []
+
+
+def index_path(root: str | os.PathLike, block: IndexBlock) -> Path:
+    """Where an index block's file lives."""
+    return Path(root) / HISTORY / "neurons" / block.file
 
 
 class _EpochFailure(Exception):
@@ -389,34 +548,79 @@ def _read_ranges(
     return table
 
 
+@dataclass(frozen=True)
+class BlockRead:
+    """What to read from one history-index block: the epochs at ``positions`` of ``block.epochs``
+    and, of each, the rows ``plan`` selects in that epoch's part (``plan.row_ranges`` set)."""
+
+    block: IndexBlock
+    positions: list[int]
+    plan: ReadPlan
+
+    @property
+    def epochs(self) -> list[int]:
+        return [self.block.epochs[p] for p in self.positions]
+
+
+def read_block(root: str | os.PathLike, read: BlockRead, columns: Sequence[str]) -> pa.Table:
+    """The rows ``read`` selects from an index block, epoch-major (as the parts would give them,
+    epoch after epoch), reading only the row groups of the selected cells. ``FileNotFoundError``
+    when the block is gone (a merge or resume replaced it); a damaged block is a
+    :class:`~nn_staining.catalog.TraceCorruptError` naming the file."""
+    block, k = read.block, len(read.block.epochs)
+    path = index_path(root, block)
+    if not path.exists():
+        raise FileNotFoundError(path)
+    ranges = [(lo * k, hi * k) for lo, hi in read.plan.row_ranges or []]
+    table = read_part(path, columns, ReadPlan(ranges, block.rows * k, None), block.epochs[0])
+    cells = table.num_rows // k
+    order = np.arange(cells * k).reshape(cells, k)[:, read.positions].T.ravel()
+    return table.take(order)
+
+
 def read_epochs(
     root: str | os.PathLike,
     table: str,
     plans: Sequence[tuple[int, ReadPlan]],
     phase: str,
     columns: Sequence[str],
+    blocks: Sequence[BlockRead] = (),
 ) -> pa.Table:
     """Concatenate the rows each epoch's plan selects from ``table``, with an int32 ``epoch`` column first.
 
-    Parts are read on a few threads (pyarrow decodes without the GIL). Every listed epoch must
-    have its part: a missing or damaged one is an error naming the file, never a short answer.
+    Rows come in the order of ``plans``; ``blocks`` are epochs read from the history index instead
+    of their parts (a block found gone is read from the parts), and with them every piece is put
+    in epoch order. Parts are read on a few threads (pyarrow decodes without the GIL).
+    Every listed epoch must have its part: a missing or damaged one is an error naming the file,
+    never a short answer.
     """
     folder, name = os.path.join(os.fspath(root), table), part_name(phase)
 
-    def one(item: tuple[int, ReadPlan]) -> pa.Table:
+    def one(item: tuple[int, ReadPlan] | BlockRead) -> tuple[list[int], pa.Table]:
+        if isinstance(item, BlockRead):
+            try:
+                return item.epochs, read_block(root, item, columns)
+            except FileNotFoundError:
+                parts = [one((e, item.plan)) for e in item.epochs]
+                return item.epochs, pa.concat_tables([t for _, t in parts])
         epoch, plan = item
-        return read_part(Path(folder, f"epoch={epoch}", name), columns, plan, epoch)
+        return [epoch], read_part(Path(folder, f"epoch={epoch}", name), columns, plan, epoch)
 
-    if len(plans) > 4:
+    jobs: list[tuple[int, ReadPlan] | BlockRead] = [*plans, *blocks]
+    if len(jobs) > 4:
         with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 2))) as pool:
-            parts = list(pool.map(one, plans))
+            pieces = list(pool.map(one, jobs))
     else:
-        parts = [one(item) for item in plans]
-    if not parts:
+        pieces = [one(item) for item in jobs]
+    if not pieces:
         empty = SCHEMAS[table].empty_table().select(list(columns))
         return empty.add_column(0, "epoch", pa.array([], pa.int32()))
-    data = pa.concat_tables(parts, promote_options="permissive")
-    epoch = np.repeat(np.array([e for e, _ in plans], dtype=np.int32), [p.num_rows for p in parts])
+    if blocks:  # blocks go where their epochs fall (plans come in epoch order then)
+        pieces.sort(key=lambda piece: piece[0][0])
+    data = pa.concat_tables([t for _, t in pieces], promote_options="permissive")
+    epochs = [e for es, _ in pieces for e in es]
+    counts = [t.num_rows // len(es) for es, t in pieces for _ in es]
+    epoch = np.repeat(np.array(epochs, dtype=np.int32), counts)
     return data.add_column(0, "epoch", pa.array(epoch))
 
 
@@ -424,7 +628,10 @@ def store_size(root: str | os.PathLike) -> int:
     """Bytes on disk of the trace: its metadata and logs and every table's parts (not figures beside them)."""
     root = Path(root)
     files = [root / META, root / EPOCH_LOG, root / METRICS_LOG]
-    files += [
-        p for t in EPOCH_FOLDERS for p in (root / t).rglob("*") if p.suffix in (".parquet", ".safetensors")
+    files += [root / INDEX_LOG] + [
+        p
+        for t in (*EPOCH_FOLDERS, HISTORY)
+        for p in (root / t).rglob("*")
+        if p.suffix in (".parquet", ".safetensors")
     ]
     return sum(p.stat().st_size for p in files if p.is_file())

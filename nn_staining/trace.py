@@ -16,10 +16,31 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from .catalog import EPOCH_LOG, META, TraceChangedError, TraceCorruptError, read_commits, read_metrics
+from .catalog import (
+    EPOCH_LOG,
+    META,
+    TraceChangedError,
+    TraceCorruptError,
+    read_commits,
+    read_index,
+    read_metrics,
+)
 from .rows import ReadPlan, RowLayout
 from .signature import Signature, epoch_key, is_glob, neuron_key, parse_key, parse_signature
-from .store import INDEX_COLUMNS, PHASES, SCHEMAS, part_name, read_epochs, read_meta, store_size
+from .store import (
+    INDEX_COLUMNS,
+    INDEXED_COLUMNS,
+    PHASES,
+    SCHEMAS,
+    BlockRead,
+    part_name,
+    read_epochs,
+    read_meta,
+    store_size,
+)
+
+#: A history-index block serves a query when it reads at most this many times the selected epochs' rows.
+MAX_BLOCK_OVERREAD = 8
 
 #: Columns returned when none are asked for (``weights`` is a list per neuron: ask for it).
 DEFAULT_COLUMNS = {
@@ -49,7 +70,9 @@ class Trace(Mapping):
             RowLayout(self.meta["layers"], classes, lay["neurons"], lay["inputs"])
             for lay in self.meta["layouts"]
         ]
-        self._commits = read_commits(self.path, self.meta)[phase]
+        commits = read_commits(self.path, self.meta)
+        self._commits = commits[phase]
+        self._blocks = read_index(self.path, self.meta, commits)[phase]
         self._metrics: dict[str, dict[str, Any]] | None = None
 
     # -- what is recorded ------------------------------------------------------------------------
@@ -174,9 +197,11 @@ class Trace(Mapping):
         if table != "batches":
             self._rows.check_selection(layers, sig.neurons)
         read_columns = list(dict.fromkeys(INDEX_COLUMNS[table] + columns))
-        data = read_epochs(
-            self.path, table, self._plans(table, epochs, layers, sig), self.phase, read_columns
-        )
+        plans = self._plans(table, epochs, layers, sig)
+        blocks: list[BlockRead] = []
+        if table == "neurons" and set(read_columns) <= set(INDEXED_COLUMNS):
+            plans, blocks = self._block_reads(plans)
+        data = read_epochs(self.path, table, plans, self.phase, read_columns, blocks)
         return _to_frame(data, table, columns)
 
     def to_dataframe(self, columns: Sequence[str] | None = None, table: str = "neurons") -> pd.DataFrame:
@@ -239,12 +264,14 @@ class Trace(Mapping):
         must agree with the layout (tampered metadata is an error, never another layer's rows)."""
         self._check_unchanged()
         plans = []
+        by_layout: dict[int, ReadPlan | None] = {}
         for epoch in epochs:
             commit = self._commits[epoch]
             if table not in commit.rows:
                 continue  # this epoch has no part of the table (e.g. no labels, no classes)
-            layout = self._layouts[commit.layout]
-            plan = layout.plan(table, layers, sig.neurons)
+            if commit.layout not in by_layout:
+                by_layout[commit.layout] = self._layouts[commit.layout].plan(table, layers, sig.neurons)
+            plan = by_layout[commit.layout]
             if plan is None:
                 continue  # none of the layers fired in this epoch
             committed = commit.rows[table]
@@ -255,6 +282,28 @@ class Trace(Mapping):
                 )
             plans.append((epoch, ReadPlan(plan.row_ranges, committed, plan.fallback)))
         return plans
+
+    def _block_reads(
+        self, plans: list[tuple[int, ReadPlan]]
+    ) -> tuple[list[tuple[int, ReadPlan]], list[BlockRead]]:
+        """Move the epochs of ``plans`` that a history-index block serves well (two or more of its
+        epochs, at most ``MAX_BLOCK_OVERREAD`` times their rows read) to reads of that block."""
+        if not self._blocks or len(plans) < 2:
+            return plans, []
+        where = {e: (b, i) for b in self._blocks for i, e in enumerate(b.epochs)}
+        chosen: dict[int, list[tuple[int, int, ReadPlan]]] = {}
+        for n, (epoch, plan) in enumerate(plans):
+            if epoch in where and plan.row_ranges is not None:
+                block, position = where[epoch]
+                chosen.setdefault(block.epochs[0], []).append((n, position, plan))
+        blocks, moved = [], set()
+        for first, hits in chosen.items():
+            block = where[first][0]
+            if len(hits) < 2 or len(hits) * MAX_BLOCK_OVERREAD < len(block.epochs):
+                continue
+            blocks.append(BlockRead(block, [p for _, p, _ in hits], hits[0][2]))
+            moved.update(n for n, _, _ in hits)
+        return [item for n, item in enumerate(plans) if n not in moved], blocks
 
     def _check_unchanged(self) -> None:
         """Refuse to answer when the store was re-recorded since this trace was loaded."""

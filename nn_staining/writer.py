@@ -6,11 +6,14 @@ The training thread hands over a complete, immutable record (statistics, weights
 writes them. The writer keeps only what it produced itself (the previous epoch's weights, for
 ``weight_delta_norm``): it has no reference to the recorder, so it cannot read training-thread
 state. At most ``max_pending`` epochs wait in memory; after a failed write nothing more is
-written, so ``meta.json`` never lists an epoch whose parts are missing.
+written, so ``meta.json`` never lists an epoch whose parts are missing. After each commit the
+writer adds the epoch to the store's history index; a failure there is only logged, since the
+index is a derived copy and readers fall back to the parts.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -21,6 +24,8 @@ from .catalog import Commit
 from .records import EpochRecord
 from .store import TraceWriter, epoch_write_error
 from .tables import epoch_tables
+
+log = logging.getLogger(__name__)
 
 #: Epochs handed to the writer thread and not yet on disk before ``submit_epoch`` waits for the oldest.
 MAX_PENDING_WRITES = 2
@@ -124,6 +129,13 @@ class EpochWriter:
             raise epoch_write_error(self.store.root, record.epoch, phase, exc, self.committed) from exc
         self.committed.append(record.epoch)
         self._previous_weights = {k: w.weights for k, w in record.weights.items() if w.weights is not None}
+        for (phase, rows), layout in zip(written, record.layouts):
+            try:
+                self.store.index_committed(Commit(record.epoch, phase, layout, rows))
+            except Exception as exc:  # the index is a derived copy: the epoch is committed either way
+                log.warning(
+                    "history index of %s not updated at epoch %d: %s", self.store.root, record.epoch, exc
+                )
 
 
 class NoWriter:

@@ -106,11 +106,16 @@ def test_the_valid_meta_passes_and_optional_fields_may_be_absent() -> None:
     [
         (
             lambda m: m.pop("format_version"),
-            "format_version is None; this nn_staining reads version 2 (re-record it)",
+            "format_version is None; this nn_staining reads versions 2, 3 (re-record it)",
         ),
         (
             lambda m: m.update(format_version=1),
-            "format_version is 1; this nn_staining reads version 2 (re-record it)",
+            "format_version is 1; this nn_staining reads versions 2, 3 (re-record it)",
+        ),
+        (
+            lambda m: m.update(format_version=4),
+            "format_version is 4; this nn_staining reads versions 2, 3 "
+            "(the trace was written by a newer nn_staining: upgrade it)",
         ),
         (lambda m: m.update(layers={"L_0": {}}), "layers must be a list, not dict"),
         (lambda m: m["layers"].insert(1, ["L_x"]), "layers[1] must be an object"),
