@@ -72,6 +72,26 @@ def cpu_ops(rows: torch.Tensor) -> Any | None:
     return backend().ops
 
 
+@contextlib.contextmanager
+def using(name: str) -> Iterator[Backend]:
+    """Reduce CPU chunks with ``name`` (``cpp`` or ``torch``) inside the block, to compare the two
+    paths in one process (tests, benchmarks); ``cpp`` raises ``RuntimeError`` without the kernel."""
+    global _backend
+    chosen = backend()
+    if name not in ("cpp", "torch"):
+        raise ValueError(f"reduction backend {name!r} is not one of: cpp, torch")
+    if name == "cpp" and chosen.ops is None:
+        raise RuntimeError(f"the C++ reduction kernel is not available: {chosen.why}")
+    wanted = chosen if name == chosen.name else Backend("torch", "chosen for a comparison")
+    with _lock:
+        previous, _backend = _backend, wanted
+    try:
+        yield wanted
+    finally:
+        with _lock:
+            _backend = previous
+
+
 def cache_dir() -> Path:
     """Where this machine's build of the kernel lives: one folder per torch version, source and flags."""
     root = os.environ.get("NN_STAINING_CACHE")

@@ -50,74 +50,87 @@ inline double chunk_scale(float low, float high, float shift) {
   return std::exp2(exponent);
 }
 
-// One tile's sums: slots (classes + 1) × width of per-class sums (the last slot: rows without a
-// class), square sums; float32 partials folded into float64 every FOLD rows of a slot.
+// One tile's sums: slots (classes + 1) × width per-class sums of x - shift (the last slot: rows
+// without a class), and per column the square sums, active, NaN and infinity counts. float32
+// partials (the counts exact below 2^24) are folded into float64 every FOLD rows of a slot.
 struct TileSums {
   int64_t width, slots;
-  std::vector<float> part, part_sq;
-  std::vector<double> sums, sq;
+  std::vector<float> part, part_sq, part_act, part_nan, part_inf;
+  std::vector<double> sums, sq, act, nan, inf;
   std::vector<int> pending;
   std::vector<int64_t> counts;
-  int pending_sq = 0;
+  int pending_rows = 0;
 
   TileSums(int64_t width, int64_t slots)
-      : width(width), slots(slots), part(slots * width), part_sq(width), sums(slots * width),
-        sq(width), pending(slots), counts(slots) {}
+      : width(width), slots(slots), part(slots * width), part_sq(width), part_act(width),
+        part_nan(width), part_inf(width), sums(slots * width), sq(width), act(width), nan(width),
+        inf(width), pending(slots), counts(slots) {}
 
-  void fold_slot(int64_t l) {
-    float* p = part.data() + l * width;
-    double* s = sums.data() + l * width;
-    for (int64_t j = 0; j < width; ++j) {
+  static void fold(std::vector<float>& from, std::vector<double>& into, int64_t at, int64_t n) {
+    float* __restrict p = from.data() + at;
+    double* __restrict s = into.data() + at;
+    for (int64_t j = 0; j < n; ++j) {
       s[j] += p[j];
       p[j] = 0.0f;
     }
+  }
+
+  void fold_slot(int64_t l) {
+    fold(part, sums, l * width, width);
     pending[l] = 0;
   }
 
-  void fold_sq() {
-    for (int64_t j = 0; j < width; ++j) {
-      sq[j] += part_sq[j];
-      part_sq[j] = 0.0f;
-    }
-    pending_sq = 0;
+  void fold_rows() {
+    fold(part_sq, sq, 0, width);
+    fold(part_act, act, 0, width);
+    fold(part_nan, nan, 0, width);
+    fold(part_inf, inf, 0, width);
+    pending_rows = 0;
   }
 
   void fold_all() {
     for (int64_t l = 0; l < slots; ++l)
       if (pending[l]) fold_slot(l);
-    if (pending_sq) fold_sq();
+    if (pending_rows) fold_rows();
   }
 };
 
-// The sums of one tile's columns [j0, j0 + w) over every kept row: c = x * inv - shift * inv.
-// With ``extremes`` also the min / max and active / non-finite counts (the first pass).
-template <bool Scaled, bool Squares, bool Extremes>
+// Per-class sums of one tile's columns [j0, j0 + w) over every kept row, c = (x - shift) / scale
+// (as x * inv - shift * inv when Scaled). With Full also the squares, min and max (NaN left to
+// the NaN count) and the active / NaN / infinity counts.
+template <bool Scaled, bool Full>
 void sum_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const int64_t* labels,
-              const bool* dropped, int64_t slots, const float* shift, const float* inv, TileSums& t,
-              float* mn, float* mx, int32_t* act, int32_t* bad) {
+              const bool* dropped, int64_t slots, const float* __restrict shift, const float* __restrict inv,
+              TileSums& t, float* __restrict mn, float* __restrict mx) {
   const int64_t none = slots - 1;
-  float* __restrict part_sq = t.part_sq.data();
+  const float big = std::numeric_limits<float>::infinity();
+  float* __restrict q = t.part_sq.data();
+  float* __restrict act = t.part_act.data();
+  float* __restrict nan = t.part_nan.data();
+  float* __restrict inf = t.part_inf.data();
   for (int64_t r = 0; r < n; ++r) {
     if (dropped && dropped[r]) continue;
     int64_t l = labels ? labels[r] : none;
     if (l < 0 || l > none) l = none;
     const float* __restrict x = rows + r * f + j0;
     float* __restrict p = t.part.data() + l * w;
+#pragma GCC ivdep
     for (int64_t j = 0; j < w; ++j) {
       const float v = x[j];
       const float c = Scaled ? v * inv[j] - shift[j] * inv[j] : v - shift[j];
       p[j] += c;
-      if (Squares) part_sq[j] += c * c;
-      if (Extremes) {
-        mn[j] = nan_min(mn[j], v);
-        mx[j] = nan_max(mx[j], v);
-        act[j] += v > 0.0f;
-        bad[j] += !(std::fabs(v) <= std::numeric_limits<float>::max());
+      if (Full) {
+        q[j] += c * c;
+        mn[j] = v < mn[j] ? v : mn[j];
+        mx[j] = v > mx[j] ? v : mx[j];
+        act[j] += v > 0.0f ? 1.0f : 0.0f;
+        nan[j] += v != v ? 1.0f : 0.0f;
+        inf[j] += std::fabs(v) == big ? 1.0f : 0.0f;
       }
     }
     t.counts[l] += 1;
     if (++t.pending[l] == FOLD) t.fold_slot(l);
-    if (Squares && ++t.pending_sq == FOLD) t.fold_sq();
+    if (Full && ++t.pending_rows == FOLD) t.fold_rows();
   }
   t.fold_all();
 }
@@ -130,25 +143,24 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
   TileSums t(w, slots);
   std::vector<double> scale(w, 1.0);
   if (class_only) {
-    sum_tile<false, false, false>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, nullptr,
-                                  nullptr, nullptr, nullptr);
+    sum_tile<false, false>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, nullptr, nullptr);
   } else {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
     std::vector<float> mn(w, std::numeric_limits<float>::infinity());
     std::vector<float> mx(w, -std::numeric_limits<float>::infinity());
-    std::vector<int32_t> act(w, 0), bad(w, 0);
-    sum_tile<false, true, true>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, mn.data(),
-                                mx.data(), act.data(), bad.data());
+    sum_tile<false, true>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, mn.data(), mx.data());
     bool scaled = false;
     for (int64_t j = 0; j < w; ++j) {
+      if (t.nan[j] > 0.0) mn[j] = mx[j] = nan;  // as amin / amax: NaN wins
       scale[j] = chunk_scale(mn[j], mx[j], shift[j]);
       scaled |= scale[j] != 1.0;
     }
     if (scaled) {  // rare: values beyond 2^30 of the shift; sum the tile again, divided by scale
-      std::vector<float> inv(w);
+      std::vector<float> inv(w), ignored_mn(w), ignored_mx(w);
       for (int64_t j = 0; j < w; ++j) inv[j] = static_cast<float>(1.0 / scale[j]);
       t = TileSums(w, slots);
-      sum_tile<true, true, false>(rows, n, f, j0, w, labels, dropped, slots, shift, inv.data(), t,
-                                  nullptr, nullptr, nullptr, nullptr);
+      sum_tile<true, true>(rows, n, f, j0, w, labels, dropped, slots, shift, inv.data(), t, ignored_mn.data(),
+                           ignored_mx.data());
     }
     for (int64_t j = 0; j < w; ++j) {
       const int64_t k = j0 + j;
@@ -158,8 +170,8 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
       out.sum_sq[k] += t.sq[j] * (scale[j] * scale[j]);
       out.minimum[k] = nan_min(out.minimum[k], mn[j]);
       out.maximum[k] = nan_max(out.maximum[k], mx[j]);
-      out.active[k] += act[j];
-      out.nonfinite[k] += bad[j];
+      out.active[k] += t.act[j];
+      out.nonfinite[k] += t.nan[j] + t.inf[j];
     }
   }
   for (int64_t l = 0; l < classes; ++l) {
