@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import __version__
 from .catalog import FORMAT_NAME, FORMAT_VERSION, new_run_id, read_commits, read_meta
 from .distributed import RankGroup, merge_epoch
+from .kernels import describe as describe_reduction
 from .layers import select_layers, snapshot_weights
 from .records import EpochRecord, PhaseRecord
 from .rows import assign_offsets
@@ -430,6 +431,7 @@ class NetworkTrace:
                 "layers": self._layer_patterns,
                 **self.config,
             },
+            "reduction": describe_reduction(),
             "versions": {
                 "nn_staining": __version__,
                 "torch": torch.__version__,
