@@ -163,7 +163,7 @@ class OutputLayout:
 
     neurons: int
     channel_first: bool
-    batch_dim: int
+    batch_dim: int = 0
 
     def width(self, output: Tensor) -> int:
         """The number of neurons ``output`` holds under this layout (a shared module may vary)."""
@@ -171,11 +171,13 @@ class OutputLayout:
             return 1
         return output.shape[1] if self.channel_first else output.shape[-1]
 
-    def rows(self, tensor: Tensor, width: int | None = None) -> Tensor:
-        """A linear-like ``tensor`` as (observations, ``width``) rows, sample-major: a
-        (steps, batch, …) tensor is transposed first, so each sample's rows are consecutive."""
-        if self.batch_dim and tensor.dim() >= 3:
-            tensor = tensor.transpose(0, self.batch_dim)
+    def rows(self, tensor: Tensor, width: int | None = None, batch_dim: int | None = None) -> Tensor:
+        """A linear-like ``tensor`` as (observations, ``width``) rows, sample-major: with the batch in
+        dimension ``batch_dim`` (default: the layout's) of a tensor of 3 or more dimensions, it is
+        moved first, so each sample's rows are consecutive."""
+        batch_dim = self.batch_dim if batch_dim is None else batch_dim
+        if batch_dim and tensor.dim() >= 3:
+            tensor = tensor.transpose(0, batch_dim)
         return tensor.reshape(-1, self.neurons if width is None else width)
 
     def samples(self, output: Tensor) -> int:
@@ -197,22 +199,19 @@ def output_layout(
 
     ≥4-D outputs are channel-first. A 3-D output is channel-first when the module is
     convolution-like, or when a parameter-free module (an activation, Dropout) passes on a
-    channel-first output of the same shape, e.g. a ReLU after a Conv1d. The batch is dimension 1
-    for ``batch_first=False`` RNNs and attention, and for layers that continue their
-    (steps, batch, …) output; ``previous`` / ``previous_shape`` describe the output recorded just
-    before this one in the same pass.
+    channel-first output of the same shape, e.g. a ReLU after a Conv1d; ``previous`` /
+    ``previous_shape`` describe the layer whose output is the module's input. ``batch_dim`` is the
+    module's own declaration (1 for ``batch_first=False`` RNNs and attention), else the batch
+    dimension ``previous`` has when the output keeps its leading dimensions, else 0: where labels
+    must find their samples, :func:`find_batch_dim` checks it against the batch's size.
     """
     elementwise = next(module.parameters(recurse=False), None) is None
-    same_leading = previous_shape is not None and tuple(output.shape[:2]) == tuple(previous_shape[:2])
-    if (
-        output.dim() >= 3
-        and getattr(module, "batch_first", True) is False
-        or output.dim() >= 3
-        and previous is not None
-        and previous.batch_dim == 1
-        and same_leading
-    ):
-        batch_dim = 1
+    declared = own_batch_dim(module)
+    same_leading = previous_shape is not None and tuple(output.shape[:-1]) == tuple(previous_shape[:-1])
+    if output.dim() >= 3 and declared is not None:
+        batch_dim = declared
+    elif output.dim() >= 3 and previous is not None and same_leading and not previous.channel_first:
+        batch_dim = previous.batch_dim
     else:
         batch_dim = 0
     if output.dim() >= 4:
@@ -231,6 +230,68 @@ def output_layout(
     else:
         neurons = output.shape[1] if channel_first else output.shape[-1]
     return OutputLayout(neurons=neurons, channel_first=channel_first, batch_dim=batch_dim)
+
+
+def own_batch_dim(module: nn.Module) -> int | None:
+    """The batch dimension a module declares for its (…, features) tensors: 0 or 1 from its own
+    ``batch_first`` (RNNs, ``MultiheadAttention``, ``nn.Transformer``) or its attention's
+    (``TransformerEncoderLayer`` / ``TransformerDecoderLayer`` keep it on ``self_attn``), else None."""
+    for owner in (module, getattr(module, "self_attn", None)):
+        flag = getattr(owner, "batch_first", None)
+        if isinstance(flag, bool):
+            return 0 if flag else 1
+    return None
+
+
+def declared_batch_dims(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, int | None]:
+    """Per layer key, the batch dimension its module or the nearest enclosing block declares
+    (:func:`own_batch_dim`): a Linear inside a ``batch_first=False`` TransformerEncoderLayer sees
+    (steps, batch, features) tensors. None where nothing declares one."""
+    names = {id(m): name for name, m in model.named_modules()}
+    by_name = dict(model.named_modules())
+    declared: dict[str, int | None] = {}
+    for key, module in modules.items():
+        name = names.get(id(module), "")
+        parts = name.split(".") if name else []
+        found = None
+        for end in range(len(parts), -1, -1):
+            owner = by_name.get(".".join(parts[:end]))
+            found = None if owner is None else own_batch_dim(owner)
+            if found is not None:
+                break
+        declared[key] = found
+    return declared
+
+
+#: Why :func:`find_batch_dim` found no batch dimension.
+SHARED = "shared"
+AMBIGUOUS = "ambiguous"
+
+
+def find_batch_dim(
+    shape: tuple[int, ...], samples: int, channel_first: bool, hints: Sequence[int | None] = ()
+) -> tuple[int | None, str]:
+    """The dimension of an output of ``shape`` that holds the batch's ``samples``: ``(dim, "")``, or
+    ``(None, SHARED)`` when no dimension has that size (an output shared by the batch, such as a
+    position embedding of batch size 1) and ``(None, AMBIGUOUS)`` when several have and nothing
+    decides.
+
+    Channel-first, 1-D and 2-D outputs keep the batch first. A (…, features) output takes the first
+    ``hints`` entry (a declared ``batch_first``, the layout of the layer it continues, the user's
+    ``batch_dim``) whose dimension has the batch's size; then one of size 1 in front, with a batch of
+    more, is shared by the batch; else the batch is the one dimension before the features that has
+    its size."""
+    if len(shape) <= 2 or channel_first:
+        return (0, "") if shape[0] == samples else (None, SHARED)
+    for hint in hints:
+        if hint is not None and 0 <= hint < len(shape) - 1 and shape[hint] == samples:
+            return hint, ""
+    if shape[0] == 1 and samples > 1:  # broadcast over the batch, e.g. a (1, steps, features) embedding
+        return None, SHARED
+    candidates = [d for d in range(len(shape) - 1) if shape[d] == samples]
+    if len(candidates) == 1:
+        return candidates[0], ""
+    return None, AMBIGUOUS if candidates else SHARED
 
 
 def unrecordable_reason(output: Any) -> str | None:

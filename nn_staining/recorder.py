@@ -72,7 +72,15 @@ class NetworkTrace:
         resume: bool = False,
         background: bool = True,
         config: dict[str, Any] | None = None,
+        batch_dim: int | None = None,
     ) -> None:
+        if batch_dim is not None and (
+            isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0
+        ):
+            raise ValueError(
+                f"batch_dim={batch_dim!r} must be None (known from the modules and the batch's size), 0 "
+                "(batch-major) or 1 (time-major: (steps, batch, …) outputs)"
+            )
         if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
             raise ValueError(f"num_classes={num_classes!r} must be a positive int or None")
         if overwrite and resume:
@@ -108,7 +116,7 @@ class NetworkTrace:
                 "probe= is not supported on an FSDP-sharded model: only rank 0 runs the probe set, and a "
                 "sharded forward needs every rank"
             )
-        self._tap = HookTap(self.model, select_layers(self.model, layers))
+        self._tap = HookTap(self.model, select_layers(self.model, layers), batch_dim)
         self._recorded: dict[str, list[int]] = {"train": [], "eval": []}
         self._row_layouts: list[dict[str, list[str]]] = []
         self._run_id = new_run_id()

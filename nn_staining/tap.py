@@ -41,11 +41,15 @@ import torch
 from torch import Tensor, nn
 
 from .layers import (
+    AMBIGUOUS,
     ELEMENTWISE_TYPES,
     OutputLayout,
+    declared_batch_dims,
     describe_layer,
+    find_batch_dim,
     known_width,
     output_layout,
+    own_batch_dim,
     unrecordable_reason,
 )
 from .signature import call_key
@@ -87,6 +91,21 @@ ELEMENTWISE_OPS = frozenset(
 )
 
 
+#: The key prefix under which the model's own tensor arguments stand in the layer graph while it is learnt.
+INPUT_PREFIX = "<input "
+#: Operations whose output keeps the dimensions of their tensor inputs (the batch where it was).
+KEEPS_DIMS_OPS = ELEMENTWISE_OPS | {
+    "add",
+    "sub",
+    "native_layer_norm",
+    "layer_norm",
+    "native_batch_norm",
+    "expand",
+}
+#: At most this many autograd nodes are visited looking for where a layer's input came from.
+MAX_TRACE_NODES = 32
+
+
 @dataclass(frozen=True)
 class _Arg:
     """A tensor argument as a module received it (taken by a pre-hook, before an in-place module changes
@@ -94,6 +113,18 @@ class _Arg:
 
     node: Any
     version: int | None
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """A layer's output (and a Linear's input) waiting for the end of its pass to learn its batch."""
+
+    layer: str
+    layout: OutputLayout
+    out: Tensor
+    inputs: Tensor | None
+    batch: Batch
+    stats: PhaseStats
 
 
 @dataclass
@@ -105,7 +136,10 @@ class _ThreadPass:
     batch: Batch | None = None
     direct: PhaseStats | None = None  # the phase of a run of modules called on their own
     fired: set[str] = field(default_factory=set)
-    last_output: tuple[weakref.ref, str] | None = None
+    matched: bool = False  # whether a layer of this pass had a dimension of the labels' sample count
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # layer -> output shape (learning)
+    unmatched: dict[str, tuple[int, ...]] = field(default_factory=dict)  # layers without the labels' samples
+    deferred: list[_Deferred] = field(default_factory=list)  # outputs whose batch dimension is not known yet
     targets: Tensor | None = None
     mask: Tensor | None = None
     calls: dict[str, int] = field(default_factory=dict)  # per module key: its calls so far in this pass
@@ -118,13 +152,19 @@ class _ThreadPass:
 class HookTap:
     """Owns the hooks, the per-batch bookkeeping and what was learnt about each layer's output."""
 
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], batch_dim: int | None = None) -> None:
         zero = {key: "0 neurons" for key, m in modules.items() if known_width(m) == 0}
         if len(zero) == len(modules):
             raise ValueError(_no_recordable_layer(zero))
         self.model = model
         self.modules = modules
         self.layouts: dict[str, OutputLayout] = {}
+        self.declared = declared_batch_dims(model, modules)  # module key -> batch_first of it or its block
+        self.model_batch_dim = batch_dim if batch_dim is not None else model_batch_dim(model)
+        self.batch_dims: dict[str, int] = {}  # layer -> its output's batch dimension, once known
+        # layer -> its output's shape, and the layers (or model inputs) its first argument comes from with theirs
+        self.continues: dict[str, tuple[tuple[int, ...], list[tuple[str, tuple[int, ...]]]]] = {}
+        self._ambiguous_warned: set[str] = set()
         self.descriptions: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}  # layers whose output could not be recorded, and why
         self.label_faults = LabelFaults()
@@ -201,7 +241,7 @@ class HookTap:
         if self._handles:
             return
         self._threads = {}
-        self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True))
         for key, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(key)))
         # after the layers' hooks: when the model itself is a layer, its hook still sees the pass
@@ -257,7 +297,7 @@ class HookTap:
         """The statistics of the phase ``module``'s mode selects (None when it is not recorded)."""
         return self._phases.get("train" if module.training else "eval")
 
-    def _on_forward_start(self, module: nn.Module, args: Any) -> None:
+    def _on_forward_start(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         """A new batch: its phase is the model's mode (a frozen submodule in eval mode stays in the
         training record); the labels given by set_targets serve this one pass."""
         if module is not self.model:
@@ -267,11 +307,21 @@ class HookTap:
             state = self._thread()
             stats = self._phase_stats(module)
             self._passes["train" if module.training else "eval"] += 1
-            state.stats, state.fired, state.last_output, state.direct = stats, set(), None, None
+            state.stats, state.fired, state.direct, state.matched = stats, set(), None, False
+            state.unmatched, state.deferred = {}, []  # a pass that raised leaves nothing behind
             state.batch = None if stats is None else stats.start_batch(state.targets, state.mask)
             state.targets = state.mask = None
             state.calls = {}
             self._start_graph(state, stats is not None)
+            if state.learn:  # the model's tensor arguments: where its first layers' batch comes from
+                named = [*((str(i), a) for i, a in enumerate(args)), *kwargs.items()]
+                for name, arg in named:
+                    if isinstance(arg, Tensor):
+                        key = f"{INPUT_PREFIX}{name}>"
+                        state.outputs[id(arg)] = (weakref.ref(arg), key, _version(arg))
+                        state.shapes[key] = tuple(arg.shape)
+                        if arg.grad_fn is not None:
+                            state.nodes[arg.grad_fn] = key
 
     def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         """The model's pass is over: modules called on their own from now on make their own batches."""
@@ -279,16 +329,22 @@ class HookTap:
             return
         with self._lock:
             state = self._thread()
+            self._settle(state)
+            batch = state.batch
+            unmatched = batch is not None and state.fired and not state.matched and _given(batch) is not None
             state.stats, state.fired, state.batch = _NO_PASS, set(), None
             state.calls = {}
+            shapes, state.unmatched = state.unmatched, {}
             self._start_graph(state, False)
             if not self._graph_passes_left and not any(s.learn for s in self._threads.values()):
                 self._remove_pre_hooks()
+            if unmatched:
+                _refuse_label_count(batch, shapes)
 
     def _start_graph(self, state: _ThreadPass, recorded: bool) -> None:
         """A new batch: it learns the layer graph while learning passes are left (with pre-hooks that
         see each module's arguments before it runs)."""
-        state.outputs, state.nodes, state.inputs = {}, {}, {}
+        state.outputs, state.nodes, state.inputs, state.shapes = {}, {}, {}, {}
         state.learn = recorded and self._graph_passes_left > 0
         if state.learn:
             self._graph_passes_left -= 1
@@ -344,7 +400,7 @@ class HookTap:
         if direct and (not state.fired or key in state.fired or state.direct is not stats):
             state.batch = stats.start_batch(state.targets, state.mask)  # a new call of the submodules
             state.targets = state.mask = None
-            state.fired, state.direct = set(), stats
+            state.fired, state.direct, state.matched, state.unmatched = set(), stats, False, {}
             self._start_graph(state, True)
         call = 1 if direct else state.calls.get(key, 0) + 1  # on its own, each call is a batch
         module_key = layer = key
@@ -360,46 +416,157 @@ class HookTap:
                 self.skipped[layer] = unrecordable_reason(output) or type(output).__name__
             return
         out = raw.detach()
-        layout = self.layouts.get(layer) or self._discover(layer, module, out, state, call, key)
+        sources = self._sources(module_key, args, raw, state) if state.learn else None
+        layout = self.layouts.get(layer) or self._discover(layer, module, out, state, call, key, sources)
         if layout is None:
             return
         if layout.width(out) != layout.neurons:
             self._warn_width(layer, layout, out)
             return
-        key = layer
-        samples, batch = layout.samples(out), state.batch
-        if batch.labels is not None and not batch.placed:
-            self._check_batch(key, batch, samples)
-        if layout.channel_first:
-            stats.add_mean(key, out, layout.spatial_dims(out), batch=batch)
-        else:
-            stats.add(key, layout.rows(out), samples, batch=batch)
+        key, batch = layer, state.batch
+        given = _given(batch)
+        batch_dim, why = (0, "") if given is None else self._batch_dim(key, module_key, layout, out, given)
+        if given is not None:
+            if batch_dim is not None or why == AMBIGUOUS:
+                state.matched = True
+            elif not state.matched:
+                state.unmatched.setdefault(key, tuple(out.shape))  # for the error if no layer matches
+            if direct and not state.matched and not batch.placed:
+                _refuse_label_count(batch, {key: tuple(out.shape)})
+        inputs = None
         if linear and stats.num_classes and args and isinstance(args[0], Tensor) and args[0].shape[-1]:
             inputs = args[0].detach()  # laid out like the layer's own output rows
-            stats.add(key, layout.rows(inputs, inputs.shape[-1]), samples, inputs=True, batch=batch)
+        if why == AMBIGUOUS and not direct:  # a later layer of this pass may tell (see _settle)
+            state.deferred.append(_Deferred(key, layout, out, inputs, batch, stats))
+        else:
+            self._add(_Deferred(key, layout, out, inputs, batch, stats), batch_dim, why)
         if state.learn:
-            self._learn(key, module_key, module, args, raw, state)
-        state.last_output = (weakref.ref(raw), key)
+            self._learn(key, module, args, raw, state, sources)
         state.fired.add(key)
 
-    def _learn(
-        self, key: str, module_key: str, module: nn.Module, args: tuple, raw: Tensor, state: _ThreadPass
-    ) -> None:
-        """Note where layer ``key``'s tensor arguments come from (as its pre-hook saw them, else as they
-        are now), whether it acts elementwise, and its output (for the layers after it in this pass)."""
+    def _add(self, item: _Deferred, batch_dim: int | None, why: str) -> None:
+        """Buffer one output (and a Linear's input) with the batch in ``batch_dim``; without one (an
+        output shared by the batch, or one whose batch is unknown) its rows carry no labels, and an
+        unknown batch with a mask leaves the output out of this pass."""
+        if batch_dim is None and why == AMBIGUOUS:
+            self._warn_ambiguous(item.layer, item.out, _given(item.batch))
+            if item.batch.mask is not None:
+                return  # a mask cannot be placed on rows whose samples are unknown
+        samples = -1 if batch_dim is None or _given(item.batch) is None else item.out.shape[batch_dim]
+        batch_dim = batch_dim or 0
+        layout, stats = item.layout, item.stats
+        if layout.channel_first:
+            stats.add_mean(
+                item.layer, item.out, layout.spatial_dims(item.out), batch=item.batch
+            )  # batch first
+        else:
+            stats.add(item.layer, layout.rows(item.out, batch_dim=batch_dim), samples, batch=item.batch)
+        if item.inputs is not None:
+            rows = layout.rows(item.inputs, item.inputs.shape[-1], batch_dim=batch_dim)
+            stats.add(item.layer, rows, samples, inputs=True, batch=item.batch)
+
+    def _settle(self, state: _ThreadPass) -> None:
+        """At the end of a pass: outputs whose batch dimension was ambiguous take it from a layer of
+        the pass that continues them (a ``batch_first=False`` LSTM fed by a Linear), repeatedly, then
+        are buffered; those still undecided carry no labels."""
+        deferred, state.deferred = state.deferred, []
+        progress = True
+        while deferred and progress:
+            progress, left = False, []
+            for item in deferred:
+                dim = self._from_consumers(item.layer, tuple(item.out.shape), _given(item.batch))
+                if dim is None:
+                    left.append(item)
+                    continue
+                self._add(item, dim, "")
+                progress = True
+            deferred = left
+        for item in deferred:
+            self._add(item, None, AMBIGUOUS)
+
+    def _from_consumers(self, layer: str, shape: tuple[int, ...], samples: int) -> int | None:
+        """The batch dimension of a later layer whose first argument came from ``layer`` and keeps its
+        dimensions up to the batch, when it has that size in ``layer``'s output too."""
+        for consumer, (consumer_shape, origins) in self.continues.items():
+            dim = self.batch_dims.get(consumer)
+            if dim is None or not any(origin == layer for origin, _ in origins):
+                continue
+            source_shape = next(s for origin, s in origins if origin == layer)
+            keeps = dim < len(shape) - 1 and consumer_shape[: dim + 1] == source_shape[: dim + 1]
+            if keeps and shape[dim] == samples:
+                if samples > 1:
+                    self.batch_dims[layer] = dim
+                return dim
+        return None
+
+    def _batch_dim(
+        self, layer: str, module_key: str, layout: OutputLayout, out: Tensor, samples: int
+    ) -> tuple[int | None, str]:
+        """The dimension of ``out`` that holds the pass's ``samples`` (see :func:`find_batch_dim`),
+        kept once a pass of more than one sample decided it; a layer whose output has several
+        dimensions of that size and nothing to choose between them is warned about once."""
+        shape = tuple(out.shape)
+        known = self.batch_dims.get(layer)
+        if known is not None and known < len(shape) and shape[known] == samples:
+            return known, ""
+        hints = (self.declared.get(module_key), self._inherited(layer), self.model_batch_dim)
+        dim, why = find_batch_dim(shape, samples, layout.channel_first, hints)
+        if dim is not None and samples > 1:
+            self.batch_dims[layer] = dim
+        return dim, why
+
+    def _warn_ambiguous(self, layer: str, out: Tensor, samples: int | None) -> None:
+        """Once per layer: its batch dimension is unknown, so its rows carry no labels."""
+        shape = tuple(out.shape)
+        if layer not in self._ambiguous_warned:
+            self._ambiguous_warned.add(layer)
+            sizes = [d for d in range(len(shape) - 1) if shape[d] == samples]
+            log.warning(
+                "%s: its output %s has %s dimensions of the batch's %d samples and nothing tells which is the "
+                "batch (no batch_first on the module or its block, no earlier layer with a known batch whose "
+                "leading dimensions it keeps); per-class statistics are not recorded for it in such passes "
+                "(and with set_targets(mask=) its passes are left out). Pass NetworkTrace(batch_dim=1) for "
+                "a time-major (steps, batch, …) model, or batch_dim=0",
+                layer,
+                tuple(shape),
+                " and ".join(map(str, sizes)),
+                samples,
+            )
+
+    def _inherited(self, layer: str) -> int | None:
+        """The batch dimension of the layer (or model input) ``layer``'s first argument came from, when
+        ``layer``'s output keeps its dimensions up to that one (a Linear, an embedding, a norm)."""
+        shape, origins = self.continues.get(layer, ((), []))
+        for source, source_shape in origins:
+            dim = self.model_batch_dim if source.startswith(INPUT_PREFIX) else self.batch_dims.get(source)
+            if dim is not None and dim < len(shape) - 1 and shape[: dim + 1] == source_shape[: dim + 1]:
+                return dim
+        return None
+
+    def _sources(self, module_key: str, args: tuple, raw: Tensor, state: _ThreadPass) -> list:
+        """Per tensor argument of this call, the recorded layer (and elementwise operations between)
+        whose output it is in this pass, or None: as the argument was when the module received it
+        (its pre-hook's view), else as it is now."""
         pending = state.inputs.get(module_key)
         taken = pending.pop() if pending else None
         tensors = [a for a in args if isinstance(a, Tensor)]
         if taken is None or len(taken) != len(tensors):
             taken = [_Arg(None if a is raw else a.grad_fn, None) for a in tensors]
-        sources = self.graph.setdefault(key, {})
-        for arg, seen in zip(tensors, taken):
-            found = _source(arg, seen, state)
-            if found is not None and found[0] != key:
-                sources.setdefault(*found)
+        return [(arg, seen, _source(arg, seen, state)) for arg, seen in zip(tensors, taken)]
+
+    def _learn(
+        self, key: str, module: nn.Module, args: tuple, raw: Tensor, state: _ThreadPass, sources
+    ) -> None:
+        """Note where layer ``key``'s tensor arguments come from, whether it acts elementwise, and its
+        output (for the layers after it in this pass)."""
+        edges = self.graph.setdefault(key, {})
+        for _, _, found in sources:
+            if found is not None and found[0] != key and not found[0].startswith(INPUT_PREFIX):
+                edges.setdefault(*found)
         if key not in self.elementwise:
-            self.elementwise[key] = _acts_elementwise(module, args, raw, taken)
+            self.elementwise[key] = _acts_elementwise(module, args, raw, [seen for _, seen, _ in sources])
         state.outputs[id(raw)] = (weakref.ref(raw), key, _version(raw))
+        state.shapes[key] = tuple(raw.shape)
         if raw.grad_fn is not None:
             state.nodes[raw.grad_fn] = key
 
@@ -414,35 +581,35 @@ class HookTap:
                 layout.neurons,
             )
 
-    @staticmethod
-    def _check_batch(key: str, batch: Batch, samples: int) -> None:
-        """The first layer of a pass must see as many samples as set_targets gave labels."""
-        labels = batch.labels.shape[0]
-        if samples != labels:
-            batch.labels = None
-            raise ValueError(
-                f"set_targets got {labels} labels but layer {key!r} saw a batch of {samples} samples; "
-                "call set_targets(y) with the labels of the batch passed to the model"
-            )
-
     def _discover(
-        self, key: str, module: nn.Module, out: Tensor, state: _ThreadPass, call: int, first_call: str
+        self,
+        key: str,
+        module: nn.Module,
+        out: Tensor,
+        state: _ThreadPass,
+        call: int,
+        first_call: str,
+        sources: list | None,
     ) -> OutputLayout | None:
-        """Learn a layer's layout from its first output (and the output recorded just before it in
-        the same thread); None for an output of width 0, which is skipped. A layer that first appears
-        outside a graph-learning pass makes the next pass learn the graph."""
+        """Learn a layer's layout from its first output and the layer its first tensor argument comes
+        from (known in a graph-learning pass); None for an output of width 0, which is skipped. A layer
+        that first appears outside a graph-learning pass makes the next pass learn the graph."""
         if not state.learn:
             self._graph_passes_left = max(self._graph_passes_left, 1)
         previous = previous_shape = None
-        if state.last_output is not None:
-            ref, prev_key = state.last_output
-            prev = ref()
-            if prev is not None:
-                previous, previous_shape = self.layouts[prev_key], tuple(prev.shape)
+        found = sources[0][2] if sources else None
+        if found is not None and found[0] in self.layouts and found[0] in state.shapes:
+            previous, previous_shape = self.layouts[found[0]], state.shapes[found[0]]
         layout = output_layout(module, out, previous, previous_shape)
         if layout.neurons == 0:
             self.skipped.setdefault(key, "0 neurons")
             return None
+        origins = (
+            [found[0]] if found is not None else _trace_back(sources[0][1].node, state) if sources else []
+        )
+        if not layout.channel_first and out.dim() >= 3:
+            known = [(origin, state.shapes[origin]) for origin in origins if origin in state.shapes]
+            self.continues[key] = (tuple(out.shape), known)
         self.layouts[key] = layout
         self.descriptions[key] = describe_layer(key, module, layout, call, first_call)
         return layout
@@ -453,6 +620,53 @@ def _no_recordable_layer(skipped: dict[str, str]) -> str:
     return (
         f"no layer of the model gives a recordable output: {listed}; {_RECORDABLE}. "
         "Choose the modules to record with layers="
+    )
+
+
+def model_batch_dim(model: nn.Module) -> int | None:
+    """The batch dimension of a model's (…, features) tensors when nothing else tells: 0 (the
+    DataLoader's batch-first convention) when no module declares ``batch_first``; None when some
+    does, since such a module may see its input transposed (a time-major module's own layers, and
+    those its output continues or that feed it, are known from it)."""
+    return 0 if all(own_batch_dim(m) is None for m in model.modules()) else None
+
+
+def _trace_back(node: Any, state: _ThreadPass) -> list[str]:
+    """The recorded layers (and model inputs) found walking back from autograd ``node`` through
+    operations that keep a tensor's dimensions (:data:`KEEPS_DIMS_OPS`, e.g. a residual sum or a
+    functional layer norm), nearest first, visiting at most :data:`MAX_TRACE_NODES` nodes."""
+    queue, seen, found = [node], set(), []
+    while queue and len(seen) < MAX_TRACE_NODES:
+        node = queue.pop(0)
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        layer = state.nodes.get(node)
+        if layer is not None:
+            found.append(layer)
+        elif _op_name(node) in KEEPS_DIMS_OPS:
+            queue.extend(n for n, _ in node.next_functions if n is not None)
+    return found
+
+
+def _given(batch: Batch | None) -> int | None:
+    """The number of samples the pass's labels (else its mask) give, or None without either."""
+    if batch is None:
+        return None
+    if batch.labels is not None:
+        return batch.labels.shape[0]
+    return None if batch.mask is None else batch.mask.shape[0]
+
+
+def _refuse_label_count(batch: Batch, shapes: dict[str, tuple[int, ...]]) -> None:
+    """No recorded layer of the pass has a dimension of the labels' (or mask's) sample count."""
+    samples = _given(batch)
+    batch.labels = batch.mask = None
+    seen = ", ".join(f"{key} {shape}" for key, shape in list(shapes.items())[:4])
+    raise ValueError(
+        f"set_targets got {samples} labels (or mask rows) but no recorded layer's output has a dimension "
+        f"of {samples} samples{f' ({seen})' if seen else ''}; call set_targets(y) with the labels of the "
+        "batch passed to the model"
     )
 
 
