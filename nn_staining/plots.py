@@ -270,14 +270,18 @@ def _block(layers: list[str], names: list[str]) -> Block:
     return Block(first if first == last else label, label, layers)
 
 
-def layer_summary(trace: Trace, max_items: int, head: int = MAX_HEAD_LAYERS) -> LayerSummary:
+def layer_summary(
+    trace: Trace, max_items: int, max_blocks: int | None = None, head: int = MAX_HEAD_LAYERS
+) -> LayerSummary:
     """Every layer in detail when there are at most ``max_items``; otherwise the head
     (:func:`head_layers`) in detail and the layers before it in blocks of consecutive layers sharing
-    :func:`block_name`, adjacent blocks merged evenly until blocks and head fit in ``max_items``."""
+    :func:`block_name`, adjacent blocks merged evenly until there are at most ``max_blocks`` (default:
+    as many as fit beside the head in ``max_items``)."""
     layers = trace.layers
     if len(layers) <= max_items:
         return LayerSummary(list(layers), "")
     detailed = head_layers(trace, min(head, max_items - 1))
+    max_blocks = max_items - len(detailed) if max_blocks is None else max_blocks
     body = layers[: len(layers) - len(detailed)]
     runs: list[tuple[str, list[str]]] = []
     for layer in body:
@@ -286,7 +290,7 @@ def layer_summary(trace: Trace, max_items: int, head: int = MAX_HEAD_LAYERS) -> 
             runs[-1][1].append(layer)
         else:
             runs.append((name, [layer]))
-    groups = np.array_split(np.arange(len(runs)), min(len(runs), max(max_items - len(detailed), 1)))
+    groups = np.array_split(np.arange(len(runs)), min(len(runs), max(max_blocks, 1)))
     blocks = [_block([k for i in group for k in runs[i][1]], [runs[i][0] for i in group]) for group in groups]
     shown = ", ".join(detailed) if len(detailed) <= 2 else f"{detailed[0]} … {detailed[-1]}"
     note = (
@@ -1077,56 +1081,49 @@ def _column_label(trace: Trace, layer: str, chain: list[str], narrow: bool = Fal
 
 
 # -- brain scan ------------------------------------------------------------------------------------
+#: The brain scan draws at most this many layer rows (2.6 in each: 7 rows are about 20 in, 2,400 px at 120
+#: dpi); a model with more layers has its blocks summarised in one panel and its head drawn in detail.
+MAX_SCAN_LAYERS = 7
+#: A figure fits one screen: at most this many inches in each dimension (2,400 px at the saved 120 dpi).
+MAX_FIGURE_INCHES = 20.0
+#: Blocks of a summarised panel (one row each) at most.
+MAX_BLOCK_ROWS = 16
+
+
 def plot_brain_scan(
     trace: Trace, epoch: int = -1, layers: Sequence[str] | None = None, stains: pd.DataFrame | None = None
 ) -> Figure:
     """Per layer: mean activation per epoch × neuron, and per class × neuron at ``epoch``; neurons in the
     order of their final stain (strip above each panel). Non-negative panels use a sequential colour map,
     signed ones a diverging map centred on 0; colours clip at the 99th percentile (the colour bar's arrows
-    and label say so)."""
+    and label say so). With more than ``MAX_SCAN_LAYERS`` layers (and ``layers`` not given), the blocks
+    of :func:`layer_summary` share one panel (stained share per epoch and per class) above the head's rows."""
     epoch = staining.resolve_epoch(trace, epoch)
     last = trace.epochs[-1]
     final = _selection(trace, last, stains)
-    layers = list(layers) if layers is not None else trace.layers
+    summary = (
+        layer_summary(trace, MAX_SCAN_LAYERS, MAX_BLOCK_ROWS)
+        if layers is None
+        else LayerSummary(list(layers), "")
+    )
+    layers = summary.detailed
+    blocks = summary.blocks
     palette = class_palette(trace.num_classes or 0)
     means = trace.query("E_*/L_*", columns=["act_mean"])["act_mean"]
     class_means = trace.classes(f"E_{epoch}/L_*", columns=["act_mean"])["act_mean"]
 
-    fig = Figure(figsize=(13, 2.6 * len(layers) + 1.3), layout="constrained")
-    grid = fig.add_gridspec(len(layers), 2, width_ratios=[3, 2])
-    for row, layer in enumerate(layers):
-        rows = final.xs(layer, level="layer")
-        order = neuron_order(rows)
-        history = means.xs(layer, level="layer").unstack("neuron").reindex(columns=order)
-        per_class = (
-            class_means.xs((epoch, layer), level=["epoch", "layer"]).unstack("neuron").reindex(columns=order)
-        )
-        left, right = fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1])
-        for ax, data in ((left, history), (right, per_class)):
-            values = data.to_numpy(dtype=np.float64)
-            scale = colour_scale(values)
-            image = ax.imshow(
-                values, aspect="auto", cmap=scale.cmap, norm=scale.norm(), interpolation="nearest"
-            )
-            label = "mean activation" + (f"\nclipped at {scale.describe()}" if scale.clipped else "")
-            bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.01, extend=scale.extend)
-            bar.set_label(label, fontsize=7)
-        _epoch_ticks(left, history.index.to_numpy())
-        left.set_ylabel("epoch")
-        left.set_title(f"{layer}: mean activation per epoch", fontsize=9, loc="left")
-        right.set_yticks(range(len(per_class.index)))
-        right.set_yticklabels([_class_label(trace, int(c)) for c in per_class.index], fontsize=7)
-        right.set_ylabel("class")
-        right.set_title(f"{layer}: mean activation per class, epoch {epoch}", fontsize=9, loc="left")
-        sel = rows.loc[order]
-        strip = stain_colours(sel["stain"].to_numpy(), sel["selectivity"].to_numpy(), palette)
-        strip[sel["dead"].to_numpy()] = to_rgb(DEAD_COLOUR)
-        for ax in (left, right):
-            _neuron_ticks(ax, order)
-            ax.set_xlabel("neuron (ordered by final stain)", fontsize=8)
-            band = ax.inset_axes((0, 1.0, 1, 0.07), sharex=ax)
-            band.imshow(strip[None, :, :], aspect="auto", interpolation="nearest")
-            band.set_axis_off()
+    row_height = 2.6
+    heights = [row_height] * len(layers)
+    if blocks:
+        heights.insert(0, 1.4 + 0.3 * len(blocks))
+        row_height = min(row_height, (MAX_FIGURE_INCHES - 2.4 - heights[0]) / max(len(layers), 1))
+        heights[1:] = [row_height] * len(layers)
+    fig = Figure(figsize=(13, sum(heights) + 1.3 + (1.0 if blocks else 0.0)), layout="constrained")
+    grid = fig.add_gridspec(len(heights), 2, width_ratios=[3, 2], height_ratios=heights)
+    if blocks:
+        _scan_blocks(fig, grid, trace, blocks, epoch, stains, palette)
+    for row, layer in enumerate(layers, start=1 if blocks else 0):
+        _scan_layer(fig, grid, row, trace, layer, epoch, final, means, class_means, palette, bool(blocks))
     handles = _stain_legend(trace, palette, dead=False, tint=False)
     handles.append(Patch(facecolor=DEAD_COLOUR, label="dead"))
     fig.legend(
@@ -1139,10 +1136,109 @@ def plot_brain_scan(
     )
     fig.suptitle(
         f"Brain scan — run '{_run(trace)}', {_epoch_span(trace)}; class panels at epoch {epoch}; "
-        f"neurons ordered by their stain at epoch {last}",
+        f"neurons ordered by their stain at epoch {last}" + (f"\n{summary.note}" if blocks else ""),
         fontsize=11,
     )
     return fig
+
+
+def _scan_layer(
+    fig: Figure,
+    grid,
+    row: int,
+    trace: Trace,
+    layer: str,
+    epoch: int,
+    final,
+    means,
+    class_means,
+    palette,
+    short: bool = False,
+) -> None:
+    """One layer's row of the brain scan: mean activation per epoch × neuron, per class × neuron; ``short``
+    names the layer on the left panel only (long module names of large models)."""
+    rows = final.xs(layer, level="layer")
+    order = neuron_order(rows)
+    history = means.xs(layer, level="layer").unstack("neuron").reindex(columns=order)
+    per_class = (
+        class_means.xs((epoch, layer), level=["epoch", "layer"]).unstack("neuron").reindex(columns=order)
+    )
+    left, right = fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1])
+    for ax, data in ((left, history), (right, per_class)):
+        values = data.to_numpy(dtype=np.float64)
+        scale = colour_scale(values)
+        image = ax.imshow(values, aspect="auto", cmap=scale.cmap, norm=scale.norm(), interpolation="nearest")
+        label = "mean activation" + (f"\nclipped at {scale.describe()}" if scale.clipped else "")
+        bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.01, extend=scale.extend)
+        bar.set_label(label, fontsize=7)
+    _epoch_ticks(left, history.index.to_numpy())
+    left.set_ylabel("epoch")
+    left.set_title(f"{layer}: mean activation per epoch", fontsize=9, loc="left")
+    right.set_yticks(range(len(per_class.index)))
+    right.set_yticklabels([_class_label(trace, int(c)) for c in per_class.index], fontsize=7)
+    right.set_ylabel("class")
+    right.set_title(
+        f"{'' if short else f'{layer}: '}mean activation per class, epoch {epoch}", fontsize=9, loc="left"
+    )
+    sel = rows.loc[order]
+    strip = stain_colours(sel["stain"].to_numpy(), sel["selectivity"].to_numpy(), palette)
+    strip[sel["dead"].to_numpy()] = to_rgb(DEAD_COLOUR)
+    for ax in (left, right):
+        _neuron_ticks(ax, order)
+        ax.set_xlabel("neuron (ordered by final stain)", fontsize=8)
+        band = ax.inset_axes((0, 1.0, 1, 0.07), sharex=ax)
+        band.imshow(strip[None, :, :], aspect="auto", interpolation="nearest")
+        band.set_axis_off()
+
+
+def block_stained_frac(frame: pd.DataFrame, blocks: Sequence[Block]) -> pd.DataFrame:
+    """Stained share of each block's units (not dead, stain ≥ 0) per epoch: rows blocks (labels),
+    columns epochs, from a selectivity frame indexed by (epoch, layer, neuron)."""
+    stained = (frame["stain"].to_numpy() >= 0) & ~frame["dead"].to_numpy(bool)
+    series = pd.Series(stained, index=frame.index)
+    layer_of = series.index.get_level_values("layer")
+    rows = {}
+    for block in blocks:
+        part = series[layer_of.isin(block.layers)]
+        rows[block.label] = part.groupby(level="epoch").mean()
+    return pd.DataFrame(rows).T
+
+
+def _scan_blocks(fig: Figure, grid, trace: Trace, blocks: list[Block], epoch: int, stains, palette) -> None:
+    """The brain scan's summary of a large model's blocks: stained share of each block's units per epoch
+    (left), and per class at ``epoch`` (right, unstained and dead last)."""
+    every = staining.selectivity(trace) if stains is None or "epoch" not in stains.index.names else stains
+    if set(every.index.get_level_values("epoch")) != set(trace.epochs):
+        every = staining.selectivity(trace)
+    history = block_stained_frac(every, blocks)
+    shares = pd.DataFrame([block_stains(_selection(trace, epoch, every), b, len(palette)) for b in blocks])
+    left, right = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    names = [f"{_wrap(b.label, 28)} ({len(b.layers)} layers)" for b in blocks]
+    columns = [_class_label(trace, c) for c in range(len(palette))] + ["unstained", "dead"]
+    for ax, data, xlabels, title in (
+        (left, history, [str(e) for e in history.columns], "stained share of units per epoch"),
+        (right, shares, columns, f"share of units per stain, epoch {epoch}"),
+    ):
+        image = ax.imshow(
+            data.to_numpy(float), aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
+            gid="scan:blocks",
+        )  # fmt: skip
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        step = max(1, int(np.ceil(len(xlabels) / 12)))
+        ax.set_xticks(range(0, len(xlabels), step), xlabels[::step], fontsize=7)
+        ax.set_title(f"blocks: {title}", fontsize=9, loc="left")
+        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.01).set_label(
+            "share of the block's units", fontsize=7
+        )
+        values = data.to_numpy(float)
+        if values.size <= 240:
+            for (i, j), value in np.ndenumerate(values):
+                colour = "white" if value > 0.5 else "black"
+                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=6.5, color=colour)
+    left.set_xlabel("epoch", fontsize=8)
+    right.tick_params(axis="x", labelrotation=45)
+    for i, label in enumerate(right.get_xticklabels()[: len(palette)]):
+        label.set_color(palette[i])
 
 
 def _epoch_ticks(ax, epochs: np.ndarray) -> None:
