@@ -7,6 +7,7 @@ state is touched and any backend (Agg included) works: ``fig.savefig("x.png")``.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1274,10 +1275,53 @@ def _layer_legend(fig: Figure, handles: list, title: str = "layer") -> None:
         )
 
 
+#: Lines of a per-layer figure at most (its distinct colours); a model with more has its blocks summarised.
+MAX_LINE_LAYERS = 20
+
+
+def line_groups(trace: Trace) -> tuple[dict[str, str], str]:
+    """The line each layer belongs to in a per-layer line figure: itself, or for a model of more than
+    ``MAX_LINE_LAYERS`` layers its block's (``layer1.0 (6 layers)``, see :func:`layer_summary`); and the note."""
+    summary = layer_summary(trace, MAX_LINE_LAYERS)
+    names: dict[str, str] = {}
+    for item in summary.items:
+        if isinstance(item, Block):
+            names.update({k: f"{item.label} ({len(item.layers)} layers)" for k in item.layers})
+        else:
+            names[item] = item
+    return names, summary.note
+
+
+def regroup_fractions(trace: Trace, frame: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
+    """Per-(epoch, layer) fractions of a layer's neurons → per (epoch, line) fractions of the line's
+    neurons: ``Σ frac_k · neurons_k / Σ neurons_k`` over its layers where the fraction is not NaN."""
+    layer = frame.index.get_level_values("layer")
+    weights = np.array([trace.layer_info(k)["neurons"] for k in layer], float)
+    keys = [frame.index.get_level_values("epoch"), pd.Index([names[k] for k in layer], name="layer")]
+    total = frame.mul(weights, axis=0).groupby(keys, sort=False).sum(min_count=1)
+    counted = frame.notna().mul(weights, axis=0).groupby(keys, sort=False).sum()
+    return total / counted.where(counted > 0)
+
+
+def _suptitle(fig: Figure, title: str, note: str) -> None:
+    """The figure's title, with the note of what was summarised (wrapped) below it."""
+    if note:
+        note = textwrap.fill(f"{note}; a block's line: the share of all its layers' units", 130)
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=11)
+
+
 def plot_stain_evolution(trace: Trace, evolution: staining.StainEvolution | None = None) -> Figure:
-    """The fraction of stained (and dead) neurons per layer over epochs; a histogram of settling epochs."""
+    """The fraction of stained (and dead) neurons per layer over epochs; a histogram of settling epochs.
+    A model of more than ``MAX_LINE_LAYERS`` layers has a line per block (:func:`line_groups`)."""
     evolution = staining.stain_evolution(trace) if evolution is None else evolution
     layers = [k for k in trace.layers if k in set(evolution.layers.index.get_level_values("layer"))]
+    names, note = line_groups(trace)
+    if note:
+        neurons = evolution.neurons.rename(index=names, level="layer")
+        evolution = staining.StainEvolution(
+            evolution.stains, neurons, regroup_fractions(trace, evolution.layers, names)
+        )
+        layers = list(dict.fromkeys(names[k] for k in layers))
     fig = Figure(figsize=(14, 4.8), layout="constrained")
     left, right = fig.subplots(1, 2)
     handles = []
@@ -1322,7 +1366,7 @@ def plot_stain_evolution(trace: Trace, evolution: staining.StainEvolution | None
         fontsize=10,
     )
     _layer_legend(fig, handles, "layer (line and bar colour)")
-    fig.suptitle(f"Stain evolution — run '{_run(trace)}', {_epoch_span(trace)}", fontsize=11)
+    _suptitle(fig, f"Stain evolution — run '{_run(trace)}', {_epoch_span(trace)}", note)
     return fig
 
 
@@ -1477,6 +1521,13 @@ def plot_unit_health(trace: Trace, health: staining.UnitHealth | None = None) ->
     health = staining.unit_health(trace) if health is None else health
     layers = [k for k in trace.layers if k in set(health.layers.index.get_level_values("layer"))]
     bounded = [k for k in layers if trace.layer_info(k).get("activation") in staining.BOUNDED_ACTIVATIONS]
+    names, note = line_groups(trace)
+    if note:  # a block's saturated share is of its tanh/sigmoid units
+        fractions = health.layers.copy()
+        fractions.loc[~fractions.index.get_level_values("layer").isin(bounded), "saturated_frac"] = np.nan
+        health = staining.UnitHealth(health.neurons, regroup_fractions(trace, fractions, names))
+        bounded = list(dict.fromkeys(names[k] for k in bounded))
+        layers = list(dict.fromkeys(names[k] for k in layers))
     fig = Figure(figsize=(15, 4.4), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
     panels = [
@@ -1527,7 +1578,7 @@ def plot_unit_health(trace: Trace, health: staining.UnitHealth | None = None) ->
         ax.grid(alpha=0.3)
         ax.set_ylabel("fraction of the layer's neurons")
     _layer_legend(fig, [handles[k] for k in layers if k in handles])
-    fig.suptitle(f"Unit health — run '{_run(trace)}', {_epoch_span(trace)}", fontsize=11)
+    _suptitle(fig, f"Unit health — run '{_run(trace)}', {_epoch_span(trace)}", note)
     return fig
 
 
