@@ -1303,10 +1303,10 @@ def regroup_fractions(trace: Trace, frame: pd.DataFrame, names: dict[str, str]) 
     return total / counted.where(counted > 0)
 
 
-def _suptitle(fig: Figure, title: str, note: str) -> None:
+def _suptitle(fig: Figure, title: str, note: str, line: str = "the share of all its layers' units") -> None:
     """The figure's title, with the note of what was summarised (wrapped) below it."""
     if note:
-        note = textwrap.fill(f"{note}; a block's line: the share of all its layers' units", 130)
+        note = textwrap.fill(f"{note}; a block's line: {line}", 130)
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=11)
 
 
@@ -1373,14 +1373,21 @@ def plot_stain_evolution(trace: Trace, evolution: staining.StainEvolution | None
 # -- weight and bias drift -------------------------------------------------------------------------
 def plot_weight_drift(trace: Trace, stains: pd.DataFrame | None = None, max_lines: int = MAX_LINES) -> Figure:
     """Median (and 25–75th percentile) weight change per layer over epochs, and each neuron's bias
-    trajectory coloured by its final stain."""
-    drift = staining.weight_drift(trace)
+    trajectory coloured by its final stain. A model of more than ``MAX_LINE_LAYERS`` layers has a line
+    per block (the median over all its units) and bias panels for its head's layers only."""
+    names, note = line_groups(trace)
+    drift = staining.weight_drift(trace) if not note else _block_drift(trace, names)
     last = trace.epochs[-1]
     final = _selection(trace, last, stains)
     palette = class_palette(trace.num_classes or 0)
     biases = trace.query("E_*/L_*", columns=["bias"])["bias"].dropna()
     with_bias = [k for k in trace.layers if k in set(biases.index.get_level_values("layer"))]
     layers = [k for k in trace.layers if k in set(drift.index.get_level_values("layer"))]
+    if note:
+        layers = [k for k in dict.fromkeys(names.values()) if k in set(drift.index.get_level_values("layer"))]
+        head = [k for k in with_bias if names[k] == k]
+        note += f"; bias panels: the head's {len(head)} layers with biases, not the other {len(with_bias) - len(head)}"
+        with_bias = head
 
     columns = min(max(len(with_bias), 1), 4)
     rows = int(np.ceil(len(with_bias) / columns)) if with_bias else 0
@@ -1444,8 +1451,27 @@ def plot_weight_drift(trace: Trace, stains: pd.DataFrame | None = None, max_line
         title="bias lines: final stain",
         title_fontsize=8,
     )
-    fig.suptitle(f"Weight and bias drift — run '{_run(trace)}', {_epoch_span(trace)}", fontsize=11)
+    _suptitle(
+        fig,
+        f"Weight and bias drift — run '{_run(trace)}', {_epoch_span(trace)}",
+        note,
+        "the median over its units",
+    )
     return fig
+
+
+def _block_drift(trace: Trace, names: dict[str, str]) -> pd.DataFrame:
+    """:func:`staining.weight_drift` per line of :func:`line_groups`: the median and quartiles of
+    ``weight_delta_norm`` over all the units of a block's layers."""
+    frame = trace.query("E_*/L_*", columns=["weight_delta_norm"])["weight_delta_norm"].dropna()
+    keys = [
+        frame.index.get_level_values("epoch"),
+        pd.Index([names[k] for k in frame.index.get_level_values("layer")], name="layer"),
+    ]
+    grouped = frame.groupby(keys, sort=False)
+    return pd.DataFrame(
+        {"median": grouped.median(), "q25": grouped.quantile(0.25), "q75": grouped.quantile(0.75)}
+    )
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -1597,13 +1623,20 @@ def plot_class_means(
 
     epoch = staining.resolve_epoch(trace, epoch)
     frame = _selection(trace, epoch, None)
-    layers = [k for k in (layers or trace.layers) if trace.layer_info(k)["neurons"] >= 2]
+    summary, outputs = LayerSummary(list(layers or trace.layers), ""), {}
+    if layers is None and len(trace.layers) > MAX_CLASS_MEAN_PANELS:
+        summary = layer_summary(trace, MAX_CLASS_MEAN_PANELS)
+        outputs = {block_output(trace, b): b for b in summary.blocks}
+    layers = [
+        k for k in [*outputs, *summary.detailed] if trace.layer_info(k)["neurons"] >= 2
+    ]  # the blocks' outputs come before the head
     palette = class_palette(trace.num_classes or 0)
     means = trace.classes(f"E_{epoch}/L_*", columns=["act_mean"])["act_mean"]
     columns = min(len(layers), 4) or 1
     rows = int(np.ceil(len(layers) / columns)) or 1
     fig = Figure(figsize=(4.2 * columns + 1.5, 5.2 * rows + 0.8), layout="constrained")
-    grid = fig.add_gridspec(rows, columns)
+    # several rows: the colour bar gets its own grid column (constrained layout collapses one spanning rows)
+    grid = fig.add_gridspec(rows, columns + (rows > 1), width_ratios=[1] * columns + [0.06] * (rows > 1))
     for i, layer in enumerate(layers):
         sel = frame.xs(layer, level="layer")
         shown = _sample(neuron_order(sel), set(), max_rows)
@@ -1634,7 +1667,11 @@ def plot_class_means(
         ax.set_xlabel("class")
         ax.set_ylabel("neuron (clustered)" if i % columns == 0 else "")
         note = f", {len(shown)} of {len(sel)}" if len(shown) < len(sel) else ""
-        ax.set_title(f"{layer}{note}", fontsize=9)
+        if outputs:  # a large model's long module names, on two or three lines
+            block = f"\n(output of block {outputs[layer].label})" if layer in outputs else ""
+            ax.set_title(f"{_wrap(layer, 36)}{note}{block}", fontsize=8)
+        else:
+            ax.set_title(f"{layer}{note}", fontsize=9)
         picked = sel.loc[shown[order]]
         strip = stain_colours(picked["stain"].to_numpy(), picked["selectivity"].to_numpy(), palette)
         strip[picked["dead"].to_numpy()] = to_rgb(DEAD_COLOUR)
@@ -1644,7 +1681,7 @@ def plot_class_means(
     if maps:
         fig.colorbar(
             maps[-1].collections[0],
-            ax=maps,
+            **({"cax": fig.add_subplot(grid[:, -1])} if rows > 1 else {"ax": maps}),
             label="class mean, z-scored per neuron",
             extend="both",
             shrink=0.8,
@@ -1656,10 +1693,30 @@ def plot_class_means(
                title="strip right of each map: stain at this epoch", title_fontsize=8)  # fmt: skip
     fig.suptitle(
         f"Class-mean profiles, clustered — run '{_run(trace)}', epoch {epoch}: red = the classes a neuron "
-        "responds to most (z-score across classes; colours clip at ±2.5)",
+        "responds to most (z-score across classes; colours clip at ±2.5)"
+        + (
+            f"\n{textwrap.fill(summary.note + '; a block is drawn by its output (the layer the next one reads)', 130)}"
+            if outputs
+            else ""
+        ),
         fontsize=11,
     )
     return fig
+
+
+#: Panels of the class-mean profiles at most; a model with more layers shows its blocks' outputs and head.
+MAX_CLASS_MEAN_PANELS = 12
+
+
+def block_output(trace: Trace, block: Block) -> str:
+    """The layer of ``block`` that a later layer reads (the layer graph's ``inputs_from``; a residual
+    block's last ``relu:2``), else its last layer."""
+    inside = set(block.layers)
+    for later in trace.layers[trace.layers.index(block.layers[-1]) + 1 :]:
+        for source in trace.layer_info(later).get("inputs_from") or []:
+            if source in inside:
+                return source
+    return block.layers[-1]
 
 
 # -- animation -----------------------------------------------------------------------------------------
