@@ -304,6 +304,13 @@ def test_without_a_compiler_training_uses_torch_ops(tmp_path: Path) -> None:
     assert reduction["backend"] == "torch"
     assert "could not be built" in reduction["why"]
     assert done.stderr.count("nn_staining reduces activations with torch ops") == 1
+    again = run_python(DESCRIBE, **env)  # the failure is remembered: no second attempt
+    assert again.returncode == 0, again.stderr
+    why = json.loads(again.stdout.strip().splitlines()[-1])["why"]
+    assert why.startswith(reduction["why"][: reduction["why"].index("(") + 1])
+    assert "an earlier build; delete" in why
+    assert again.stderr.count("nn_staining reduces activations with torch ops") == 1
+    assert len(list(tmp_path.glob("kernels/*/failed.txt"))) == 1
 
 
 def test_concurrent_processes_build_once(tmp_path: Path, kernel) -> None:

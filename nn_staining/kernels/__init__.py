@@ -44,6 +44,10 @@ class Backend:
     ops: Any = None
 
 
+class EarlierFailure(RuntimeError):
+    """The kernel's build failed in an earlier process (its reason is remembered in the cache)."""
+
+
 _lock = threading.Lock()
 _backend: Backend | None = None
 
@@ -134,6 +138,8 @@ def _choose(choice: str) -> Backend:
 
 def _summary(exc: Exception) -> str:
     """The exception's type, first line and the compiler's error lines (not the whole build log)."""
+    if isinstance(exc, EarlierFailure):
+        return str(exc)
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     first = lines[0][:200] if lines else ""
     errors = [line[:300] for line in lines[1:] if "error" in line.lower()][:3]
@@ -143,12 +149,18 @@ def _summary(exc: Exception) -> str:
 def _load() -> str:
     """Load the cached kernel, building it first (under a file lock) when this machine has none."""
     folder = cache_dir()
-    library = folder / f"{LIBRARY}.so"
+    library, failed = folder / f"{LIBRARY}.so", folder / "failed.txt"
     if not library.exists():
         folder.mkdir(parents=True, exist_ok=True)
         with _file_lock(folder / "build.lock"):
+            if failed.exists():  # no process retries a failed build (each would wait for it)
+                raise EarlierFailure(f"{failed.read_text()} (an earlier build; delete {folder} to try again)")
             if not library.exists():  # another process may have built it while we waited
-                seconds = _build(folder, library)  # loads it too
+                try:
+                    seconds = _build(folder, library)  # loads it too
+                except Exception as exc:
+                    failed.write_text(_summary(exc))
+                    raise
                 return f"built in {seconds:.0f} s, cached in {folder}"
     torch.ops.load_library(str(library))
     return f"cached in {folder}"
