@@ -276,8 +276,8 @@ def layer_summary(
 ) -> LayerSummary:
     """Every layer in detail when there are at most ``max_items``; otherwise the head
     (:func:`head_layers`) in detail and the layers before it in blocks of consecutive layers sharing
-    :func:`block_name`, adjacent blocks merged evenly until there are at most ``max_blocks`` (default:
-    as many as fit beside the head in ``max_items``)."""
+    :func:`block_name` (a block per layer when they fit), adjacent blocks merged evenly until there are
+    at most ``max_blocks`` (default: as many as fit beside the head in ``max_items``)."""
     layers = trace.layers
     if len(layers) <= max_items:
         return LayerSummary(list(layers), "")
@@ -285,8 +285,8 @@ def layer_summary(
     max_blocks = max_items - len(detailed) if max_blocks is None else max_blocks
     body = layers[: len(layers) - len(detailed)]
     runs: list[tuple[str, list[str]]] = []
-    for layer in body:
-        name = block_name(layer)
+    for layer in body:  # a block per layer where they all fit
+        name = block_name(layer) if len(body) > max_blocks else _module_name(layer)
         if runs and runs[-1][0] == name:
             runs[-1][1].append(layer)
         else:
@@ -295,7 +295,8 @@ def layer_summary(
     blocks = [_block([k for i in group for k in runs[i][1]], [runs[i][0] for i in group]) for group in groups]
     shown = ", ".join(detailed) if len(detailed) <= 2 else f"{detailed[0]} … {detailed[-1]}"
     note = (
-        f"{len(body)} layers in {len(blocks)} blocks summarised (grouped by module name); "
+        f"{len(body)} layers in {len(blocks)} blocks summarised "
+        f"({'grouped by module name' if len(blocks) < len(body) else 'one per layer'}); "
         f"head ({len(detailed)} layers: {shown}) shown neuron by neuron"
     )
     return LayerSummary([*blocks, *detailed], note)
@@ -1386,7 +1387,7 @@ def plot_weight_drift(trace: Trace, stains: pd.DataFrame | None = None, max_line
     if note:
         layers = [k for k in dict.fromkeys(names.values()) if k in set(drift.index.get_level_values("layer"))]
         head = [k for k in with_bias if names[k] == k]
-        note += f"; bias panels: the head's {len(head)} layers with biases, not the other {len(with_bias) - len(head)}"
+        note += f"; bias panels for the head only ({len(head)} of {len(with_bias)} layers with biases)"
         with_bias = head
 
     columns = min(max(len(with_bias), 1), 4)
