@@ -180,6 +180,7 @@ class HookTap:
         self.elementwise: dict[str, bool] = {}
         self._graph_passes_left = GRAPH_PASSES
         self._pre_handles: list[torch.utils.hooks.RemovableHandle] = []  # only while the graph is learnt
+        self._compiled_calls: list[tuple[str, Tensor | None, Any]] = []  # kept by hooks inside torch.compile
 
     def __deepcopy__(self, memo: dict) -> HookTap:
         """A deep copy of the hooked model keeps hooks bound to this tap, which ignores its modules."""
@@ -241,14 +242,21 @@ class HookTap:
         if self._handles:
             return
         self._threads = {}
-        self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True))
+        # the model's own hooks run outside a compiled region (one graph break at the start of its forward)
+        start, end = (
+            torch.compiler.disable(self._on_forward_start),
+            torch.compiler.disable(self._on_forward_end),
+        )
+        self._handles.append(self.model.register_forward_pre_hook(start, with_kwargs=True))
         for key, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(key)))
         # after the layers' hooks: when the model itself is a layer, its hook still sees the pass
-        self._handles.append(self.model.register_forward_hook(self._on_forward_end))
+        self._handles.append(self.model.register_forward_hook(end))
 
     def detach(self, epoch: int | None = None) -> None:
         """Remove every hook; labels not yet used are dropped (with a warning naming ``epoch``)."""
+        with self._lock:
+            self._record_compiled_calls()  # a compiled submodule called on its own
         for handle in self._handles:
             handle.remove()
         self._remove_pre_hooks()
@@ -328,6 +336,7 @@ class HookTap:
         if module is not self.model:
             return
         with self._lock:
+            self._record_compiled_calls()
             state = self._thread()
             self._settle(state)
             batch = state.batch
@@ -363,7 +372,7 @@ class HookTap:
         """While the graph is learnt: keep module ``key``'s tensor arguments as it receives them."""
 
         def pre_hook(module: nn.Module, args: tuple) -> None:
-            if module is not own or _recomputing_in_backward():
+            if torch.compiler.is_compiling() or module is not own or _recomputing_in_backward():
                 return
             with self._lock:
                 state = self._thread()
@@ -379,6 +388,10 @@ class HookTap:
         linear = isinstance(own, nn.Linear)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if torch.compiler.is_compiling():  # traced by torch.compile: kept for the end of the pass
+                first = args[0] if args and isinstance(args[0], Tensor) else None
+                self._compiled_calls.append((key, first, output))
+                return
             if _recomputing_in_backward():  # activation checkpointing replays the forward: seen once
                 return
             if module is not own:  # a replica or a copy of the model
@@ -389,7 +402,20 @@ class HookTap:
 
         return hook
 
-    def _record(self, key: str, module: nn.Module, linear: bool, args: tuple, output: Any) -> None:
+    def _record_compiled_calls(self) -> None:
+        """Record the layer outputs a compiled forward kept (in the order of the pass), eagerly: the
+        layer graph is not learnt from them (a compiled graph's autograd nodes are not the layers')."""
+        calls, self._compiled_calls = self._compiled_calls, []
+        if calls:
+            self._graph_passes_left = 0
+        for key, first, output in calls:
+            module = self.modules[key]
+            args = () if first is None else (first,)
+            self._record(key, module, isinstance(module, nn.Linear), args, output, compiled=True)
+
+    def _record(
+        self, key: str, module: nn.Module, linear: bool, args: tuple, output: Any, compiled: bool = False
+    ) -> None:
         state = self._thread()
         stats = state.stats
         direct = stats is _NO_PASS
@@ -416,7 +442,8 @@ class HookTap:
                 self.skipped[layer] = unrecordable_reason(output) or type(output).__name__
             return
         out = raw.detach()
-        sources = self._sources(module_key, args, raw, state) if state.learn else None
+        learn = state.learn and not compiled
+        sources = self._sources(module_key, args, raw, state) if learn else None
         layout = self.layouts.get(layer) or self._discover(layer, module, out, state, call, key, sources)
         if layout is None:
             return
@@ -440,7 +467,7 @@ class HookTap:
             state.deferred.append(_Deferred(key, layout, out, inputs, batch, stats))
         else:
             self._add(_Deferred(key, layout, out, inputs, batch, stats), batch_dim, why)
-        if state.learn:
+        if learn:
             self._learn(key, module, args, raw, state, sources)
         state.fired.add(key)
 
