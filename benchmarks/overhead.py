@@ -93,7 +93,31 @@ def cnn() -> Workload:
     return Workload("CNN conv32-conv64-pool-fc128-fc10, 2 epochs", build, x, y, epochs=2)
 
 
-WORKLOADS = {"digits": digits_mlp, "wide": wide_mlp, "cnn": cnn}
+def deep_mlp() -> Workload:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8192, 256, generator=g)
+    y = torch.randint(0, 20, (8192,), generator=g)
+
+    def build() -> nn.Module:
+        blocks = [m for _ in range(8) for m in (nn.Linear(256, 256), nn.BatchNorm1d(256), nn.GELU())]
+        return nn.Sequential(*blocks, nn.Linear(256, 20))
+
+    return Workload("deep MLP 8x(Linear 256, BatchNorm1d, GELU), 20 classes, 3 epochs", build, x, y, epochs=3)
+
+
+def resnet18() -> Workload:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from zoo import resnet18 as build_resnet18  # torchvision's resnet18, module for module
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (512,), generator=g)
+    return Workload(
+        "resnet18 (torchvision's), 512 images 32x32, 1 epoch", build_resnet18, x, y, epochs=1, batch_size=64
+    )
+
+
+WORKLOADS = {"digits": digits_mlp, "wide": wide_mlp, "cnn": cnn, "deep": deep_mlp, "resnet18": resnet18}
 MODES = ("plain", "nn_staining", "skip", "tensorboard")
 
 
@@ -102,10 +126,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train(w: Workload, mode: str, device: torch.device, store: str, sync_debug: bool = False) -> float:
-    """Train ``w`` once in ``mode``; returns wall seconds (model build and data transfer excluded)."""
+def train(
+    w: Workload, mode: str, device: torch.device, store: str, sync_debug: bool = False, compiled: bool = False
+) -> float:
+    """Train ``w`` once in ``mode``; returns wall seconds (model build and data transfer excluded;
+    with ``compiled``, the model runs under ``torch.compile`` and its first batch, which compiles, is
+    left out too)."""
     torch.manual_seed(0)
     model = w.build().to(device)
+    runner = torch.compile(model) if compiled else model
     x, y = w.x.to(device), w.y.to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
@@ -125,6 +154,8 @@ def train(w: Workload, mode: str, device: torch.device, store: str, sync_debug: 
             if name:
                 module.register_forward_hook(lambda m, a, o, name=name: last.__setitem__(name, o.detach()))
     guard = torch.cuda.set_sync_debug_mode if (sync_debug and device.type == "cuda") else None
+    if compiled:
+        torch._dynamo.reset()  # a fresh model each run: no cache entries pile up to the recompile limit
     sync(device)
     start = time.perf_counter()
     with trace if trace is not None else contextlib.nullcontext():
@@ -133,15 +164,20 @@ def train(w: Workload, mode: str, device: torch.device, store: str, sync_debug: 
                 trace.start_epoch(epoch)
             if guard:
                 guard("error")
-            for i in range(0, n, w.batch_size):
+            for i in range(
+                0, n - n % w.batch_size if compiled else n, w.batch_size
+            ):  # compiled: no odd batch
                 idx = order[i : i + w.batch_size]
                 xb, yb = x[idx], y[idx]
                 if trace is not None:
                     trace.set_targets(yb)
-                loss = loss_fn(model(xb), yb)
+                loss = loss_fn(runner(xb), yb)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
+                if compiled and epoch == 0 and i == 0:  # the batch that compiled is not timed
+                    sync(device)
+                    start = time.perf_counter()
             if guard:
                 guard("default")
             if trace is not None:
@@ -163,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default="digits,wide,cnn", help="comma list of: " + ", ".join(WORKLOADS))
     p.add_argument("--modes", default=",".join(MODES), help="comma list of: " + ", ".join(MODES))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="run every mode's model under torch.compile")
     p.add_argument(
         "--sync-debug", action="store_true", help="CUDA: raise on any host sync inside the batch loop"
     )
@@ -194,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 # (a rotation would keep plain right after tensorboard, whose writer thread lingers)
                 for m in order.sample(modes, len(modes)):
                     gc.collect()
-                    times[m].append(train(w, m, device, os.path.join(tmp, f"{key}-{m}-{r}"), args.sync_debug))
+                    path = os.path.join(tmp, f"{key}-{m}-{r}")
+                    times[m].append(train(w, m, device, path, args.sync_debug, args.compile))
             med = {m: statistics.median(t) for m, t in times.items()}
             # each repetition's ratio against the plain run of the same repetition, then the median:
             # neighbouring runs share the machine's state, which drifts on a shared VM

@@ -38,7 +38,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -271,10 +271,20 @@ def allocate(sizes: dict[str, tuple[int, bool]], budget: int, row_bytes: int) ->
 
 
 # -- recording (training thread) -----------------------------------------------------------------
-def run_probe(model: nn.Module, modules: dict[str, nn.Module], probe: ProbeSet) -> ProbeRecord:
+def run_probe(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    probe: ProbeSet,
+    batch_dims: dict[str, int | None] | None = None,
+    input_batch_dim: int = 0,
+) -> ProbeRecord:
     """Run the probe set through ``model`` (eval mode, no gradients, in batches on its device) and
     return each layer's representations; the modules' training flags and the torch RNG state are
-    restored afterwards, so training goes on exactly as without the probe."""
+    restored afterwards, so training goes on exactly as without the probe. ``batch_dims``: per layer
+    (or module) key, the batch dimension the recorder knows (see :func:`nn_staining.layers.find_batch_dim`);
+    a layer whose output has no dimension of the probe batch's size, or several that nothing
+    decides, is left out (it is not one row per sample). The probe's ``x`` holds its samples along
+    dim 0; each batch is fed with them moved to ``input_batch_dim`` (1 for a time-major model)."""
     import torch
 
     start = time.perf_counter()
@@ -286,7 +296,7 @@ def run_probe(model: nn.Module, modules: dict[str, nn.Module], probe: ProbeSet) 
     handles: list[Any] = []
     try:
         model.eval()
-        record = _ProbeRun(model, modules, probe, handles).run()
+        record = _ProbeRun(model, modules, probe, handles, batch_dims or {}, input_batch_dim).run()
     finally:
         for handle in handles:
             handle.remove()
@@ -303,10 +313,19 @@ class _ProbeRun:
     """One epoch's probe passes: discover the layers' widths, plan the budget, then collect."""
 
     def __init__(
-        self, model: nn.Module, modules: dict[str, nn.Module], probe: ProbeSet, handles: list
+        self,
+        model: nn.Module,
+        modules: dict[str, nn.Module],
+        probe: ProbeSet,
+        handles: list,
+        batch_dims: dict[str, int | None],
+        input_batch_dim: int = 0,
     ) -> None:
         import torch
 
+        self.input_batch_dim = input_batch_dim
+        self.batch_dims = batch_dims
+        self.unplaced: dict[str, str] = {}  # layers whose output is not one row per sample, and why
         self.torch = torch
         self.model, self.modules, self.probe, self.handles = model, modules, probe, handles
         param = next(model.parameters(), None)
@@ -336,7 +355,7 @@ class _ProbeRun:
         as the recorder keys it."""
         from torch import Tensor, nn
 
-        from .layers import output_layout
+        from .layers import find_batch_dim, output_layout
         from .signature import call_key
 
         linear = isinstance(self.modules[module_key], nn.Linear)
@@ -349,12 +368,18 @@ class _ProbeRun:
                 return
             out = raw.detach()
             if self.mode == "discover":
-                if key not in self.layouts:
+                if key not in self.layouts and key not in self.unplaced:
                     layout = output_layout(module, out, *(self.last or (None, None)))
-                    self.layouts[key] = layout
+                    hints = (self.batch_dims.get(key), self.batch_dims.get(module_key))
+                    dim, why = find_batch_dim(tuple(out.shape), self.discovery_n, layout.channel_first, hints)
+                    if dim is None:
+                        self.unplaced[key] = why
+                        return
+                    self.layouts[key] = replace(layout, batch_dim=dim)
                     if linear and args and isinstance(args[0], Tensor):
                         self.in_width[key] = int(args[0].shape[-1])
-                self.last = (self.layouts[key], tuple(out.shape))
+                if key in self.layouts:
+                    self.last = (self.layouts[key], tuple(out.shape))
                 return
             layout = self.layouts.get(key)
             if layout is None or layout.width(out) != layout.neurons or (self.round and key not in self.wide):
@@ -427,8 +452,17 @@ class _ProbeRun:
         torch = self.torch
         probe, n = self.probe, self.n
         self._attach()
+        self.discovery_n = min(n, _DISCOVERY_SAMPLES)
         with torch.no_grad():
-            out = self.model(self._inputs(0, min(n, _DISCOVERY_SAMPLES)))
+            out = self.model(self._inputs(0, self.discovery_n))
+        if self.unplaced:
+            log.info(
+                "probe: left out, their outputs are not one row per sample: %s",
+                ", ".join(
+                    f"{k} ({'shared by the batch' if why == 'shared' else 'batch dimension unknown'})"
+                    for k, why in self.unplaced.items()
+                ),
+            )
         self._output_is_logits = isinstance(out, torch.Tensor) and out.dim() == 2 and out.is_floating_point()
         self.output_width = int(out.shape[1]) if self._output_is_logits else 0
         self._plan()
@@ -474,6 +508,8 @@ class _ProbeRun:
 
     def _inputs(self, lo: int, hi: int) -> Any:
         x = self.probe.x[lo:hi]
+        if self.input_batch_dim:
+            x = x.movedim(0, self.input_batch_dim)
         if x.is_floating_point():
             x = x.to(self.dtype)
         return x.to(self.device)
@@ -501,7 +537,8 @@ class _ProbeRun:
                     return None
                 chosen = out.gather(1, y[:, None]).sum()
                 (grad,) = torch.autograd.grad(chosen, x)
-                parts.append((grad * x).detach().reshape(hi - lo, -1).to(torch.float32).cpu())
+                values = (grad * x).detach().movedim(self.input_batch_dim, 0)
+                parts.append(values.reshape(hi - lo, -1).to(torch.float32).cpu())
         return torch.cat(parts).numpy()
 
 

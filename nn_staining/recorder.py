@@ -394,7 +394,8 @@ class NetworkTrace:
             return None
         from .probes import run_probe
 
-        return run_probe(self.model, self._tap.modules, self._probe)
+        known = {**self._tap.declared, **self._tap.batch_dims}  # declared per module, learnt per layer
+        return run_probe(self.model, self._tap.modules, self._probe, known, self._tap.input_batch_dim())
 
     def log_metrics(self, epoch: int | None = None, **values: Any) -> None:
         """Keep training metrics (loss, accuracy, a confusion matrix…) in ``meta.json`` beside the trace.

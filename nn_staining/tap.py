@@ -160,6 +160,7 @@ class HookTap:
         self.modules = modules
         self.layouts: dict[str, OutputLayout] = {}
         self.declared = declared_batch_dims(model, modules)  # module key -> batch_first of it or its block
+        self.stated_batch_dim = batch_dim
         self.model_batch_dim = batch_dim if batch_dim is not None else model_batch_dim(model)
         self.batch_dims: dict[str, int] = {}  # layer -> its output's batch dimension, once known
         # layer -> its output's shape, and the layers (or model inputs) its first argument comes from with theirs
@@ -569,6 +570,20 @@ class HookTap:
             if dim is not None and dim < len(shape) - 1 and shape[: dim + 1] == source_shape[: dim + 1]:
                 return dim
         return None
+
+    def input_batch_dim(self) -> int:
+        """The batch dimension of the model's first tensor argument: the user's ``batch_dim``, else
+        that of a layer whose output continues it (a ``(steps, batch, features)`` input fed to a
+        Linear before a time-major GRU), else 0."""
+        if self.stated_batch_dim is not None:
+            return self.stated_batch_dim
+        first = f"{INPUT_PREFIX}0>"
+        for layer, (shape, origins) in self.continues.items():
+            dim = self.batch_dims.get(layer)
+            for origin, origin_shape in origins:
+                if origin == first and dim is not None and shape[: dim + 1] == origin_shape[: dim + 1]:
+                    return dim
+        return 0
 
     def _sources(self, module_key: str, args: tuple, raw: Tensor, state: _ThreadPass) -> list:
         """Per tensor argument of this call, the recorded layer (and elementwise operations between)

@@ -221,3 +221,25 @@ def test_bert_with_sequence_length_equal_to_batch(tmp_path: Path) -> None:
             recorded_class_means(tmp_path / "t", layer), expected, rtol=1e-4, atol=1e-5
         )
     assert int(t.classes("E_0/L_bert.embeddings.position_embeddings")["act_count"].sum()) == 0
+
+
+def test_probe_of_a_time_major_model_with_steps_equal_to_the_probe_batch(tmp_path: Path) -> None:
+    """The probe set holds samples along dim 0; the model takes (steps, batch, features): each probe
+    batch is fed time-major, and each layer's batch dimension is the one training revealed."""
+    model = zoo.TimeMajorGRU()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(6, 16, 5, generator=g), torch.arange(16) % CLASSES  # training: 6 steps, 16 samples
+    probe_x, probe_y = torch.randn(6, 6, 5, generator=g), torch.arange(6) % CLASSES  # 6 samples of 6 steps
+    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES, probe=(probe_x, probe_y)) as trace:
+        with trace.epoch(0):
+            trace.set_targets(y)
+            model(x).sum().backward()
+    seen = hooks(model)
+    model.eval()
+    with torch.no_grad():
+        model(probe_x.movedim(0, 1))
+    t = load_trace(tmp_path / "t")
+    for layer in ("L_inp", "L_act", "L_gru"):
+        expected = seen[layer][0].transpose(1, 0, 2).mean(1)  # (samples, features): mean over steps
+        np.testing.assert_allclose(t.probe(0, layer), expected, rtol=1e-5, atol=1e-6, err_msg=layer)
+    np.testing.assert_allclose(t.probe(0, "L_head"), seen["L_head"][0], rtol=1e-5, atol=1e-6)
