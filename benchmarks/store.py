@@ -1,12 +1,17 @@
-"""Store at scale: write throughput, query latency and peak RSS of a trace of 100M neuron rows.
+"""Store at scale: write throughput, query latency and peak RSS of a trace of 100M neuron rows,
+and the history of one neuron over 10,000 recorded epochs.
 
-    python benchmarks/store.py                 # 500 epochs x 200,000 neurons = 100M rows (~2 GB)
-    python benchmarks/store.py --quick         # 50 epochs x 200,000 neurons (10M rows)
+    python benchmarks/store.py                 # 500 epochs x 200,000 neurons = 100M rows (~2 GB),
+                                               # then 10,000 epochs x 10,000 neurons (100M rows)
+    python benchmarks/store.py --quick         # 50 epochs x 200,000 neurons (10M rows),
+                                               # then 10,000 epochs x 200 neurons (2M rows)
+    python benchmarks/store.py --case history  # only the 10,000-epoch case
 
-The trace is recorded through the public API (NetworkTrace on a model with 200,000 neurons:
-Linear(8, 100000) then ReLU, one batch per epoch, weights not kept). Each query then runs in a
-fresh Python process; its time is measured from ``load_trace`` (imports excluded), with the
-process's peak RSS.
+The traces are recorded through the public API (NetworkTrace on Linear(8, width) then ReLU, one
+batch per epoch, weights not kept). Each query then runs in a fresh Python process; its time is
+measured from ``load_trace`` (imports excluded), with the process's peak RSS. The history case
+times the query with the history index and with it ignored (the trace reading one part per epoch,
+as before the index existed), alternating, in fresh processes.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ print(json.dumps({{"seconds": elapsed, "rows": len(frame), "peak_rss_mib": int(h
 """
 
 
-def record(store: str, epochs: int, width: int, keep_weights: bool) -> tuple[float, float, list[float]]:
+def record(
+    store: str, epochs: int, width: int, keep_weights: bool, every: int = 50
+) -> tuple[float, float, list[float]]:
     """Record ``epochs`` epochs of a 2×``width``-neuron model.
 
     Returns (seconds, seconds inside end_epoch, RSS in MiB after every 50th epoch).
@@ -64,7 +71,7 @@ def record(store: str, epochs: int, width: int, keep_weights: bool) -> tuple[flo
             t0 = time.perf_counter()
             trace.end_epoch()
             spent_in_end += time.perf_counter() - t0
-            if epoch % 50 == 0 or epoch == epochs - 1:
+            if epoch % every == 0 or epoch == epochs - 1:
                 rss.append(process.memory_info().rss / 2**20)
                 print(f"  epoch {epoch}/{epochs}  RSS {rss[-1]:.0f} MiB", flush=True)
     return time.perf_counter() - start, spent_in_end, rss
@@ -79,6 +86,52 @@ AGGREGATES = {
         't.to_dataframe(columns=["act_mean"]).groupby(["epoch", "layer"])["act_mean"].mean()'
     ),
 }
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def history_case(base: str, epochs: int, neurons: int, repeats: int) -> None:
+    """Record ``epochs`` epochs of a ``neurons``-neuron model and time one neuron's history from
+    ``load_trace`` in fresh processes, with the history index and with it ignored."""
+    store = os.path.join(base, f"history-{epochs}x{neurons}")
+    rows = epochs * neurons
+    print(
+        f"\nrecording {epochs:,} epochs x {neurons:,} neurons = {rows:,} neuron rows into {store}", flush=True
+    )
+    seconds, in_end, _ = record(store, epochs, neurons // 2, keep_weights=False, every=max(1, epochs // 5))
+    index = os.path.join(store, "_history", "neurons")
+    blocks = len(os.listdir(index)) if os.path.isdir(index) else 0
+    print(
+        f"write: {seconds:.1f} s in all ({seconds / epochs * 1e3:.2f} ms per epoch, end_epoch itself "
+        f"{in_end / epochs * 1e3:.2f} ms), {rows / seconds / 1e6:.2f} M rows/s; "
+        f"{table_bytes(store, 'neurons') / 2**20:.0f} MiB of parts in {epochs:,} files, "
+        f"{table_bytes(store, '_history') / 2**20:.0f} MiB of history index in {blocks} blocks",
+        flush=True,
+    )
+    signature = f"E_*/L_0/n_{min(5, neurons // 2 - 1)}"
+    variants = {
+        "with the history index": f"t.query({signature!r})",
+        "index ignored (one part per epoch)": f"(t._blocks.clear(), t.query({signature!r}))[1]",
+    }
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, expression in variants.items():
+            results[name].append(query(store, expression=expression))
+    print(
+        f"\n| history `{signature}`, {epochs:,} epochs x {neurons:,} neurons | rows | median s | runs s | peak RSS MiB |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    for name, runs in results.items():
+        secs = [r["seconds"] for r in runs]
+        print(
+            f"| {name} | {runs[0]['rows']:,} | {median(secs):.3f} | {', '.join(f'{x:.2f}' for x in secs)} | "
+            f"{max(r['peak_rss_mib'] for r in runs):.0f} |",
+            flush=True,
+        )
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
 
 
 def query(store: str, signature: str | None = None, expression: str | None = None) -> dict:
@@ -137,9 +190,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="where to write the store (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
     p.add_argument("--repeats", type=int, default=3, help="query repetitions (median reported)")
+    p.add_argument("--case", choices=["rows", "history", "all"], default="all", help="which case to run")
+    p.add_argument("--history-epochs", type=int, default=10_000)
+    p.add_argument(
+        "--history-neurons", type=int, default=None, help="neurons of the history case (10,000; --quick 200)"
+    )
     args = p.parse_args(argv)
-    epochs = args.epochs or (50 if args.quick else 500)
     base = args.dir or tempfile.mkdtemp(prefix="nn_staining_store_")
+    print(f"machine: {os.cpu_count()} cores, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    try:
+        if args.case in ("rows", "all"):
+            rows_case(args, base)
+        if args.case in ("history", "all"):
+            neurons = args.history_neurons or (200 if args.quick else 10_000)
+            history_case(base, args.history_epochs, neurons, max(args.repeats, 5))
+    finally:
+        if not args.keep and args.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+def rows_case(args: argparse.Namespace, base: str) -> None:
+    """The 100M-row case (10M with --quick): write throughput, queries, bytes on disk."""
+    epochs = args.epochs or (50 if args.quick else 500)
     store = os.path.join(base, "trace")
     neurons = 2 * args.width
     rows = epochs * neurons
@@ -187,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         if not args.keep:
-            shutil.rmtree(base if args.dir is None else store, ignore_errors=True)
-    return 0
+            shutil.rmtree(store, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -356,10 +356,11 @@ class TraceWriter:
                 with contextlib.suppress(OSError):
                     child.unlink()
 
-    def index_committed(self, commit: Commit) -> None:
+    def index_committed(self, commit: Commit, neurons: pa.Table | None = None) -> None:
         """Add a just-committed epoch to the history index: every ``INDEX_FANIN`` consecutive small
         epochs of one row layout become a level-0 block, and ``INDEX_FANIN`` consecutive blocks of
-        one level merge into one of the next (up to ``INDEX_MAX_ROWS`` rows)."""
+        one level merge into one of the next (up to ``INDEX_MAX_ROWS`` rows). ``neurons``, the
+        table just written, spares reading the part back."""
         rows = commit.rows.get("neurons", 0)
         state = self._index.get(commit.phase)
         if state is None:  # first commit since the store was opened: the logs include this one
@@ -369,21 +370,27 @@ class TraceWriter:
             if not 0 < rows < INDEX_BELOW_ROWS or key != state.key:
                 state.tail.clear()
                 state.run.clear()
+                state.written.clear()
                 state.key = key
             if 0 < rows < INDEX_BELOW_ROWS:
                 state.tail.append(commit.epoch)
         if not 0 < rows < INDEX_BELOW_ROWS:
             return
+        if neurons is not None and neurons.num_rows == rows:
+            state.written[commit.epoch] = neurons.select(INDEXED_COLUMNS)
         try:
             while len(state.tail) >= INDEX_FANIN and INDEX_FANIN * rows <= INDEX_MAX_ROWS:
                 epochs, state.tail = state.tail[:INDEX_FANIN], state.tail[INDEX_FANIN:]
                 block = IndexBlock(commit.phase, 0, tuple(epochs), commit.layout, rows)
-                self._write_block(block, [self._epoch_rows(e, commit.phase, rows) for e in epochs], 1)
+                sources = [self._epoch_rows(e, commit.phase, rows, state.written.get(e)) for e in epochs]
+                self._write_block(block, sources, 1)
+                state.written = {e: t for e, t in state.written.items() if e in state.tail}
                 state.run.append(block)
                 self._merge_full_levels(state)
         except BaseException:
             state.tail.clear()
             state.run.clear()
+            state.written.clear()
             raise
 
     def _merge_full_levels(self, state: _IndexState) -> None:
@@ -418,8 +425,11 @@ class TraceWriter:
             raise
         append_line(self.root / INDEX_LOG, index_line(block))
 
-    def _epoch_rows(self, epoch: int, phase: str, rows: int) -> pa.Table:
-        """The indexed columns of a committed epoch's ``neurons`` part (checksums verified)."""
+    def _epoch_rows(self, epoch: int, phase: str, rows: int, written: pa.Table | None = None) -> pa.Table:
+        """The indexed columns of a committed epoch's ``neurons`` part: ``written`` when the writer
+        kept the table, else read back from the part (checksums verified)."""
+        if written is not None:
+            return written
         path = part_path(self.root, "neurons", epoch, phase)
         return read_part(path, INDEXED_COLUMNS, ReadPlan(None, rows, None), epoch)
 
@@ -430,33 +440,49 @@ class TraceWriter:
         )
 
     def _load_index_state(self, phase: str) -> _IndexState:
-        """The index as the logs leave it: epochs committed after the last live block wait in the tail."""
+        """The index as the logs leave it: the epochs committed after the last live block wait in
+        the tail, and the newest blocks that follow each other with nothing between them may still
+        merge."""
         meta = read_meta(self.root)
         commits = read_commits(self.root, meta)
         blocks = read_index(self.root, meta, commits).get(phase, [])
-        last = blocks[-1].epochs[-1] if blocks else -1
         done = commits.get(phase, {})
+        order = sorted(done)
+        position = {e: i for i, e in enumerate(order)}
+        last = blocks[-1].epochs[-1] if blocks else -1
         state = _IndexState()
-        for epoch in sorted(e for e in done if e > last):
-            c = done[epoch]
-            key = (c.layout, c.rows.get("neurons", 0))
+        for epoch in order[position[last] + 1 if blocks else 0 :]:
+            key = (done[epoch].layout, done[epoch].rows.get("neurons", 0))
             if key != state.key:
                 state.tail.clear()
                 state.key = key
             state.tail.append(epoch)
         if state.key is not None and not 0 < state.key[1] < INDEX_BELOW_ROWS:
             state.tail.clear()
+        if blocks and (not state.tail or position[state.tail[0]] == position[last] + 1):
+            key = (blocks[-1].layout, blocks[-1].rows)
+            if state.key in (None, key):
+                state.key = key
+                run = [blocks[-1]]
+                for block in reversed(blocks[:-1]):
+                    follows = position[block.epochs[-1]] + 1 == position[run[0].epochs[0]]
+                    if not follows or (block.layout, block.rows) != key:
+                        break
+                    run.insert(0, block)
+                state.run = run
         return state
 
 
 class _IndexState:
     """The writer's view of one phase's index: the epochs not yet in a block (consecutive, one row
-    layout) and the newest run of consecutive blocks that may still merge."""
+    layout; at most ``INDEX_FANIN`` small tables kept in memory) and the newest run of consecutive
+    blocks that may still merge."""
 
     def __init__(self) -> None:
         self.key: tuple[int, int] | None = None
         self.tail: list[int] = []
         self.run: list[IndexBlock] = []
+        self.written: dict[int, pa.Table] = {}  # the tail's tables as the writer wrote them
 
 
 def index_path(root: str | os.PathLike, block: IndexBlock) -> Path:

@@ -102,6 +102,7 @@ class EpochWriter:
         """Write the epoch's parts (and checkpoint, probe) and ``meta.json`` if it changed, then
         commit it; on failure remove what was written and raise an error that says what is intact."""
         written: list[tuple[str, dict[str, int]]] = []
+        neurons: list[Any] = []
         phase = record.phases[0].phase
         try:
             for phase_record in record.phases:
@@ -115,6 +116,7 @@ class EpochWriter:
                     self.record_weights,
                 )
                 written.append((phase, self.store.write_epoch(record.epoch, phase, tables)))
+                neurons.append(tables.get("neurons"))
             if record.checkpoint is not None and self._write_checkpoint is not None:
                 self._write_checkpoint(record.epoch, record.checkpoint)
             if record.probe is not None and self._write_probe is not None:
@@ -129,9 +131,9 @@ class EpochWriter:
             raise epoch_write_error(self.store.root, record.epoch, phase, exc, self.committed) from exc
         self.committed.append(record.epoch)
         self._previous_weights = {k: w.weights for k, w in record.weights.items() if w.weights is not None}
-        for (phase, rows), layout in zip(written, record.layouts):
+        for (phase, rows), layout, table in zip(written, record.layouts, neurons):
             try:
-                self.store.index_committed(Commit(record.epoch, phase, layout, rows))
+                self.store.index_committed(Commit(record.epoch, phase, layout, rows), table)
             except Exception as exc:  # the index is a derived copy: the epoch is committed either way
                 log.warning(
                     "history index of %s not updated at epoch %d: %s", self.store.root, record.epoch, exc
