@@ -1215,7 +1215,7 @@ def _scan_blocks(fig: Figure, grid, trace: Trace, blocks: list[Block], epoch: in
     history = block_stained_frac(every, blocks)
     shares = pd.DataFrame([block_stains(_selection(trace, epoch, every), b, len(palette)) for b in blocks])
     left, right = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
-    names = [f"{_wrap(b.label, 28)} ({len(b.layers)} layers)" for b in blocks]
+    names = [f"{_wrap(b.label, 28)} ({len(b.layers)} layer{'s' * (len(b.layers) > 1)})" for b in blocks]
     columns = [_class_label(trace, c) for c in range(len(palette))] + ["unstained", "dead"]
     for ax, data, xlabels, title in (
         (left, history, [str(e) for e in history.columns], "stained share of units per epoch"),
@@ -1618,19 +1618,17 @@ def plot_class_means(
     trace: Trace, epoch: int = -1, layers: Sequence[str] | None = None, max_rows: int = MAX_CLUSTER_ROWS
 ) -> Figure:
     """Per layer, each neuron's class means at ``epoch`` z-scored across classes (seaborn heatmap), rows
-    clustered by average-linkage on those profiles (dendrogram on the left), final stain on the right."""
+    clustered by average-linkage on those profiles (dendrogram on the left), final stain on the right. A
+    model with more than ``MAX_CLASS_MEAN_PANELS`` such layers shows its blocks' outputs and its head
+    (:func:`representative_layers`)."""
     import seaborn as sns
     from scipy.cluster import hierarchy
 
     epoch = staining.resolve_epoch(trace, epoch)
     frame = _selection(trace, epoch, None)
-    summary, outputs = LayerSummary(list(layers or trace.layers), ""), {}
-    if layers is None and len(trace.layers) > MAX_CLASS_MEAN_PANELS:
-        summary = layer_summary(trace, MAX_CLASS_MEAN_PANELS)
-        outputs = {block_output(trace, b): b for b in summary.blocks}
-    layers = [
-        k for k in [*outputs, *summary.detailed] if trace.layer_info(k)["neurons"] >= 2
-    ]  # the blocks' outputs come before the head
+    limit = MAX_CLASS_MEAN_PANELS if layers is None else len(layers)  # layers given: all of them
+    layers = [k for k in (layers or trace.layers) if trace.layer_info(k)["neurons"] >= 2]
+    layers, outputs, summary_note = representative_layers(trace, layers, limit)
     palette = class_palette(trace.num_classes or 0)
     means = trace.classes(f"E_{epoch}/L_*", columns=["act_mean"])["act_mean"]
     columns = min(len(layers), 4) or 1
@@ -1668,7 +1666,7 @@ def plot_class_means(
         ax.set_xlabel("class")
         ax.set_ylabel("neuron (clustered)" if i % columns == 0 else "")
         note = f", {len(shown)} of {len(sel)}" if len(shown) < len(sel) else ""
-        if outputs:  # a large model's long module names, on two or three lines
+        if summary_note:  # a large model's long module names, on two or three lines
             block = f"\n(output of block {outputs[layer].label})" if layer in outputs else ""
             ax.set_title(f"{_wrap(layer, 36)}{note}{block}", fontsize=8)
         else:
@@ -1695,11 +1693,7 @@ def plot_class_means(
     fig.suptitle(
         f"Class-mean profiles, clustered — run '{_run(trace)}', epoch {epoch}: red = the classes a neuron "
         "responds to most (z-score across classes; colours clip at ±2.5)"
-        + (
-            f"\n{textwrap.fill(summary.note + '; a block is drawn by its output (the layer the next one reads)', 130)}"
-            if outputs
-            else ""
-        ),
+        + (f"\n{textwrap.fill(summary_note, 130)}" if summary_note else ""),
         fontsize=11,
     )
     return fig
@@ -1718,6 +1712,32 @@ def block_output(trace: Trace, block: Block) -> str:
             if source in inside:
                 return source
     return block.layers[-1]
+
+
+def representative_layers(
+    trace: Trace, available: Sequence[str], max_items: int
+) -> tuple[list[str], dict[str, Block], str]:
+    """``available`` itself when there are at most ``max_items``; otherwise, in model order, each
+    block's output (:func:`block_output`, or its last available layer) and the head's available layers
+    (:func:`layer_summary`): the layers, the block each stands for, and the note saying so."""
+    available = list(available)
+    if len(available) <= max_items:
+        return available, {}, ""
+    summary = layer_summary(trace, max_items)
+    have = set(available)
+    chosen, stands_for = [], {}
+    for item in summary.items:
+        if isinstance(item, Block):
+            inside = [k for k in item.layers if k in have]
+            if inside:
+                output = block_output(trace, item)
+                chosen.append(output if output in have else inside[-1])
+                stands_for[chosen[-1]] = item
+        elif item in have:
+            chosen.append(item)
+    head = summary.note.replace(" shown neuron by neuron", " in full")
+    note = f"{head}; a block is drawn by its output (the layer the next one reads)"
+    return chosen, stands_for, note
 
 
 # -- animation -----------------------------------------------------------------------------------------
@@ -1963,14 +1983,21 @@ def _short_layer(layer: str) -> str:
     return layer[2:] if layer.startswith("L_") else layer
 
 
+#: Layers of the CKA matrix, and panels of CKA across epochs, at most: a larger model shows its blocks' outputs and head.
+MAX_CKA_LAYERS = 24
+MAX_CKA_PANELS = 16
+
+
 def plot_cka(trace: Trace, epoch: int = -1, frame: pd.DataFrame | None = None) -> Figure:
     """Linear CKA between every pair of layers at ``epoch`` (from ``representations.cka``): near 1, two
-    layers hold the same representation of the probe samples up to a rotation and a scale."""
+    layers hold the same representation of the probe samples up to a rotation and a scale. Of a model
+    with more than ``MAX_CKA_LAYERS`` probed layers, its blocks' outputs and head (:func:`representative_layers`)."""
     from . import representations
 
     frame = representations.cka(trace, epoch=epoch) if frame is None else frame
     epoch = int(frame.index.get_level_values("epoch")[0])
     layers = list(dict.fromkeys(frame.index.get_level_values("layer_a")))
+    layers, _, note = representative_layers(trace, layers, MAX_CKA_LAYERS)
     matrix = frame["cka"].unstack("layer_b").droplevel("epoch").loc[layers, layers].to_numpy()
     size = max(3.2, 2.2 + 0.55 * len(layers))
     fig = Figure(figsize=(size + 1.6, size + 0.8), layout="constrained")
@@ -1988,7 +2015,9 @@ def plot_cka(trace: Trace, epoch: int = -1, frame: pd.DataFrame | None = None) -
     ax.set_ylabel("layer")
     fig.colorbar(image, ax=ax, label="linear CKA (1 = same up to rotation and scale)", shrink=0.8)
     fig.suptitle(
-        f"Layer similarity (linear CKA on the probe set)\nrun '{_run(trace)}', epoch {epoch}", fontsize=10
+        f"Layer similarity (linear CKA on the probe set)\nrun '{_run(trace)}', epoch {epoch}"
+        + (f"\n{textwrap.fill(note, 90)}" if note else ""),
+        fontsize=10,
     )
     return fig
 
@@ -1998,11 +2027,11 @@ def plot_cka_epochs(trace: Trace, layers: Sequence[str] | None = None) -> Figure
     settles (a bright lower-right block = the layer no longer changes)."""
     from . import representations
 
-    layers = (
-        representations.probe_layers(trace)
-        if layers is None
-        else [trace.layer_info(k)["key"] for k in layers]
-    )
+    note = ""
+    if layers is None:
+        layers, _, note = representative_layers(trace, representations.probe_layers(trace), MAX_CKA_PANELS)
+    else:
+        layers = [trace.layer_info(k)["key"] for k in layers]
     cols = min(4, len(layers))
     rows = -(-len(layers) // cols)
     fig = Figure(figsize=(3.1 * cols + 1.2, 3.0 * rows + 0.8), layout="constrained")
@@ -2035,7 +2064,8 @@ def plot_cka_epochs(trace: Trace, layers: Sequence[str] | None = None) -> Figure
             extend="min" if vmin > 0 else "neither",
         )
     fig.suptitle(
-        f"How each layer's representation settles: CKA across epochs — run '{_run(trace)}', {_epoch_span(trace)}",
+        f"How each layer's representation settles: CKA across epochs — run '{_run(trace)}', {_epoch_span(trace)}"
+        + (f"\n{textwrap.fill(note, 110)}" if note else ""),
         fontsize=10,
     )
     return fig

@@ -42,7 +42,8 @@ BERT_HEAD = [
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory):
-    """zoo.resnet18 at width 8 on 16×16 images whose class shows as a bright square in one channel."""
+    """zoo.resnet18 at width 8 on 16×16 images whose class shows as a bright square in one channel; 16 of
+    them are the probe set."""
     model = zoo.resnet18(num_classes=4, width=8)
     g = torch.Generator().manual_seed(1)
     y = torch.arange(64) % 4
@@ -51,7 +52,7 @@ def resnet(tmp_path_factory):
         x[y == c, c % 3, 4 * c : 4 * c + 4, 4 * c : 4 * c + 4] += 3.0
     store = tmp_path_factory.mktemp("large") / "resnet18"
     optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
-    with NetworkTrace(model, store, num_classes=4) as trace:
+    with NetworkTrace(model, store, num_classes=4, probe=(x[:16], y[:16])) as trace:
         for epoch in range(2):
             trace.start_epoch(epoch)
             for start in range(0, 64, 32):
@@ -303,3 +304,28 @@ def test_class_means_draw_each_blocks_output_and_the_head(bert):
     ]  # what the next block reads
     assert [t.split("(")[0] for t in titles] == [*outputs, "L_bert.encoder.layer.3.output.dense", *BERT_HEAD]
     assert "in 5 blocks summarised" in fig._suptitle.get_text()
+
+
+def test_cka_figures_show_each_blocks_output_and_the_head(resnet):
+    from nn_staining import representations as rep
+
+    probed = rep.probe_layers(resnet)
+    assert len(probed) > plots.MAX_CKA_LAYERS
+    fig = plots.plot_cka(resnet)
+    assert max(pixels(fig)) <= SCREEN and "in 9 blocks summarised" in fig._suptitle.get_text()
+    image = next(im for ax in fig.axes for im in ax.images if im.get_gid() == "cka")
+    names = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    outputs = ["maxpool"] + [f"layer{s}.{b}.relu:2" for s in range(1, 5) for b in range(2)]
+    assert names == [*outputs, "avgpool", "fc"]
+    frame = rep.cka(resnet, epoch=-1)["cka"]
+    epoch = resnet.epochs[-1]
+    expected = [[frame[(epoch, f"L_{a}", f"L_{b}")] for b in names] for a in names]
+    assert np.asarray(image.get_array()) == pytest.approx(np.array(expected), nan_ok=True)
+
+    fig = plots.plot_cka_epochs(resnet)
+    assert max(pixels(fig)) <= SCREEN and "in 9 blocks summarised" in fig._suptitle.get_text()
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.images] == [
+        *outputs,
+        "avgpool",
+        "fc",
+    ]
