@@ -3,8 +3,8 @@ and the history of one neuron over 10,000 recorded epochs.
 
     python benchmarks/store.py                 # 500 epochs x 200,000 neurons = 100M rows (~2 GB),
                                                # then 10,000 epochs x 10,000 neurons (100M rows)
-    python benchmarks/store.py --quick         # 50 epochs x 200,000 neurons (10M rows),
-                                               # then 10,000 epochs x 200 neurons (2M rows)
+    python benchmarks/store.py --quick         # 50 epochs x 200,000 neurons (10M rows), then
+                                               # 10,000 epochs x 100 neurons written without a model
     python benchmarks/store.py --case history  # only the 10,000-epoch case
 
 The traces are recorded through the public API (NetworkTrace on Linear(8, width) then ReLU, one
@@ -93,15 +93,60 @@ def median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def history_case(base: str, epochs: int, neurons: int, repeats: int) -> None:
+def write_direct(store: str, epochs: int, neurons: int) -> float:
+    """Write ``epochs`` epochs of two ``neurons // 2``-neuron layers as the epoch writer does (part,
+    commit, history index), without a model or recorder; returns the seconds taken."""
+    import numpy as np
+
+    from nn_staining.catalog import FORMAT_NAME, FORMAT_VERSION, Commit, new_run_id
+    from nn_staining.store import TraceWriter, build_table
+
+    half = neurons // 2
+    layers = [{"key": f"L_{i}", "neurons": half, "kind": "features", "row_offset": i * half} for i in (0, 1)]
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "run_id": new_run_id(),
+        "layers": layers,
+        "layouts": [{"neurons": ["L_0", "L_1"], "inputs": []}],
+    }
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    writer = TraceWriter(store, overwrite=True)
+    writer.write_meta(meta)
+    for epoch in range(epochs):
+        columns = {
+            "layer": np.repeat(np.arange(2, dtype=np.int32), half),
+            "phase": "train",
+            "neuron": np.tile(np.arange(half, dtype=np.int32), 2),
+            "act_count": np.full(neurons, 16),
+        }
+        for name in ("act_mean", "act_std", "act_min", "act_max", "act_active_frac"):
+            columns[name] = rng.random(neurons, dtype=np.float32)
+        table = build_table("neurons", columns, ["L_0", "L_1"])
+        commit = Commit(epoch, "train", 0, writer.write_epoch(epoch, "train", {"neurons": table}))
+        writer.commit(commit)
+        writer.index_committed(commit, table)
+    return time.perf_counter() - start
+
+
+def history_case(base: str, epochs: int, neurons: int, repeats: int, direct: bool = False) -> None:
     """Record ``epochs`` epochs of a ``neurons``-neuron model and time one neuron's history from
-    ``load_trace`` in fresh processes, with the history index and with it ignored."""
+    ``load_trace`` in fresh processes, with the history index (``repeats`` times) and with it
+    ignored (``repeats`` times; once when ``direct``, the --quick run, writes without a model)."""
     store = os.path.join(base, f"history-{epochs}x{neurons}")
     rows = epochs * neurons
+    how = "through the store's writer (no model)" if direct else "through NetworkTrace"
     print(
-        f"\nrecording {epochs:,} epochs x {neurons:,} neurons = {rows:,} neuron rows into {store}", flush=True
+        f"\nrecording {epochs:,} epochs x {neurons:,} neurons = {rows:,} neuron rows {how} into {store}",
+        flush=True,
     )
-    seconds, in_end, _ = record(store, epochs, neurons // 2, keep_weights=False, every=max(1, epochs // 5))
+    if direct:
+        seconds = in_end = write_direct(store, epochs, neurons)
+    else:
+        seconds, in_end, _ = record(
+            store, epochs, neurons // 2, keep_weights=False, every=max(1, epochs // 5)
+        )
     index = os.path.join(store, "_history", "neurons")
     blocks = len(os.listdir(index)) if os.path.isdir(index) else 0
     print(
@@ -117,9 +162,10 @@ def history_case(base: str, epochs: int, neurons: int, repeats: int) -> None:
         "index ignored (one part per epoch)": f"(t._blocks.clear(), t.query({signature!r}))[1]",
     }
     results: dict[str, list[dict]] = {name: [] for name in variants}
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for name, expression in variants.items():
-            results[name].append(query(store, expression=expression))
+            if not direct or repeat == 0 or name == "with the history index":
+                results[name].append(query(store, expression=expression))
     print(
         f"\n| history `{signature}`, {epochs:,} epochs x {neurons:,} neurons | rows | median s | runs s | peak RSS MiB |"
     )
@@ -184,7 +230,11 @@ def table_bytes(store: str, table: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="50 epochs instead of 500")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="50 epochs (rows case); 100 neurons written without a model (history)",
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--width", type=int, default=100_000, help="neurons per layer (two layers)")
     p.add_argument("--dir", default=None, help="where to write the store (default: a temporary folder)")
@@ -193,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case", choices=["rows", "history", "all"], default="all", help="which case to run")
     p.add_argument("--history-epochs", type=int, default=10_000)
     p.add_argument(
-        "--history-neurons", type=int, default=None, help="neurons of the history case (10,000; --quick 200)"
+        "--history-neurons", type=int, default=None, help="neurons of the history case (10,000; --quick 100)"
     )
     args = p.parse_args(argv)
     base = args.dir or tempfile.mkdtemp(prefix="nn_staining_store_")
@@ -202,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.case in ("rows", "all"):
             rows_case(args, base)
         if args.case in ("history", "all"):
-            neurons = args.history_neurons or (200 if args.quick else 10_000)
-            history_case(base, args.history_epochs, neurons, max(args.repeats, 5))
+            neurons = args.history_neurons or (100 if args.quick else 10_000)
+            history_case(base, args.history_epochs, neurons, max(args.repeats, 5), direct=args.quick)
     finally:
         if not args.keep and args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
