@@ -1807,13 +1807,21 @@ def _effects(trace: Trace, effects: pd.DataFrame | None) -> pd.DataFrame:
     return stored
 
 
-def _effect_panels(trace: Trace, frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """(unit, layer) of each panel: the neuron layers in model order, then the pathways."""
+#: Neuron-layer panels of the intervention figures at most: a model with more shows its blocks' outputs and head.
+MAX_EFFECT_PANELS = 12
+
+
+def _effect_panels(trace: Trace, frame: pd.DataFrame) -> tuple[list[tuple[str, str]], str]:
+    """(unit, layer) of each panel: the neuron layers in model order (at most ``MAX_EFFECT_PANELS``, see
+    :func:`representative_layers`), then the pathways; and the note of what was left out."""
     neurons = set(frame.loc[frame["unit"] == "neurons", "layer"])
-    panels = [("neurons", k) for k in trace.layers if k in neurons]
+    layers, _, note = representative_layers(
+        trace, [k for k in trace.layers if k in neurons], MAX_EFFECT_PANELS
+    )
+    panels = [("neurons", k) for k in layers]
     panels += [("neurons", k) for k in sorted(neurons - set(trace.layers))]
     panels += [("edges", k) for k in sorted(set(frame.loc[frame["unit"] == "edges", "layer"]))]
-    return panels
+    return panels, note
 
 
 def _signed(value: float) -> str:
@@ -1844,7 +1852,7 @@ def plot_effect_matrix(trace: Trace, effects: pd.DataFrame | None = None, epoch:
     frame = effects[effects["epoch"] == epoch]
     spec = specificity(frame)
     classes = trace.num_classes or int(frame["eval_class"].max()) + 1
-    panels = _effect_panels(trace, frame)
+    panels, note = _effect_panels(trace, frame)
     ncols = min(len(panels), 2 if classes > 4 else 4)
     nrows = -(-len(panels) // ncols)
     cell = 0.42 if classes > 4 else 0.9
@@ -1901,7 +1909,8 @@ def plot_effect_matrix(trace: Trace, effects: pd.DataFrame | None = None, epoch:
     )
     fig.suptitle(
         f"Effect of ablating stained neurons — run '{_run(trace)}', epoch {epoch}, held-out split\n"
-        "row: the neurons stained that class are zeroed; column: that class's accuracy change; grey: no neurons",
+        "row: the neurons stained that class are zeroed; column: that class's accuracy change; grey: no neurons"
+        + (f"\n{textwrap.fill(note, 110)}" if note else ""),
         fontsize=10,
     )
     return fig
@@ -1913,7 +1922,7 @@ def plot_specificity(trace: Trace, effects: pd.DataFrame | None = None) -> Figur
     from .intervene import specificity
 
     spec = specificity(_effects(trace, effects))
-    panels = _effect_panels(trace, spec.reset_index())
+    panels, note = _effect_panels(trace, spec.reset_index())
     colours = mpl.colormaps["Dark2"].colors
     fig = Figure(figsize=(13, 4.4), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -1949,7 +1958,8 @@ def plot_specificity(trace: Trace, effects: pd.DataFrame | None = None) -> Figur
     axes[0].set_title("accuracy: drop of the stained class − mean drop of the others", fontsize=9)
     axes[1].set_title("logit: drop of the stained class's logit − mean drop of the others'", fontsize=9)
     fig.suptitle(
-        f"Are the stains causal? Ablation specificity — run '{_run(trace)}', {_epoch_span(trace)}",
+        f"Are the stains causal? Ablation specificity — run '{_run(trace)}', {_epoch_span(trace)}"
+        + (f"\n{textwrap.fill(note, 120)}" if note else ""),
         fontsize=11,
     )
     return fig
@@ -2075,7 +2085,8 @@ def plot_probe_accuracy(
     trace: Trace, probe: pd.DataFrame | None = None, ranks: pd.DataFrame | None = None
 ) -> Figure:
     """Left: linear-probe accuracy per layer over epochs (held-out half of the probe set; dashed:
-    chance). Right: each layer's effective rank (exp of the entropy of its PCA spectrum)."""
+    chance). Right: each layer's effective rank (exp of the entropy of its PCA spectrum). Of a model
+    with more than ``MAX_LINE_LAYERS`` layers, its blocks' outputs and head (:func:`representative_layers`)."""
     from . import representations
 
     if probe is None:
@@ -2094,6 +2105,7 @@ def plot_probe_accuracy(
         (line,) = left.plot(acc.index, acc.to_numpy(), color="black", ls=":", lw=1.4, gid="probe:x")
         line.set_label("the inputs x")
         handles.append(line)
+    layers, _, note = representative_layers(trace, layers, MAX_LINE_LAYERS)  # a large model: block outputs
     colours = layer_palette(len(layers))
     for i, layer in enumerate(layers):
         style = {"color": colours[i], "marker": LAYER_MARKERS[i % len(LAYER_MARKERS)], "ms": 3.5, "lw": 1.4}
@@ -2120,7 +2132,8 @@ def plot_probe_accuracy(
     _layer_legend(fig, handles)
     n = int(probe["train"].iloc[0] + probe["test"].iloc[0])
     fig.suptitle(
-        f"Representations over training ({n} probe samples) — run '{_run(trace)}', {_epoch_span(trace)}",
+        f"Representations over training ({n} probe samples) — run '{_run(trace)}', {_epoch_span(trace)}"
+        + (f"\n{textwrap.fill(note, 120)}" if note else ""),
         fontsize=11,
     )
     return fig
@@ -2209,7 +2222,7 @@ def _robust_limits(ax, points: np.ndarray, coverage: float = 99.0) -> int:
 def plot_breadcrumbs(trace: Trace, sample: int = 0, epoch: int = -1, top_k: int = 3, crumbs=None) -> Figure:
     """One probe sample's breadcrumbs drawn over the staining graph: its ``top_k`` largest-contribution
     paths (black, width ∝ path score) beside the classes' stained pathways, and rings on its most
-    active neurons (width ∝ activation)."""
+    active neurons (width ∝ activation); of a large model, within its head (:func:`layer_summary`)."""
     from . import representations
 
     crumbs = representations.breadcrumbs(trace, sample, epoch, top_k=top_k) if crumbs is None else crumbs
@@ -2229,8 +2242,9 @@ def plot_breadcrumbs(trace: Trace, sample: int = 0, epoch: int = -1, top_k: int 
     )
     for layer, neuron in rings.index:
         keep.setdefault(layer, set()).add(int(neuron))
-    n_columns = len(trace.layers) + 1
-    layout = graph_layout(trace, epoch, keep=keep, aspect=_aspect(n_columns))
+    summary = layer_summary(trace, MAX_GRAPH_LAYERS)  # a large model: its blocks as bars, no rings there
+    n_columns = len(summary.items) + 1
+    layout = graph_layout(trace, epoch, keep=keep, aspect=_aspect(n_columns), summary=summary)
     width, height = graph_size(len(layout.columns))
     fig = Figure(figsize=(width, height), layout="constrained")
     draw_staining_graph(fig, trace, layout, rings if len(rings) else None)
