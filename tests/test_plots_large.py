@@ -329,3 +329,29 @@ def test_cka_figures_show_each_blocks_output_and_the_head(resnet):
         "avgpool",
         "fc",
     ]
+
+
+def test_breadcrumbs_probe_accuracy_and_animation_of_a_large_model(resnet, tmp_path):
+    fig = plots.plot_breadcrumbs(resnet, 0)
+    assert max(pixels(fig)) <= SCREEN and "in 9 blocks summarised" in fig._supxlabel.get_text()
+    assert len(fig.axes[0].get_xticks()) == len(RESNET_BLOCKS) + 2
+    crumbs = [line for line in fig.axes[0].get_lines() if (line.get_gid() or "").startswith("breadcrumb:")]
+    assert crumbs and all(np.all(np.isin(line.get_xdata(), [9, 10])) for line in crumbs)  # in the head
+
+    fig = plots.plot_probe_accuracy(resnet)
+    assert max(pixels(fig)) <= SCREEN and "in 9 blocks summarised" in fig._suptitle.get_text()
+    drawn = [
+        line.get_gid() for line in fig.axes[0].get_lines() if (line.get_gid() or "").startswith("probe:L_")
+    ]
+    assert drawn == ["probe:L_maxpool"] + [
+        f"probe:L_layer{s}.{b}.relu:2" for s in range(1, 5) for b in range(2)
+    ] + [
+        "probe:L_avgpool",
+        "probe:L_fc",
+    ]
+
+    path = plots.save_staining_animation(resnet, tmp_path / "graph.gif")
+    from PIL import Image
+
+    with Image.open(path) as gif:
+        assert gif.n_frames == len(resnet.epochs) and max(gif.size) <= SCREEN
