@@ -66,6 +66,9 @@ ELEMENTWISE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Identity,
     nn.modules.dropout._DropoutNd,
 )
+#: Modules that only reshape or pass on their input: their output is the previous layer's values again,
+#: so they are left out of the default selection (``layers=`` still picks them).
+RESHAPE_TYPES: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten, nn.Identity)
 #: Modules whose ``weight`` rows are not per output neuron.
 NO_NEURON_WEIGHTS: tuple[type[nn.Module], ...] = (
     nn.Embedding,
@@ -77,7 +80,8 @@ NO_NEURON_WEIGHTS: tuple[type[nn.Module], ...] = (
 def select_layers(model: nn.Module, patterns: Sequence[str] | str | None = None) -> dict[str, nn.Module]:
     """Map layer keys to the modules to record.
 
-    By default every leaf module (and opaque ones such as ``MultiheadAttention``); with
+    By default every leaf module (and opaque ones such as ``MultiheadAttention``) except pure
+    reshapes (:data:`RESHAPE_TYPES`, unless nothing else is left); with
     ``patterns``, the modules whose qualified name (or ``L_`` key) equals or matches a name or glob;
     an exact name wins over its glob reading (``"[x]"`` selects the module ``[x]``). A pattern that
     matches nothing, a recorded module whose name no signature can address, and two recorded
@@ -100,7 +104,8 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | str | None = None)
             if name not in inside_opaque
             and (isinstance(m, OPAQUE_TYPES) or not any(True for _ in m.children()))
         ]
-        return _keyed(chosen)
+        neurons = [(name, m) for name, m in chosen if not isinstance(m, RESHAPE_TYPES)]
+        return _keyed(neurons or chosen)
     if isinstance(patterns, str):
         patterns = [patterns]
     keys = {name: _key_or_none(name) for name, _ in named}

@@ -139,3 +139,30 @@ def test_default_selection_is_leaves_and_opaque_modules_but_not_their_insides() 
     }
     # asked for by name, a non-leaf module and a module inside an opaque one are recorded
     assert list(select_layers(model, ["block", "attn.out_proj"])) == ["L_attn.out_proj", "L_block"]
+
+
+# -- what is a neuron --------------------------------------------------------------------------------
+def cnn_with_reshapes() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.ReLU(),
+        nn.Identity(),
+        nn.Flatten(),
+        nn.Unflatten(1, (2, 16)),
+        nn.Flatten(),
+        nn.Linear(32, 3),
+    )
+
+
+def test_pure_reshapes_are_not_recorded_by_default_but_can_be_chosen() -> None:
+    model = cnn_with_reshapes()
+    assert list(select_layers(model)) == ["L_0", "L_1", "L_6"]
+    assert list(select_layers(model, ["3", "6"])) == ["L_3", "L_6"]
+
+
+def test_a_model_of_reshapes_only_still_records_them(tmp_path) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Identity())
+    assert list(select_layers(model)) == ["L_0", "L_1"]
+    with NetworkTrace(model, tmp_path / "t") as trace, trace.epoch(0):
+        model(torch.ones(2, 3, 4))
+    assert load_trace(tmp_path / "t").query("E_0/L_0")["act_mean"].tolist() == [1.0] * 12

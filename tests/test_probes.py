@@ -197,7 +197,8 @@ def test_conv_and_sequence_first_representations():
     with torch.no_grad():
         conv(x)
     capture.remove()
-    record = probes.run_probe(conv, select_layers(conv), probes.ProbeSet.from_arg((x, y), batch_size=4))
+    layers = select_layers(conv, ["0", "1", "2", "3"])  # the Flatten too (left out by default)
+    record = probes.run_probe(conv, layers, probes.ProbeSet.from_arg((x, y), batch_size=4))
     reps = {k: np.concatenate(v) for k, v in capture.outputs[0].items()}
     np.testing.assert_allclose(
         record.layers["L_0"].activations, reps["L_0"].mean((2, 3)), rtol=1e-5, atol=1e-6

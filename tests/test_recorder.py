@@ -244,8 +244,8 @@ def test_cnn_channels_are_neurons_valued_by_spatial_mean(tmp_path: Path) -> None
     with NetworkTrace(model, tmp_path / "t", num_classes=N_CLASSES) as trace:
         run = train(model, x, y, epochs=2, batch_size=8, trace=trace, capture=capture)
     t = load_trace(tmp_path / "t")
-    assert t.layers == ["L_conv", "L_bn", "L_relu", "L_pool", "L_flat", "L_fc"]
-    expected_neurons = {"L_conv": 4, "L_bn": 4, "L_relu": 4, "L_pool": 4, "L_flat": 36, "L_fc": 3}
+    assert t.layers == ["L_conv", "L_bn", "L_relu", "L_pool", "L_fc"]  # a Flatten is no neuron
+    expected_neurons = {"L_conv": 4, "L_bn": 4, "L_relu": 4, "L_pool": 4, "L_fc": 3}
     assert {k: t.layer_info(k)["neurons"] for k in t.layers} == expected_neurons
     for epoch in (0, 1):
         for layer in t.layers:
@@ -444,8 +444,7 @@ def test_default_selection_is_every_leaf_module(tmp_path: Path) -> None:
         "L_bn",
         "L_relu",
         "L_pool",
-        "L_flat",
-        "L_fc",
+        "L_fc",  # not the Flatten: a pure reshape is no neuron
     ]
     plain = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
     assert NetworkTrace(plain, tmp_path / "c").layers == ["L_0", "L_1", "L_2"]
