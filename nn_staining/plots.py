@@ -295,7 +295,7 @@ def layer_summary(
     blocks = [_block([k for i in group for k in runs[i][1]], [runs[i][0] for i in group]) for group in groups]
     shown = ", ".join(detailed) if len(detailed) <= 2 else f"{detailed[0]} … {detailed[-1]}"
     note = (
-        f"{len(body)} layers in {len(blocks)} blocks summarised "
+        f"{len(body)} layers in {len(blocks)} block{'s' * (len(blocks) > 1)} summarised "
         f"({'grouped by module name' if len(blocks) < len(body) else 'one per layer'}); "
         f"head ({len(detailed)} layers: {shown}) shown neuron by neuron"
     )
@@ -1811,17 +1811,17 @@ def _effects(trace: Trace, effects: pd.DataFrame | None) -> pd.DataFrame:
 MAX_EFFECT_PANELS = 12
 
 
-def _effect_panels(trace: Trace, frame: pd.DataFrame) -> tuple[list[tuple[str, str]], str]:
-    """(unit, layer) of each panel: the neuron layers in model order (at most ``MAX_EFFECT_PANELS``, see
-    :func:`representative_layers`), then the pathways; and the note of what was left out."""
+def _effect_panels(
+    trace: Trace, frame: pd.DataFrame, limit: int = MAX_EFFECT_PANELS
+) -> tuple[list[tuple[str, str]], str]:
+    """(unit, layer) of each panel: the neuron layers in model order (at most ``limit`` panels in all,
+    see :func:`representative_layers`), then the pathways; and the note of what was left out."""
     neurons = set(frame.loc[frame["unit"] == "neurons", "layer"])
-    layers, _, note = representative_layers(
-        trace, [k for k in trace.layers if k in neurons], MAX_EFFECT_PANELS
-    )
-    panels = [("neurons", k) for k in layers]
-    panels += [("neurons", k) for k in sorted(neurons - set(trace.layers))]
-    panels += [("edges", k) for k in sorted(set(frame.loc[frame["unit"] == "edges", "layer"]))]
-    return panels, note
+    edges = [("edges", k) for k in sorted(set(frame.loc[frame["unit"] == "edges", "layer"]))]
+    other = [("neurons", k) for k in sorted(neurons - set(trace.layers))]
+    room = max(limit - len(edges) - len(other), 1)
+    layers, _, note = representative_layers(trace, [k for k in trace.layers if k in neurons], room)
+    return [("neurons", k) for k in layers] + other + edges, note
 
 
 def _signed(value: float) -> str:
@@ -1852,11 +1852,12 @@ def plot_effect_matrix(trace: Trace, effects: pd.DataFrame | None = None, epoch:
     frame = effects[effects["epoch"] == epoch]
     spec = specificity(frame)
     classes = trace.num_classes or int(frame["eval_class"].max()) + 1
-    panels, note = _effect_panels(trace, frame)
-    ncols = min(len(panels), 2 if classes > 4 else 4)
-    nrows = -(-len(panels) // ncols)
     cell = 0.42 if classes > 4 else 0.9
     side = max(3.2, cell * classes + 1.6)
+    most = (2 if classes > 4 else 4) * max(int((MAX_FIGURE_INCHES - 1.0) // side), 1)  # one screen tall
+    panels, note = _effect_panels(trace, frame, min(MAX_EFFECT_PANELS, most))
+    ncols = min(len(panels), 2 if classes > 4 else 4)
+    nrows = -(-len(panels) // ncols)
     fig = Figure(figsize=(side * ncols + 1.2, side * nrows + 1.0), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     cmap = mpl.colormaps["RdBu"].with_extremes(bad="#e6e6e6")
