@@ -370,7 +370,12 @@ def neuron_weights(module: nn.Module, neurons: int) -> tuple[Tensor | None, Tens
 
 
 def describe_layer(
-    key: str, module: nn.Module, layout: OutputLayout, call: int = 1, first_call: str | None = None
+    key: str,
+    module: nn.Module,
+    layout: OutputLayout,
+    call: int = 1,
+    first_call: str | None = None,
+    module_name: str | None = None,
 ) -> dict[str, Any]:
     """The layer's ``meta.json`` entry (row offsets are added by :func:`nn_staining.rows.assign_offsets`).
 
@@ -381,7 +386,11 @@ def describe_layer(
     extra = {} if call == 1 else {"call": call, "first_call": first_call}
     return {
         "key": key,
-        "module": module_key[2:] if module_key != "L_model" else "",
+        "module": module_name
+        if module_name is not None
+        else module_key[2:]
+        if module_key != "L_model"
+        else "",
         **extra,
         "type": type(module).__name__,
         "neurons": layout.neurons,

@@ -159,6 +159,8 @@ class HookTap:
         self.model = model
         self.modules = modules
         self.layouts: dict[str, OutputLayout] = {}
+        names = {id(m): name for name, m in model.named_modules()}
+        self.names = {key: names.get(id(m), "") for key, m in modules.items()}  # key -> qualified name
         self.declared = declared_batch_dims(model, modules)  # module key -> batch_first of it or its block
         self.stated_batch_dim = batch_dim
         self.model_batch_dim = batch_dim if batch_dim is not None else model_batch_dim(model)
@@ -653,7 +655,9 @@ class HookTap:
             known = [(origin, state.shapes[origin]) for origin in origins if origin in state.shapes]
             self.continues[key] = (tuple(out.shape), known)
         self.layouts[key] = layout
-        self.descriptions[key] = describe_layer(key, module, layout, call, first_call)
+        self.descriptions[key] = describe_layer(
+            key, module, layout, call, first_call, self.names.get(first_call)
+        )
         return layout
 
 

@@ -166,3 +166,11 @@ def test_a_model_of_reshapes_only_still_records_them(tmp_path) -> None:
     with NetworkTrace(model, tmp_path / "t") as trace, trace.epoch(0):
         model(torch.ones(2, 3, 4))
     assert load_trace(tmp_path / "t").query("E_0/L_0")["act_mean"].tolist() == [1.0] * 12
+
+
+def test_meta_names_each_layer_s_module_as_the_model_names_it(tmp_path) -> None:
+    model = model_of("L_hidden", "out")
+    with NetworkTrace(model, tmp_path / "t") as trace, trace.epoch(0):
+        model(torch.ones(2, 3))
+    t = load_trace(tmp_path / "t")
+    assert [t.layer_info(k)["module"] for k in t.layers] == ["L_hidden", "out"]  # not "hidden"
