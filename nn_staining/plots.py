@@ -699,7 +699,7 @@ def draw_staining_graph(
     n_columns = len(layout.columns)
     for col, layer in enumerate(layout.columns):
         if layer in layout.blocks:
-            _draw_block(ax, col, layer, *layout.blocks[layer], palette)
+            _draw_block(ax, col, *layout.blocks[layer], palette)
             continue
         group = nodes.xs(layer, level="layer")
         count = len(group)
@@ -791,7 +791,7 @@ def draw_staining_graph(
 BLOCK_WIDTH = 0.36
 
 
-def _draw_block(ax, col: int, column: str, block: Block, shares: pd.Series, palette) -> None:
+def _draw_block(ax, col: int, block: Block, shares: pd.Series, palette) -> None:
     """A summarised block as one stacked bar from the top: each class's share of its units in the class
     colour, then unstained (grey) and dead (dark)."""
     colours = [*palette, to_rgb(UNSTAINED_COLOUR), to_rgb(DEAD_COLOUR)]
