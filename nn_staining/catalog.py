@@ -263,8 +263,13 @@ def _read_log(path: Path, what: str) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     text = _bounded_text(path, MAX_LOG_BYTES, what)
-    lines = text.split("\n")
-    complete, torn = lines[:-1], lines[-1]
+    complete = text.split("\n")[:-1]  # the last piece lacks its newline: it was being appended
+    try:  # one parse for the whole log; line by line only to name a bad line
+        out = json.loads("[" + ",".join(complete) + "]")
+        if len(out) == len(complete) and all(type(value) is dict for value in out):
+            return out
+    except json.JSONDecodeError:
+        pass
     out = []
     for number, line in enumerate(complete, 1):
         try:
@@ -274,7 +279,6 @@ def _read_log(path: Path, what: str) -> list[dict[str, Any]]:
         if not isinstance(value, dict):
             raise TraceCorruptError(f"{str(path)!r} line {number} is not an object")
         out.append(value)
-    del torn  # a line without its newline was being appended when the writer stopped
     return out
 
 
@@ -292,11 +296,13 @@ def read_commits(root: str | os.PathLike, meta: dict[str, Any]) -> dict[str, dic
             line.get("rows"),
         )
         if (
-            not (_is_int(epoch) and epoch <= MAX_EPOCH)
+            type(epoch) is not int  # bool and float are not epochs
+            or not 0 <= epoch <= MAX_EPOCH
             or phase not in out
-            or not (_is_int(layout) and layout < layouts)
-            or not isinstance(rows, dict)
-            or not all(isinstance(k, str) and _is_int(v) for k, v in rows.items())
+            or type(layout) is not int
+            or not 0 <= layout < layouts
+            or type(rows) is not dict
+            or not all(type(k) is str and type(v) is int and v >= 0 for k, v in rows.items())
         ):
             raise TraceCorruptError(f"{str(path)!r} line {number} is not a valid epoch commit: {line!r:.200}")
         out[phase][epoch] = Commit(epoch, phase, layout, rows)
@@ -355,13 +361,11 @@ def read_index(
         blocks[epochs[0]] = block
     out: dict[str, list[IndexBlock]] = {}
     for phase, blocks in live.items():
-        done = commits.get(phase, {})
+        if not blocks:
+            out[phase] = []
+            continue
+        done = {e: (c.layout, c.rows.get("neurons")) for e, c in commits.get(phase, {}).items()}
         out[phase] = [
-            b
-            for _, b in sorted(blocks.items())
-            if all(
-                e in done and done[e].layout == b.layout and done[e].rows.get("neurons") == b.rows
-                for e in b.epochs
-            )
+            b for _, b in sorted(blocks.items()) if all(done.get(e) == (b.layout, b.rows) for e in b.epochs)
         ]
     return out

@@ -81,6 +81,9 @@ INDEX_BELOW_ROWS = 65_536
 INDEX_FANIN = 16
 #: No index block holds more rows than this (its merge is skipped).
 INDEX_MAX_ROWS = 2**22
+#: Rows per row group in index blocks: a history reads one per block, and a block's footer (parsed
+#: at each open) grows with its row groups; 16,384 halves the open of a 2.5M-row block against 8,192.
+INDEX_ROW_GROUP_ROWS = 16_384
 
 _LAYER = pa.dictionary(pa.int32(), pa.string())
 _F32 = pa.float32()
@@ -211,13 +214,13 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
-def _write_table(table: pa.Table, path: Path) -> None:
+def _write_table(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(
         table,
         path,
-        row_group_size=ROW_GROUP_ROWS,
+        row_group_size=row_group_rows,
         compression="snappy",
         use_dictionary=["phase", "layer"],
         write_page_checksum=True,
@@ -418,7 +421,7 @@ class TraceWriter:
         data = pa.concat_tables(sources)
         order = np.arange(data.num_rows).reshape(len(sources), block.rows, k).transpose(1, 0, 2).ravel()
         try:
-            _write_table(data.take(order), _temporary(path))
+            _write_table(data.take(order), _temporary(path), INDEX_ROW_GROUP_ROWS)
             os.replace(_temporary(path), path)
         except BaseException:
             _temporary(path).unlink(missing_ok=True)

@@ -197,10 +197,10 @@ class Trace(Mapping):
         if table != "batches":
             self._rows.check_selection(layers, sig.neurons)
         read_columns = list(dict.fromkeys(INDEX_COLUMNS[table] + columns))
-        plans = self._plans(table, epochs, layers, sig)
         blocks: list[BlockRead] = []
         if table == "neurons" and set(read_columns) <= set(INDEXED_COLUMNS):
-            plans, blocks = self._block_reads(plans)
+            blocks, epochs = self._block_reads(epochs, layers, sig)
+        plans = self._plans(table, epochs, layers, sig)
         data = read_epochs(self.path, table, plans, self.phase, read_columns, blocks)
         return _to_frame(data, table, columns)
 
@@ -284,26 +284,29 @@ class Trace(Mapping):
         return plans
 
     def _block_reads(
-        self, plans: list[tuple[int, ReadPlan]]
-    ) -> tuple[list[tuple[int, ReadPlan]], list[BlockRead]]:
-        """Move the epochs of ``plans`` that a history-index block serves well (two or more of its
-        epochs, at most ``MAX_BLOCK_OVERREAD`` times their rows read) to reads of that block."""
-        if not self._blocks or len(plans) < 2:
-            return plans, []
-        where = {e: (b, i) for b in self._blocks for i, e in enumerate(b.epochs)}
-        chosen: dict[int, list[tuple[int, int, ReadPlan]]] = {}
-        for n, (epoch, plan) in enumerate(plans):
-            if epoch in where and plan.row_ranges is not None:
-                block, position = where[epoch]
-                chosen.setdefault(block.epochs[0], []).append((n, position, plan))
-        blocks, moved = [], set()
-        for first, hits in chosen.items():
-            block = where[first][0]
-            if len(hits) < 2 or len(hits) * MAX_BLOCK_OVERREAD < len(block.epochs):
+        self, epochs: list[int], layers: list[str], sig: Signature
+    ) -> tuple[list[BlockRead], list[int]]:
+        """The history-index blocks that serve ``epochs`` well (two or more of a block's epochs, at
+        most ``MAX_BLOCK_OVERREAD`` times their rows read), and the epochs left to read from parts."""
+        if not self._blocks or len(epochs) < 2:
+            return [], epochs
+        selected = set(epochs)
+        reads, moved = [], set()
+        plans: dict[int, ReadPlan | None] = {}
+        for block in self._blocks:
+            if block.epochs[-1] < epochs[0] or block.epochs[0] > epochs[-1]:
                 continue
-            blocks.append(BlockRead(block, [p for _, p, _ in hits], hits[0][2]))
-            moved.update(n for n, _, _ in hits)
-        return [item for n, item in enumerate(plans) if n not in moved], blocks
+            positions = [i for i, e in enumerate(block.epochs) if e in selected]
+            if len(positions) < 2 or len(positions) * MAX_BLOCK_OVERREAD < len(block.epochs):
+                continue
+            if block.layout not in plans:
+                plans[block.layout] = self._layouts[block.layout].plan("neurons", layers, sig.neurons)
+            plan = plans[block.layout]
+            if plan is None or plan.row_ranges is None or plan.expected_rows != block.rows:
+                continue  # no rows in this layout, or metadata that _plans reports as damaged
+            reads.append(BlockRead(block, positions, ReadPlan(plan.row_ranges, block.rows, None)))
+            moved.update(block.epochs[i] for i in positions)
+        return reads, [e for e in epochs if e not in moved]
 
     def _check_unchanged(self) -> None:
         """Refuse to answer when the store was re-recorded since this trace was loaded."""

@@ -137,6 +137,9 @@ def test_blocks_hold_the_parts_rows_cell_major_and_merge_by_level(tmp_path: Path
     for level, first, last in live(root):
         block = pq.read_table(root / HISTORY / "neurons" / f"train-{first}-{last}-L{level}.parquet")
         assert block.column_names == INDEXED_COLUMNS
+        assert pq.ParquetFile(
+            root / HISTORY / "neurons" / f"train-{first}-{last}-L{level}.parquet"
+        ).metadata.row_group(0).num_rows == min(16_384, 5 * (last - first + 1))
         expected = parts[parts["epoch"].between(first, last)].sort_values(["row", "epoch"], kind="stable")
         got = block.to_pandas()
         got["layer"] = got["layer"].astype(str)
@@ -333,10 +336,10 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, step: str, level: int) -> None:
     if step == "write":
         real_write = store_module._write_table
 
-        def write(table, path):
+        def write(table, path, *args):
             if name in str(path):
                 raise Crash
-            real_write(table, path)
+            real_write(table, path, *args)
 
         monkeypatch.setattr(store_module, "_write_table", write)
     elif step == "rename":
@@ -402,10 +405,10 @@ def test_a_failed_index_update_is_logged_and_the_epoch_stays_committed(
 ) -> None:
     real_write = store_module._write_table
 
-    def write(table, path):
+    def write(table, path, *args):
         if HISTORY in Path(path).parts:
             raise OSError("disk full (simulated)")
-        real_write(table, path)
+        real_write(table, path, *args)
 
     monkeypatch.setattr(store_module, "_write_table", write)
     model = make_mlp()
