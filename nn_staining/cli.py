@@ -34,6 +34,17 @@ def _epoch_intervals(text: str) -> int | list[int] | None:
     return value
 
 
+def _count(text: str) -> int:
+    """An int >= 0 (a sample count, 0 for none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (an integer >= 0)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (an integer >= 0)")
+    return value
+
+
 def _positive(text: str) -> int:
     """An int > 0 (epochs, widths, batch sizes)."""
     try:
@@ -91,6 +102,18 @@ def run_parser(prog: str = "main.py") -> argparse.ArgumentParser:
         default=None,
         help="run folder name, a plain name (default: the data set's name); replaced if it exists",
     )
+    p.add_argument(
+        "--probe",
+        type=_count,
+        default=256,
+        help="held-out samples run as the probe set at each recorded epoch (0: no probe set)",
+    )
+    p.add_argument(
+        "--no-checkpoints", action="store_true", help="do not save the model's weights at each recorded epoch"
+    )
+    p.add_argument(
+        "--no-interventions", action="store_true", help="skip the ablation check of the stains after training"
+    )
     p.add_argument("--no-figures", action="store_true", help="skip drawing the figures")
     p.add_argument("--no-report", action="store_true", help="skip writing the interactive report.html")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -118,6 +141,9 @@ def run_command(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         run_name=args.run_name,
         figures=not args.no_figures,
+        probe=args.probe,
+        checkpoints=not args.no_checkpoints,
+        interventions=not args.no_interventions,
     )
     if isinstance(config.epoch_intervals, list) and max(config.epoch_intervals) >= config.epochs:
         late = [e for e in config.epoch_intervals if e >= config.epochs]

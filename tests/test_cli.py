@@ -147,6 +147,21 @@ def test_main_py_trains_records_and_reports(tmp_path: Path) -> None:
     assert not (store / "figures").exists() and not (store / "report.html").exists()
 
 
+def test_main_py_flags_turn_off_the_probe_checkpoints_and_interventions(tmp_path: Path) -> None:
+    args = ["--epochs", "2", "--output-dir", str(tmp_path), "--no-figures", "--no-report"]
+    off = [*args, "--run-name", "off", "--probe", "0", "--no-checkpoints", "--no-interventions"]
+    for extra in (off, [*args, "--run-name", "on", "--probe", "32"]):
+        result = subprocess.run(
+            [sys.executable, "main.py", *extra], capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+    off, on = tmp_path / "off", tmp_path / "on"
+    assert not (off / "checkpoints").exists() and not (off / "interventions").exists()
+    assert not (off / "probes").exists() and (on / "probes").is_dir()
+    assert (on / "checkpoints").is_dir() and (on / "interventions").is_dir()
+    assert load_trace(on).probe(1, "L_hidden_1").shape[0] == 32  # the first 32 held-out samples
+
+
 def test_main_py_draws_figures_and_writes_the_report_and_says_so(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "main.py", "--dataset", "moons", "--epochs", "2", "--hidden", "4", "--output-dir",
