@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from nn_staining import NetworkTrace, kernels  # noqa: E402
-from nn_staining.stats import PhaseStats  # noqa: E402
+from nn_staining.stats import DEFAULT_CHUNK_BYTES, MAX_BATCHES_PER_CHUNK, Moments, PhaseStats  # noqa: E402
 
 
 def wide_mlp() -> nn.Module:
@@ -43,6 +43,34 @@ WORKLOADS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "wide MLP 784-1024-1024-10": (wide_mlp, 784),
     "deep MLP 8×(Linear 256, BatchNorm1d, GELU)": (deep_mlp, 256),
 }
+
+
+def chunk_layers(model: nn.Module, width: int) -> tuple[int, list[tuple[int, bool]]]:
+    """The rows of one chunk as the recorder buffers it (batches of 128 until ``DEFAULT_CHUNK_BYTES``)
+    and each recorded layer's (width, is a Linear's input)."""
+    layers = [(m.in_features, True) for m in model if isinstance(m, nn.Linear)]
+    widths, feeding = [], width
+    for m in model:
+        feeding = m.out_features if isinstance(m, nn.Linear) else feeding
+        widths.append((feeding, False))
+    layers += widths
+    per_row = 4 * sum(w for w, _ in layers)
+    batches = min(-(-DEFAULT_CHUNK_BYTES // (128 * per_row)), MAX_BATCHES_PER_CHUNK)
+    return 128 * batches, layers
+
+
+def chunk_seconds(
+    rows: list[torch.Tensor], labels: torch.Tensor, layers: list[tuple[int, bool]], path: str
+) -> float:
+    """Seconds to fold one chunk of every layer by ``path`` (fresh Moments, shift already taken)."""
+    moments = [Moments(w, 10, torch.device("cpu"), class_only=inputs) for w, inputs in layers]
+    with kernels.using(path):
+        for m, r in zip(moments, rows):
+            m.update(r, labels)  # the first chunk also takes the shift
+        start = time.perf_counter()
+        for m, r in zip(moments, rows):
+            m.update(r, labels)
+        return time.perf_counter() - start
 
 
 class ReductionTimer:
@@ -109,12 +137,34 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; kernel {chosen.why}")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    rng = random.Random(0)
+    chunk_rows = [
+        "| workload | chunk rows × values | torch ops ms | C++ ms | torch ns/value | C++ ns/value | torch/C++ × |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, (build, width) in WORKLOADS.items():
+        n, layers = chunk_layers(build(), width)
+        g = torch.Generator().manual_seed(0)
+        data = [torch.randn(n, w, generator=g) for w, _ in layers]
+        labels = torch.randint(0, 11, (n,), generator=g)
+        times: dict[str, list[float]] = {"torch": [], "cpp": []}
+        for _ in range(args.repeats):
+            for path in rng.sample(list(times), 2):
+                times[path].append(chunk_seconds(data, labels, layers, path))
+        values = n * sum(w for w, _ in layers)
+        t, c = statistics.median(times["torch"]), statistics.median(times["cpp"])
+        ratio = statistics.median([a / b for a, b in zip(times["torch"], times["cpp"])])
+        chunk_rows.append(
+            f"| {name} | {n} × {values // n} | {t * 1e3:.1f} | {c * 1e3:.1f} | {t / values * 1e9:.2f} | "
+            f"{c / values * 1e9:.2f} | {ratio:.2f} |"
+        )
+    print(f"one chunk of every recorded layer (random rows, 10 classes), median of {args.repeats}:")
+    print("\n".join(chunk_rows))
     rows = [
         "| workload | plain epoch s | reduction s, torch ops | reduction s, cpp | torch/cpp × | "
         "reduction / plain, torch | reduction / plain, cpp | epoch × plain, torch | epoch × plain, cpp |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (build, width) in WORKLOADS.items():
             g = torch.Generator().manual_seed(0)
@@ -143,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 *(f"{med([s / p for (s, _), p in zip(runs[m], plain)]):.2f}" for m in ("torch", "cpp")),
             ]
             rows.append("| " + " | ".join(cells) + " |")
-    print(f"{args.samples} samples, batch 128, 10 classes, median of {args.repeats}:")
+    print(
+        f"one recorded epoch per path: {args.samples} samples, batch 128, 10 classes, median of {args.repeats}:"
+    )
     print("\n".join(rows))
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0

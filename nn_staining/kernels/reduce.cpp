@@ -52,20 +52,19 @@ inline double chunk_scale(float low, float high, float shift) {
 }
 
 // One tile's sums: slots (classes + 1) × width per-class sums of x - shift (the last slot: rows
-// without a class), and per column the square sums, active, NaN and infinity counts. float32
-// partials (the counts exact below 2^24) are folded into float64 every FOLD rows of a slot.
+// without a class), and per column the square sums and active counts. float32 partials (the
+// counts exact below 2^24) are folded into float64 every FOLD rows of a slot.
 struct TileSums {
   int64_t width, slots;
-  std::vector<float> part, part_sq, part_act, part_nan, part_inf;
-  std::vector<double> sums, sq, act, nan, inf;
+  std::vector<float> part, part_sq, part_act;
+  std::vector<double> sums, sq, act;
   std::vector<int> pending;
   std::vector<int64_t> counts;
   int pending_rows = 0;
 
   TileSums(int64_t width, int64_t slots)
       : width(width), slots(slots), part(slots * width), part_sq(width), part_act(width),
-        part_nan(width), part_inf(width), sums(slots * width), sq(width), act(width), nan(width),
-        inf(width), pending(slots), counts(slots) {}
+        sums(slots * width), sq(width), act(width), pending(slots), counts(slots) {}
 
   static void fold(std::vector<float>& from, std::vector<double>& into, int64_t at, int64_t n) {
     float* __restrict p = from.data() + at;
@@ -84,8 +83,6 @@ struct TileSums {
   void fold_rows() {
     fold(part_sq, sq, 0, width);
     fold(part_act, act, 0, width);
-    fold(part_nan, nan, 0, width);
-    fold(part_inf, inf, 0, width);
     pending_rows = 0;
   }
 
@@ -97,18 +94,16 @@ struct TileSums {
 };
 
 // Per-class sums of one tile's columns [j0, j0 + w) over every kept row, c = (x - shift) / scale
-// (as x * inv - shift * inv when Scaled). With Full also the squares, min and max (NaN left to
-// the NaN count) and the active / NaN / infinity counts.
+// (as x * inv - shift * inv when Scaled). With Full also the squares, min and max (NaN ignored:
+// a NaN or infinite value shows as a non-finite square sum, and count_nonfinite counts them) and
+// the active counts.
 template <bool Scaled, bool Full>
 void sum_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const int64_t* labels,
               const bool* dropped, int64_t slots, const float* __restrict shift, const float* __restrict inv,
               TileSums& t, float* __restrict mn, float* __restrict mx) {
   const int64_t none = slots - 1;
-  const float big = std::numeric_limits<float>::infinity();
   float* __restrict q = t.part_sq.data();
   float* __restrict act = t.part_act.data();
-  float* __restrict nan = t.part_nan.data();
-  float* __restrict inf = t.part_inf.data();
   for (int64_t r = 0; r < n; ++r) {
     if (dropped && dropped[r]) continue;
     int64_t l = labels ? labels[r] : none;
@@ -129,8 +124,6 @@ void sum_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, co
         mn[j] = v < mn[j] ? v : mn[j];
         mx[j] = v > mx[j] ? v : mx[j];
         act[j] += v > 0.0f ? 1.0f : 0.0f;
-        nan[j] += v != v ? 1.0f : 0.0f;
-        inf[j] += std::fabs(v) == big ? 1.0f : 0.0f;
       }
     }
     t.counts[l] += 1;
@@ -138,6 +131,19 @@ void sum_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, co
     if (Full && ++t.pending_rows == FOLD) t.fold_rows();
   }
   t.fold_all();
+}
+
+// The NaN and infinite values of one tile's kept rows, per column (only for a tile where they show).
+void count_nonfinite(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const bool* dropped,
+                     std::vector<int64_t>& nan, std::vector<int64_t>& inf) {
+  for (int64_t r = 0; r < n; ++r) {
+    if (dropped && dropped[r]) continue;
+    const float* x = rows + r * f + j0;
+    for (int64_t j = 0; j < w; ++j) {
+      nan[j] += std::isnan(x[j]);
+      inf[j] += std::isinf(x[j]);
+    }
+  }
 }
 
 void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const int64_t* labels,
@@ -154,9 +160,13 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
     std::vector<float> mn(w, std::numeric_limits<float>::infinity());
     std::vector<float> mx(w, -std::numeric_limits<float>::infinity());
     sum_tile<false, true>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, mn.data(), mx.data());
+    std::vector<int64_t> nans(w), infs(w);
+    bool seen = false;
+    for (int64_t j = 0; j < w; ++j) seen |= !std::isfinite(t.sq[j]);
+    if (seen) count_nonfinite(rows, n, f, j0, w, dropped, nans, infs);
     bool scaled = false;
     for (int64_t j = 0; j < w; ++j) {
-      if (t.nan[j] > 0.0) mn[j] = mx[j] = nan;  // as amin / amax: NaN wins
+      if (nans[j]) mn[j] = mx[j] = nan;  // as amin / amax: NaN wins
       scale[j] = chunk_scale(mn[j], mx[j], shift[j]);
       scaled |= scale[j] != 1.0;
     }
@@ -176,7 +186,7 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
       out.minimum[k] = nan_min(out.minimum[k], mn[j]);
       out.maximum[k] = nan_max(out.maximum[k], mx[j]);
       out.active[k] += t.act[j];
-      out.nonfinite[k] += t.nan[j] + t.inf[j];
+      out.nonfinite[k] += static_cast<double>(nans[j] + infs[j]);
     }
   }
   for (int64_t l = 0; l < classes; ++l) {
