@@ -1,14 +1,20 @@
 """Recording overhead: plain training vs nn_staining vs the TensorBoard practice, alternated in one run.
 
-    python benchmarks/overhead.py                # the three workloads, median of 3
-    python benchmarks/overhead.py --repeats 5 --workloads digits --device cuda
+    python benchmarks/overhead.py                # the five workloads, median of 3
+    python benchmarks/overhead.py --repeats 5 --workloads digits,deep --modes plain,nn_staining,torch-ops
+    python benchmarks/overhead.py --compile      # every mode's model under torch.compile
+    python benchmarks/overhead.py --device cuda --sync-debug
 
-nn_staining records everything: every neurons column, per-class statistics (10 classes), input
-class means for pathways, a weights snapshot and every epoch. "skip" is nn_staining attached
-with no epoch selected for recording (the cost of a non-recorded epoch). "tensorboard" writes
-``add_histogram`` of every parameter and every layer's last-batch activation once per epoch.
-Ratios are against "plain" measured in the same run; the modes run in a new random order in
-each repetition.
+Workloads: digits MLP, wide MLP, CNN, deep MLP 8x(Linear 256, BatchNorm1d, GELU) with 20 classes,
+and torchvision's resnet18 (rebuilt in tests/zoo.py). nn_staining records everything: every
+neurons column, per-class statistics, input class means for pathways, a weights snapshot and every
+epoch. "torch-ops" is the same with the CPU chunk reductions done by the torch-op fallback instead
+of the fused C++ kernel (side by side with "nn_staining", which uses the kernel where it is built).
+"skip" is nn_staining attached with no epoch selected for recording (the cost of a non-recorded
+epoch). "tensorboard" writes ``add_histogram`` of every parameter and every layer's last-batch
+activation once per epoch. Ratios are against "plain" measured in the same run; the modes run in a
+new random order in each repetition. With --compile the batch that compiles is not timed and the
+last odd-sized batch of each epoch is dropped (it would compile again).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from nn_staining import NetworkTrace  # noqa: E402
+from nn_staining import NetworkTrace, kernels  # noqa: E402
 
 
 @dataclass
@@ -118,7 +124,7 @@ def resnet18() -> Workload:
 
 
 WORKLOADS = {"digits": digits_mlp, "wide": wide_mlp, "cnn": cnn, "deep": deep_mlp, "resnet18": resnet18}
-MODES = ("plain", "nn_staining", "skip", "tensorboard")
+MODES = ("plain", "nn_staining", "torch-ops", "skip", "tensorboard")
 
 
 def sync(device: torch.device) -> None:
@@ -142,7 +148,7 @@ def train(
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
     trace = None
     writer = None
-    if mode in ("nn_staining", "skip"):
+    if mode in ("nn_staining", "torch-ops", "skip"):
         intervals = None if mode == "nn_staining" else [10**9]
         trace = NetworkTrace(model, store, epoch_intervals=intervals, num_classes=10, overwrite=True)
     elif mode == "tensorboard":
@@ -193,10 +199,23 @@ def train(
     return time.perf_counter() - start
 
 
+def timed(
+    w: Workload, mode: str, device: torch.device, store: str, sync_debug: bool, compiled: bool
+) -> float:
+    """One run of ``mode``; ``torch-ops`` is nn_staining with its CPU chunks reduced by the torch-op
+    fallback instead of the fused kernel (the same as ``nn_staining`` where the kernel is absent or
+    the device is a GPU)."""
+    backend = kernels.using("torch") if mode == "torch-ops" else contextlib.nullcontext()
+    with backend:
+        return train(w, mode, device, store, sync_debug, compiled)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workloads", default="digits,wide,cnn", help="comma list of: " + ", ".join(WORKLOADS))
+    p.add_argument(
+        "--workloads", default="digits,wide,cnn,deep,resnet18", help="comma list of: " + ", ".join(WORKLOADS)
+    )
     p.add_argument("--modes", default=",".join(MODES), help="comma list of: " + ", ".join(MODES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="run every mode's model under torch.compile")
@@ -218,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f"; CPU reduction: {kernels.describe()}"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 for m in order.sample(modes, len(modes)):
                     gc.collect()
                     path = os.path.join(tmp, f"{key}-{m}-{r}")
-                    times[m].append(train(w, m, device, path, args.sync_debug, args.compile))
+                    times[m].append(timed(w, m, device, path, args.sync_debug, args.compile))
             med = {m: statistics.median(t) for m, t in times.items()}
             # each repetition's ratio against the plain run of the same repetition, then the median:
             # neighbouring runs share the machine's state, which drifts on a shared VM
