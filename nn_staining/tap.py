@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import conv_means
 from .layers import (
     AMBIGUOUS,
     ELEMENTWISE_TYPES,
@@ -125,6 +126,7 @@ class _Deferred:
     inputs: Tensor | None
     batch: Batch
     stats: PhaseStats
+    means: Tensor | None = None  # a convolution's spatial means, computed from its input
 
 
 @dataclass
@@ -183,6 +185,7 @@ class HookTap:
         self.elementwise: dict[str, bool] = {}
         self._graph_passes_left = GRAPH_PASSES
         self._pre_handles: list[torch.utils.hooks.RemovableHandle] = []  # only while the graph is learnt
+        self._window_means: set[str] = set()  # convolutions whose spatial means may come from their input
         self._compiled_calls: list[tuple[str, Tensor | None, Any]] = []  # kept by hooks inside torch.compile
 
     def __deepcopy__(self, memo: dict) -> HookTap:
@@ -463,13 +466,16 @@ class HookTap:
                 state.unmatched.setdefault(key, tuple(out.shape))  # for the error if no layer matches
             if direct and not state.matched and not batch.placed:
                 _refuse_label_count(batch, {key: tuple(out.shape)})
-        inputs = None
+        inputs = means = None
         if linear and stats.num_classes and args and isinstance(args[0], Tensor) and args[0].shape[-1]:
             inputs = args[0].detach()  # laid out like the layer's own output rows
+        elif key in self._window_means and conv_means.cheaper_from_input(module, args[0], out):
+            with torch.no_grad():
+                means = conv_means.spatial_means(module, args[0].detach(), tuple(out.shape))
         if why == AMBIGUOUS and not direct:  # a later layer of this pass may tell (see _settle)
             state.deferred.append(_Deferred(key, layout, out, inputs, batch, stats))
         else:
-            self._add(_Deferred(key, layout, out, inputs, batch, stats), batch_dim, why)
+            self._add(_Deferred(key, layout, out, inputs, batch, stats, means), batch_dim, why)
         if learn:
             self._learn(key, module, args, raw, state, sources)
         state.fired.add(key)
@@ -485,7 +491,9 @@ class HookTap:
         samples = -1 if batch_dim is None or _given(item.batch) is None else item.out.shape[batch_dim]
         batch_dim = batch_dim or 0
         layout, stats = item.layout, item.stats
-        if layout.channel_first:
+        if item.means is not None:  # batch first, as in its output
+            stats.add(item.layer, item.means, samples, batch=item.batch)
+        elif layout.channel_first:
             stats.add_mean(
                 item.layer, item.out, layout.spatial_dims(item.out), batch=item.batch
             )  # batch first
@@ -654,6 +662,8 @@ class HookTap:
         if not layout.channel_first and out.dim() >= 3:
             known = [(origin, state.shapes[origin]) for origin in origins if origin in state.shapes]
             self.continues[key] = (tuple(out.shape), known)
+        if conv_means.supported(module) and call == 1 and layout.channel_first:
+            self._window_means.add(key)
         self.layouts[key] = layout
         self.descriptions[key] = describe_layer(
             key, module, layout, call, first_call, self.names.get(first_call)
