@@ -1,7 +1,7 @@
 """Chunk reductions: the fused C++ kernel against the torch-op path, in one run.
 
     python benchmarks/kernel.py                  # wide and deep MLP, median of 5
-    python benchmarks/kernel.py --repeats 7 --samples 4096
+    python benchmarks/kernel.py --repeats 7 --samples 4096 --threads 1
 
 Each repetition trains one recorded epoch per path (10 classes, every statistic and the Linear
 inputs' class means, as the recorder does by default) and one plain epoch, in a new random order,
@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=8192, help="samples per epoch (batches of 128)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     chosen = kernels.backend()
     if chosen.ops is None:
         print(f"the C++ kernel is not available: {chosen.why}")

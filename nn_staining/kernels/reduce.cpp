@@ -25,7 +25,7 @@ namespace {
 
 constexpr int64_t TILE = 128;  // columns per tile (512 bytes of each row)
 constexpr int FOLD = 64;       // rows summed in float32 before a fold into float64
-constexpr int64_t AHEAD = 8;   // rows a tile's reads are prefetched ahead
+constexpr int64_t AHEAD = 24;   // rows a tile's reads are prefetched ahead
 
 struct Outputs {
   double* sum;
