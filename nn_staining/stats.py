@@ -171,7 +171,8 @@ class Moments:
         self._count(rows, dropped)
         if self.class_only and labels is None:
             return
-        ops.fold_chunk(
+        runs = _batch_runs(segments) if self.keep_batches and segments and not self.class_only else None
+        per_batch = ops.fold_chunk(
             rows.contiguous(),
             self.shift.contiguous(),
             None if labels is None else labels.contiguous(),
@@ -186,10 +187,10 @@ class Moments:
             self.nonfinite,
             self.class_count,
             self.class_sum,
+            *(runs[1:] if runs else (None, None, None)),
         )
-        if self.keep_batches and segments and not self.class_only:
-            unique, starts, lengths, offsets = _batch_groups(segments)
-            self.batches.append((unique, ops.batch_stats(rows.contiguous(), starts, lengths, offsets)))
+        if runs:
+            self.batches.append((runs[0], per_batch))
 
     def _count(self, rows: torch.Tensor, dropped: torch.Tensor | None) -> None:
         """Add the chunk's observations: its rows, or (counted on the device) those not ``dropped``."""
@@ -301,7 +302,7 @@ def _chunk_scale(low: torch.Tensor, high: torch.Tensor, shift: torch.Tensor) -> 
     return torch.exp2(exponent)
 
 
-def _batch_groups(segments: list[Segment]) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch_runs(segments: list[Segment]) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk's batches in order, and for the kernel each batch's row runs: (batch ids, run starts,
     run lengths, offsets), batch ``g`` owning the runs ``offsets[g]:offsets[g + 1]``."""
     runs: dict[int, list[tuple[int, int]]] = {}

@@ -215,6 +215,7 @@ def test_kernel_per_batch_rows_match_torch_path(kernel) -> None:
     rng = np.random.default_rng(5)
     rows = rng.normal(5.0, 2.0, (23, 131)).astype(np.float32)
     rows[4, 7] = np.nan
+    rows[6, 9], rows[8, 9] = np.inf, -np.inf  # batch 4: a NaN mean, but no NaN min or max
     segments = [Segment(3, 5, 5), Segment(4, 10, 10), Segment(3, 8, 8)]
     results = {}
     for backend in ("cpp", "torch"):
@@ -227,10 +228,11 @@ def test_kernel_per_batch_rows_match_torch_path(kernel) -> None:
     np.testing.assert_array_equal(got.act_count, [[13] * 131, [10] * 131])
     batch3 = np.concatenate([rows[:5], rows[15:]]).astype(np.float64)
     np.testing.assert_allclose(got.act_mean[0, 8:], batch3.mean(0)[8:], rtol=1e-12)
-    np.testing.assert_allclose(got.act_std[1], rows[5:15].astype(np.float64).std(0), rtol=1e-10)
+    np.testing.assert_allclose(got.act_std[1, :9], rows[5:15, :9].astype(np.float64).std(0), rtol=1e-10)
     for name in ("act_mean", "act_std", "act_min", "act_max"):
         np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-12, equal_nan=True)
     assert np.isnan(got.act_min[0, 7]) and np.isnan(got.act_max[0, 7]) and np.isnan(got.act_mean[0, 7])
+    assert (got.act_min[1, 9], got.act_max[1, 9]) == (-np.inf, np.inf) and np.isnan(got.act_mean[1, 9])
 
 
 def test_kernel_long_epoch_far_from_zero_keeps_std_precise(kernel) -> None:

@@ -2,13 +2,15 @@
 //
 // fold_chunk reads every buffered value once: per neuron the sums of (x - shift) per class (the
 // total is their sum), of its squares, the min and max (NaN propagating, as amin/amax do), the
-// active (> 0) and non-finite counts. Columns are cut into tiles spread over torch's intra-op
+// active (> 0) and non-finite counts (the latter read again only in a tile whose sums show a NaN
+// or infinity). Columns are cut into tiles spread over torch's intra-op
 // threads; each tile keeps float32 partial sums that are folded into float64 every FOLD rows.
 // A tile whose chunk strays more than 2^30 from the shift is summed again divided by a power of
 // two (the same scale as stats._chunk_scale), so its float32 squares cannot overflow.
 //
-// batch_stats gives the per-batch (count, mean, std, min, max) rows, in float64, two passes per
-// batch over rows that are still in cache.
+// With the chunk's batch runs it also gives the per-batch (count, mean, std, min, max) rows in
+// float64: the tile reads the rows batch by batch, and a second pass over a batch's rows (still in
+// cache) takes its squared deviations.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,13 +21,14 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
 
 constexpr int64_t TILE = 128;  // columns per tile (512 bytes of each row)
 constexpr int FOLD = 64;       // rows summed in float32 before a fold into float64
-constexpr int64_t AHEAD = 24;   // rows a tile's reads are prefetched ahead
+constexpr int64_t AHEAD = 24;  // rows a tile's reads are prefetched ahead
 
 struct Outputs {
   double* sum;
@@ -93,27 +96,103 @@ struct TileSums {
   }
 };
 
+// A chunk's batches, for per-batch rows: batch g owns the row runs [starts[s], starts[s] + lengths[s])
+// for s in [offsets[g], offsets[g + 1]); its count, mean, std, min and max (float64, every row,
+// masked or not, as the torch path) go to out[k * groups * f + g * f + column] for k = 0..4.
+struct Batches {
+  const int64_t* starts;
+  const int64_t* lengths;
+  const int64_t* offsets;
+  int64_t groups;
+  double* out;
+};
+
+// One batch's (count, mean, std, min, max) over one tile's columns: a float64 pass that runs beside
+// the sums (add) and a second pass over its rows, still in cache (finish).
+struct BatchTile {
+  std::vector<double> total, dev;
+  std::vector<float> mn, mx;
+  explicit BatchTile(int64_t w) : total(w), dev(w), mn(w), mx(w) {}
+
+  void start() {
+    std::fill(total.begin(), total.end(), 0.0);
+    std::fill(dev.begin(), dev.end(), 0.0);
+    std::fill(mn.begin(), mn.end(), std::numeric_limits<float>::infinity());
+    std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+  }
+
+  void add(const float* __restrict x, int64_t w) {
+    double* __restrict s = total.data();
+    float* __restrict lo = mn.data();
+    float* __restrict hi = mx.data();
+    for (int64_t j = 0; j < w; ++j) {
+      const float v = x[j];
+      s[j] += v;
+      lo[j] = v < lo[j] ? v : lo[j];  // NaN ignored here: a NaN total sends finish looking for it
+      hi[j] = v > hi[j] ? v : hi[j];
+    }
+  }
+
+  // Whether batch g holds a NaN in column k (its total is NaN: a NaN, or +Inf beside -Inf).
+  static bool has_nan(const float* rows, int64_t f, int64_t k, const Batches& b, int64_t g) {
+    for (int64_t s = b.offsets[g]; s < b.offsets[g + 1]; ++s)
+      for (int64_t r = b.starts[s]; r < b.starts[s] + b.lengths[s]; ++r)
+        if (std::isnan(rows[r * f + k])) return true;
+    return false;
+  }
+
+  void finish(const float* rows, int64_t f, int64_t j0, int64_t w, const Batches& b, int64_t g) {
+    int64_t count = 0;
+    for (int64_t s = b.offsets[g]; s < b.offsets[g + 1]; ++s) count += b.lengths[s];
+    const double c = static_cast<double>(count);
+    for (int64_t j = 0; j < w; ++j) {
+      if (std::isnan(total[j]) && has_nan(rows, f, j0 + j, b, g)) mn[j] = mx[j] = total[j];
+      total[j] /= c;  // the mean
+    }
+    double* __restrict d = dev.data();
+    const double* __restrict mean = total.data();
+    for (int64_t s = b.offsets[g]; s < b.offsets[g + 1]; ++s) {
+      for (int64_t r = b.starts[s]; r < b.starts[s] + b.lengths[s]; ++r) {
+        const float* __restrict x = rows + r * f + j0;
+        for (int64_t j = 0; j < w; ++j) {
+          const double e = static_cast<double>(x[j]) - mean[j];
+          d[j] += e * e;
+        }
+      }
+    }
+    const int64_t plane = b.groups * f, base = g * f + j0;
+    for (int64_t j = 0; j < w; ++j) {
+      b.out[base + j] = c;
+      b.out[plane + base + j] = mean[j];
+      b.out[2 * plane + base + j] = std::sqrt(d[j] / c);
+      b.out[3 * plane + base + j] = mn[j];
+      b.out[4 * plane + base + j] = mx[j];
+    }
+  }
+};
+
 // Per-class sums of one tile's columns [j0, j0 + w) over every kept row, c = (x - shift) / scale
 // (as x * inv - shift * inv when Scaled). With Full also the squares, min and max (NaN ignored:
 // a NaN or infinite value shows as a non-finite square sum, and count_nonfinite counts them) and
-// the active counts.
+// the active counts. With ``batches`` the rows are read batch by batch, each batch's rows also
+// giving its per-batch row.
 template <bool Scaled, bool Full>
 void sum_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const int64_t* labels,
               const bool* dropped, int64_t slots, const float* __restrict shift, const float* __restrict inv,
-              TileSums& t, float* __restrict mn, float* __restrict mx) {
+              TileSums& t, float* __restrict mn, float* __restrict mx, const Batches* batches) {
   const int64_t none = slots - 1;
   float* __restrict q = t.part_sq.data();
   float* __restrict act = t.part_act.data();
-  for (int64_t r = 0; r < n; ++r) {
-    if (dropped && dropped[r]) continue;
-    int64_t l = labels ? labels[r] : none;
-    if (l < 0 || l > none) l = none;
+  auto row = [&](int64_t r, int64_t end) {
     const float* __restrict x = rows + r * f + j0;
-    float* __restrict p = t.part.data() + l * w;
-    if (r + AHEAD < n) {  // rows f apart cross pages, which the hardware prefetchers do not follow
+    if (r + AHEAD < end) {  // rows f apart cross pages, which the hardware prefetchers do not follow
       const float* next = x + AHEAD * f;
       for (int64_t j = 0; j < w; j += 16) __builtin_prefetch(next + j);
     }
+    if (dropped && dropped[r]) return;
+    int64_t l = labels ? labels[r] : none;
+    if (l < 0 || l > none) l = none;
+    float* __restrict p = t.part.data() + l * w;
 #pragma GCC ivdep
     for (int64_t j = 0; j < w; ++j) {
       const float v = x[j];
@@ -129,6 +208,22 @@ void sum_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, co
     t.counts[l] += 1;
     if (++t.pending[l] == FOLD) t.fold_slot(l);
     if (Full && ++t.pending_rows == FOLD) t.fold_rows();
+  };
+  if (batches == nullptr) {
+    for (int64_t r = 0; r < n; ++r) row(r, n);
+  } else {
+    BatchTile batch(w);
+    for (int64_t g = 0; g < batches->groups; ++g) {
+      batch.start();
+      for (int64_t s = batches->offsets[g]; s < batches->offsets[g + 1]; ++s) {
+        const int64_t end = batches->starts[s] + batches->lengths[s];
+        for (int64_t r = batches->starts[s]; r < end; ++r) {
+          row(r, end);
+          batch.add(rows + r * f + j0, w);
+        }
+      }
+      batch.finish(rows, f, j0, w, *batches, g);
+    }
   }
   t.fold_all();
 }
@@ -148,18 +243,20 @@ void count_nonfinite(const float* rows, int64_t n, int64_t f, int64_t j0, int64_
 
 void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const int64_t* labels,
                  const bool* dropped, int64_t classes, const float* shift_all, bool class_only,
-                 bool count_classes, const Outputs& out) {
+                 bool count_classes, const Outputs& out, const Batches* batches) {
   const int64_t slots = classes + 1;
   const float* shift = shift_all + j0;
   TileSums t(w, slots);
   std::vector<double> scale(w, 1.0);
   if (class_only) {
-    sum_tile<false, false>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, nullptr, nullptr);
+    sum_tile<false, false>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, nullptr, nullptr,
+                           nullptr);
   } else {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     std::vector<float> mn(w, std::numeric_limits<float>::infinity());
     std::vector<float> mx(w, -std::numeric_limits<float>::infinity());
-    sum_tile<false, true>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, mn.data(), mx.data());
+    sum_tile<false, true>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, mn.data(), mx.data(),
+                          batches);
     std::vector<int64_t> nans(w), infs(w);
     bool seen = false;
     for (int64_t j = 0; j < w; ++j) seen |= !std::isfinite(t.sq[j]);
@@ -175,7 +272,7 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
       for (int64_t j = 0; j < w; ++j) inv[j] = static_cast<float>(1.0 / scale[j]);
       t = TileSums(w, slots);
       sum_tile<true, true>(rows, n, f, j0, w, labels, dropped, slots, shift, inv.data(), t, ignored_mn.data(),
-                           ignored_mx.data());
+                           ignored_mx.data(), nullptr);
     }
     for (int64_t j = 0; j < w; ++j) {
       const int64_t k = j0 + j;
@@ -203,11 +300,40 @@ void check_accumulator(const at::Tensor& t, at::ScalarType dtype, int64_t numel,
               " elements");
 }
 
-void fold_chunk(const at::Tensor& rows, const at::Tensor& shift, const std::optional<at::Tensor>& labels,
-                const std::optional<at::Tensor>& dropped, int64_t classes, bool class_only,
-                const at::Tensor& sum, const at::Tensor& sum_sq, const at::Tensor& minimum,
-                const at::Tensor& maximum, const at::Tensor& active, const at::Tensor& nonfinite,
-                const at::Tensor& class_count, const at::Tensor& class_sum) {
+// Checked per-batch runs (see Batches) and their (5, groups, f) float64 result, or none.
+std::optional<Batches> batch_runs(const std::optional<at::Tensor>& starts, const std::optional<at::Tensor>& lengths,
+                                  const std::optional<at::Tensor>& offsets, int64_t n, int64_t f, at::Tensor& result) {
+  TORCH_CHECK(starts.has_value() == lengths.has_value() && starts.has_value() == offsets.has_value(),
+              "fold_chunk: starts, lengths and offsets go together");
+  if (!starts.has_value()) return std::nullopt;
+  for (const at::Tensor* t : {&*starts, &*lengths, &*offsets})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1,
+                "fold_chunk: batch runs must be 1-D contiguous CPU int64 tensors");
+  const int64_t groups = offsets->numel() - 1;
+  TORCH_CHECK(groups >= 0 && starts->numel() == lengths->numel(), "fold_chunk: malformed batch runs");
+  const int64_t* st = starts->data_ptr<int64_t>();
+  const int64_t* len = lengths->data_ptr<int64_t>();
+  const int64_t* off = offsets->data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[groups] == starts->numel(), "fold_chunk: malformed batch offsets");
+  int64_t covered = 0;
+  for (int64_t s = 0; s < starts->numel(); ++s) {
+    TORCH_CHECK(st[s] >= 0 && len[s] > 0 && st[s] + len[s] <= n, "fold_chunk: batch run out of range");
+    covered += len[s];
+  }
+  TORCH_CHECK(covered == n, "fold_chunk: the batch runs must cover every row once");
+  for (int64_t g = 0; g < groups; ++g)
+    TORCH_CHECK(off[g] < off[g + 1], "fold_chunk: a batch without rows");
+  result = at::empty({5, groups, f}, at::TensorOptions().dtype(at::kDouble));
+  return Batches{st, len, off, groups, result.data_ptr<double>()};
+}
+
+at::Tensor fold_chunk(const at::Tensor& rows, const at::Tensor& shift, const std::optional<at::Tensor>& labels,
+                      const std::optional<at::Tensor>& dropped, int64_t classes, bool class_only,
+                      const at::Tensor& sum, const at::Tensor& sum_sq, const at::Tensor& minimum,
+                      const at::Tensor& maximum, const at::Tensor& active, const at::Tensor& nonfinite,
+                      const at::Tensor& class_count, const at::Tensor& class_sum,
+                      const std::optional<at::Tensor>& starts, const std::optional<at::Tensor>& lengths,
+                      const std::optional<at::Tensor>& offsets) {
   TORCH_CHECK(rows.dim() == 2 && rows.device().is_cpu() && rows.scalar_type() == at::kFloat &&
                   rows.is_contiguous(),
               "fold_chunk: rows must be a contiguous 2-D CPU float32 tensor");
@@ -237,7 +363,10 @@ void fold_chunk(const at::Tensor& rows, const at::Tensor& shift, const std::opti
                 "fold_chunk: dropped must be a contiguous CPU bool tensor of one flag per row");
     drop_ptr = dropped->data_ptr<bool>();
   }
-  if (n == 0 || f == 0) return;
+  at::Tensor per_batch = at::empty({5, 0, f}, at::TensorOptions().dtype(at::kDouble));
+  const std::optional<Batches> batches = batch_runs(starts, lengths, offsets, n, f, per_batch);
+  TORCH_CHECK(!(batches && class_only), "fold_chunk: no per-batch rows for class-only sums");
+  if (n == 0 || f == 0) return per_batch;
   Outputs out{class_only ? nullptr : sum.data_ptr<double>(),
               class_only ? nullptr : sum_sq.data_ptr<double>(),
               class_only ? nullptr : minimum.data_ptr<float>(),
@@ -253,81 +382,10 @@ void fold_chunk(const at::Tensor& rows, const at::Tensor& shift, const std::opti
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t j0 = tile * TILE;
       reduce_tile(data, n, f, j0, std::min(TILE, f - j0), label_ptr, drop_ptr, classes, shift_ptr,
-                  class_only, tile == 0, out);
+                  class_only, tile == 0, out, batches ? &*batches : nullptr);
     }
   });
-}
-
-// Per group of rows (a batch: the segments [starts[s], starts[s] + lengths[s]) for s in
-// [offsets[g], offsets[g + 1])), the float64 count, mean, std (population), min and max.
-at::Tensor batch_stats(const at::Tensor& rows, const at::Tensor& starts, const at::Tensor& lengths,
-                       const at::Tensor& offsets) {
-  TORCH_CHECK(rows.dim() == 2 && rows.device().is_cpu() && rows.scalar_type() == at::kFloat &&
-                  rows.is_contiguous(),
-              "batch_stats: rows must be a contiguous 2-D CPU float32 tensor");
-  for (const at::Tensor* t : {&starts, &lengths, &offsets})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1,
-                "batch_stats: segments must be 1-D contiguous CPU int64 tensors");
-  const int64_t n = rows.size(0), f = rows.size(1), groups = offsets.numel() - 1;
-  TORCH_CHECK(groups >= 0 && starts.numel() == lengths.numel(), "batch_stats: malformed segments");
-  const int64_t* st = starts.data_ptr<int64_t>();
-  const int64_t* len = lengths.data_ptr<int64_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[groups] == starts.numel(), "batch_stats: malformed group offsets");
-  for (int64_t s = 0; s < starts.numel(); ++s)
-    TORCH_CHECK(st[s] >= 0 && len[s] >= 0 && st[s] + len[s] <= n, "batch_stats: segment out of range");
-  for (int64_t g = 0; g < groups; ++g) TORCH_CHECK(off[g] <= off[g + 1], "batch_stats: malformed offsets");
-  at::Tensor result = at::empty({5, groups, f}, rows.options().dtype(at::kDouble));
-  if (groups == 0 || f == 0) return result;
-  const float* data = rows.data_ptr<float>();
-  double* res = result.data_ptr<double>();
-  const int64_t plane = groups * f;
-  const int64_t tiles = (f + TILE - 1) / TILE;
-  at::parallel_for(0, tiles * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> total(TILE), dev(TILE);
-    std::vector<float> mn(TILE), mx(TILE);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item / tiles, j0 = (item % tiles) * TILE, w = std::min(TILE, f - j0);
-      std::fill(total.begin(), total.end(), 0.0);
-      std::fill(dev.begin(), dev.end(), 0.0);
-      std::fill(mn.begin(), mn.end(), std::numeric_limits<float>::infinity());
-      std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
-      int64_t count = 0;
-      for (int64_t s = off[g]; s < off[g + 1]; ++s) {
-        for (int64_t r = st[s]; r < st[s] + len[s]; ++r) {
-          const float* __restrict x = data + r * f + j0;
-          if (r + AHEAD < st[s] + len[s])
-            for (int64_t j = 0; j < w; j += 16) __builtin_prefetch(x + AHEAD * f + j);
-          for (int64_t j = 0; j < w; ++j) {
-            total[j] += x[j];
-            mn[j] = nan_min(mn[j], x[j]);
-            mx[j] = nan_max(mx[j], x[j]);
-          }
-        }
-        count += len[s];
-      }
-      const double c = static_cast<double>(count);
-      for (int64_t j = 0; j < w; ++j) total[j] /= c;  // the mean
-      for (int64_t s = off[g]; s < off[g + 1]; ++s) {
-        for (int64_t r = st[s]; r < st[s] + len[s]; ++r) {
-          const float* __restrict x = data + r * f + j0;
-          for (int64_t j = 0; j < w; ++j) {
-            const double d = static_cast<double>(x[j]) - total[j];
-            dev[j] += d * d;
-          }
-        }
-      }
-      const int64_t base = g * f + j0;
-      for (int64_t j = 0; j < w; ++j) {
-        res[base + j] = c;
-        res[plane + base + j] = total[j];
-        res[2 * plane + base + j] = std::sqrt(dev[j] / c);
-        res[3 * plane + base + j] = mn[j];
-        res[4 * plane + base + j] = mx[j];
-      }
-    }
-  });
-  return result;
+  return per_batch;
 }
 
 }  // namespace
@@ -336,11 +394,10 @@ TORCH_LIBRARY(nn_staining, m) {
   m.def(
       "fold_chunk(Tensor rows, Tensor shift, Tensor? labels, Tensor? dropped, int classes, bool class_only, "
       "Tensor(a!) sum, Tensor(b!) sum_sq, Tensor(c!) minimum, Tensor(d!) maximum, Tensor(e!) active, "
-      "Tensor(f!) nonfinite, Tensor(g!) class_count, Tensor(h!) class_sum) -> ()");
-  m.def("batch_stats(Tensor rows, Tensor starts, Tensor lengths, Tensor offsets) -> Tensor");
+      "Tensor(f!) nonfinite, Tensor(g!) class_count, Tensor(h!) class_sum, Tensor? starts, Tensor? lengths, "
+      "Tensor? offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nn_staining, CPU, m) {
   m.impl("fold_chunk", &fold_chunk);
-  m.impl("batch_stats", &batch_stats);
 }
