@@ -180,8 +180,8 @@ def record(
     """Train 2 epochs of ``batches`` (SGD steps) recorded with defaults; the test's capture hooks on
     ``capture_model`` (default ``model``). Returns the loaded trace and the capture."""
     forward = forward or (lambda m, *args: m(*args))
-    runner = runner or model
-    capture = Capture(capture_model or model)
+    runner = model if runner is None else runner
+    capture = Capture(model if capture_model is None else capture_model)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
     model.train()
     handler = Warnings()
@@ -239,22 +239,37 @@ class Seq2Seq(nn.Module):
         self.transformer = nn.Transformer(8, 2, 1, 1, 16)  # batch_first=False: (steps, batch, d)
         self.head = nn.Linear(8, CLASSES)
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        return self.head(self.transformer(self.src_in(src), self.tgt_in(tgt)).mean(0))
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        padding = None if keep is None else ~keep.bool()  # (batch, src_steps), True where padded
+        out = self.transformer(
+            self.src_in(src), self.tgt_in(tgt), src_key_padding_mask=padding, memory_key_padding_mask=padding
+        )
+        return self.head(out.mean(0))
 
 
-@pytest.mark.parametrize("src_steps,tgt_steps,batch", [(5, 4, 6), (6, 6, 6)])
-def test_nn_transformer_encoder_decoder(tmp_path: Path, src_steps: int, tgt_steps: int, batch: int) -> None:
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:UserWarning")
+@pytest.mark.parametrize(
+    "src_steps,tgt_steps,batch,padded", [(5, 4, 6, False), (6, 6, 6, False), (5, 4, 6, True)]
+)
+def test_nn_transformer_encoder_decoder(
+    tmp_path: Path, src_steps: int, tgt_steps: int, batch: int, padded: bool
+) -> None:
+    """Time-major; with ``padded`` the source's (batch, steps) mask is given to set_targets: the encoder's
+    (src_steps, batch, d) outputs lose their padded positions, the decoder's keep every sample."""
     model = Seq2Seq()
     g = torch.Generator().manual_seed(1)
-    batches = [
-        (
-            (torch.randn(src_steps, batch, 4, generator=g), torch.randn(tgt_steps, batch, 4, generator=g)),
-            labels_for(batch, i),
-            None,
+    batches = []
+    for i in range(2):
+        src, tgt = (
+            torch.randn(src_steps, batch, 4, generator=g),
+            torch.randn(tgt_steps, batch, 4, generator=g),
         )
-        for i in range(2)
-    ]
+        keep = None
+        if padded:
+            keep = (
+                torch.arange(src_steps) < torch.randint(2, src_steps + 1, (batch,), generator=g)[:, None]
+            ).long()
+        batches.append(((src, tgt, keep), labels_for(batch, i), keep))
     t, capture = record(model, batches, tmp_path / "t")
     assert "L_transformer.decoder.layers.0.multihead_attn" in t.layers
     check_all(t, capture, channel_first_else(1))
@@ -389,6 +404,66 @@ def test_conv1d_audio_net(tmp_path: Path, residual: bool) -> None:
     ]
     for layer in t.layers[:-1]:
         assert t.layer_info(layer)["neurons"] == 8, (layer, t.layer_info(layer))
+    check_all(t, capture, CONV)
+
+
+class ConvThenActivation(nn.Module):
+    """A Conv1d (batch, 8, 12) output reaching a parameter-free activation module through other
+    operations: a scale, a functional ReLU, an in-place ReLU, a learned per-channel gain, a concatenation
+    along the length with a second Conv1d."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.variant = variant
+        self.conv = nn.Conv1d(2, 8, 3, padding=1)
+        self.act = nn.GELU()
+        self.head = nn.Linear(8, CLASSES)
+        if variant == "gain":
+            self.gain = nn.Parameter(torch.ones(1, 8, 1))
+        if variant == "cat":
+            self.conv_b = nn.Conv1d(2, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if self.variant == "scale":
+            h = h * 0.5
+        elif self.variant == "relu":
+            h = torch.relu(h)
+        elif self.variant == "relu_":
+            h = torch.relu_(h)
+        elif self.variant == "gain":
+            h = h * self.gain
+        elif self.variant == "cat":
+            h = torch.cat([h, self.conv_b(x)], 2)
+        return self.head(self.act(h).mean(2))
+
+
+GAIN_1D = (
+    "GELU module after a Conv1d output (6, 8, 12) times a learned (1, 8, 1) gain is recorded as "
+    "linear-like: 12 neurons (the length) with act_count 96 instead of 8 channels with act_count 12"
+)
+CAT_1D = (
+    "GELU module after torch.cat of two Conv1d outputs along the length, (6, 8, 24), is recorded as "
+    "linear-like: 24 neurons (the length) with act_count 96 instead of 8 channels with act_count 12"
+)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "scale",
+        "relu",
+        "relu_",
+        pytest.param("gain", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=GAIN_1D)),
+        pytest.param("cat", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=CAT_1D)),
+    ],
+)
+def test_conv1d_then_an_activation_module(tmp_path: Path, variant: str) -> None:
+    g = torch.Generator().manual_seed(12)
+    batches = [((torch.randn(6, 2, 12, generator=g),), labels_for(6, i), None) for i in range(2)]
+    t, capture = record(ConvThenActivation(variant), batches, tmp_path / "t")
+    assert t.layer_info("L_act")["neurons"] == 8
     check_all(t, capture, CONV)
 
 
@@ -599,21 +674,49 @@ COMPILED_IN_PLACE = (
 )
 
 
+class SharedTanh(nn.Module):
+    """One Tanh module called twice per pass: ``L_act`` and ``L_act:2``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.act, self.head = (
+            nn.Linear(3, 8),
+            nn.Linear(8, 8),
+            nn.Tanh(),
+            nn.Linear(8, CLASSES),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.b(self.act(self.a(x)))))
+
+
+COMPILED = {
+    "cnn": lambda: compile_cnn(False),
+    "cnn_inplace": lambda: compile_cnn(True),
+    "shared_tanh": SharedTanh,
+}
+
+
 @pytest.mark.parametrize(
-    "inplace",
+    "name",
     [
-        False,
+        "cnn",
+        "shared_tanh",
         pytest.param(
-            True, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=COMPILED_IN_PLACE)
+            "cnn_inplace",
+            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=COMPILED_IN_PLACE),
         ),
     ],
 )
-def test_compiled_separable_cnn_equals_an_eager_twin(tmp_path: Path, inplace: bool) -> None:
+def test_compiled_model_equals_an_eager_twin(tmp_path: Path, name: str) -> None:
     """The compiled model (backend="eager") against an eager twin trained in lockstep on the same
     batches; the twin carries the capture. No dropout so the two see the same values."""
     dynamo.reset()
-    model, twin = compile_cnn(inplace), compile_cnn(inplace)
+    model, twin = COMPILED[name](), COMPILED[name]()
     batches = image_batches(6, 12, 11)
+    if name == "shared_tanh":
+        batches = [((x.mean((2, 3)),), y, mask) for (x,), y, mask in batches]
     capture = Capture(twin)
     optimiser = torch.optim.SGD(twin.parameters(), lr=0.05)
     for epoch in range(EPOCHS):  # the twin: eager, not recorded
@@ -628,4 +731,6 @@ def test_compiled_separable_cnn_equals_an_eager_twin(tmp_path: Path, inplace: bo
     compiled = torch.compile(model, backend="eager")
     t, _ = record(model, batches, tmp_path / "t", runner=compiled, capture_model=nn.Sequential())
     dynamo.reset()
+    if name == "shared_tanh":
+        assert t.layers == ["L_a", "L_b", "L_act", "L_act:2", "L_head"]
     check_all(t, capture, CONV)
