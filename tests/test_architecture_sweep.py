@@ -609,6 +609,38 @@ def test_t5_encoder(tmp_path: Path, steps: int, batch: int, padded: bool) -> Non
     check_all(t, capture, hf_layout(T5_BIAS))
 
 
+CONVNEXT_BLOCK = "L_convnext.encoder.stages.0.layers.0"
+CHANNELS_LAST = (
+    f"ConvNeXt's channels-last (batch, H, W, C) outputs are taken as channel-first: {CONVNEXT_BLOCK}.pwconv1 "
+    "(nn.Linear(8, 32), output (6, 8, 8, 32)) is recorded with 8 neurons (H), each the mean over (W, "
+    "features), act_count 12 per epoch instead of 32 neurons with act_count 768; the same for its "
+    "layernorm, act and pwconv2 and stage 1's (6, 4, 4, 64) Linear (4 neurons); no warning"
+)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=CHANNELS_LAST)
+def test_convnext_channels_last_linears(tmp_path: Path) -> None:
+    """Hugging Face's ConvNeXt: depthwise Conv2d, then a permute to (batch, H, W, C) and a LayerNorm,
+    Linear, GELU, Linear on the channels-last tensor (as torchvision's CNBlock and Swin)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(
+        num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2, num_labels=CLASSES
+    )
+    model = transformers.ConvNextForImageClassification(config)
+    t, capture = record(
+        model, image_batches(6, 16, 13), tmp_path / "t", forward=lambda m, x: m(pixel_values=x).logits
+    )
+
+    def layout(layer: str, out: np.ndarray) -> str | int:
+        inside = ".layers." in layer and layer.rsplit(".", 1)[1] in ("layernorm", "pwconv1", "act", "pwconv2")
+        return 0 if out.ndim < 3 or inside else "conv"
+
+    info = t.layer_info(f"{CONVNEXT_BLOCK}.pwconv1")
+    assert info["neurons"] == 32, info
+    check_all(t, capture, layout)
+
+
 # -- 6. torchvision's resnet18 -----------------------------------------------------------------------------
 def test_resnet18_every_call(tmp_path: Path) -> None:
     t, capture = record(zoo.resnet18(num_classes=CLASSES, width=8), image_batches(4, 32, 9), tmp_path / "t")
