@@ -1,10 +1,11 @@
 """On-device per-neuron accumulators for one phase of one recorded epoch.
 
 Hooks only copy each batch's activations into a preallocated device buffer (one kernel per
-layer). The buffers of a run of batches form a :class:`Chunk`; a full chunk is reduced in a few
-large tensor operations (a one-hot matrix product gives every per-class sum at once) and folded
+layer). The buffers of a run of batches form a :class:`Chunk`; a full chunk is reduced and folded
 into float64 running sums taken around a per-neuron shift, so ``act_std`` keeps its precision
-over long epochs. Reductions run on the training thread (asynchronous kernels on a GPU; on the
+over long epochs: on the CPU by a fused C++ kernel that reads each value once
+(:mod:`nn_staining.kernels`), elsewhere, or where it cannot be built, by a few large tensor
+operations (``index_add_`` gives every per-class sum at once). Reductions run on the training thread (asynchronous kernels on a GPU; on the
 CPU a second thread of tensor work would fight the training's own OpenMP threads). Buffers are
 allocated once and reused every epoch, so memory stays flat. The host sees the statistics once
 per epoch.
