@@ -8,6 +8,12 @@ each layer (which dimension holds the samples, or channel-first), the statistics
 linear-like outputs have one observation per position before the features, conv-like outputs
 ``(batch, channels, *spatial)`` one per sample (the spatial mean). Outputs shared by the batch (a
 ``(1, steps, d)`` position embedding) carry no class.
+
+Strict xfails mark what the library gets wrong (each reason gives the layer, shapes and numbers): a
+parameter-free activation module after a Conv1d reached through a residual sum, a learned gain or a
+concatenation (and any, under torch.compile) laid out as linear-like; ConvNeXt's channels-last Linears
+laid out as channel-first; T5's relative position bias, shared by the batch, split into classes (and
+masked) when steps == batch; a compiled model's kept output overwritten by an in-place activation.
 """
 
 from __future__ import annotations
@@ -224,8 +230,8 @@ def labels_for(batch: int, seed: int) -> torch.Tensor:
     return (torch.arange(batch) % CLASSES)[torch.randperm(batch, generator=g)]
 
 
-def channel_first_else(dim: int) -> Layout:
-    """Conv-like (≥3-D, from the test's knowledge of the model) where ``conv`` says so, else ``dim``."""
+def samples_in(dim: int) -> Layout:
+    """A model without convolutions: its ≥3-D outputs hold the samples in ``dim``, 2-D ones first."""
     return lambda layer, out: dim if out.ndim >= 3 else 0
 
 
@@ -272,7 +278,7 @@ def test_nn_transformer_encoder_decoder(
         batches.append(((src, tgt, keep), labels_for(batch, i), keep))
     t, capture = record(model, batches, tmp_path / "t")
     assert "L_transformer.decoder.layers.0.multihead_attn" in t.layers
-    check_all(t, capture, channel_first_else(1))
+    check_all(t, capture, samples_in(1))
 
 
 # -- 2. recurrent: stacked bidirectional LSTM, time-major GRU over embeddings ------------------------------
@@ -294,7 +300,7 @@ def test_stacked_bidirectional_lstm(tmp_path: Path, steps: int, batch: int) -> N
     t, capture = record(BiLSTM(), batches, tmp_path / "t")
     assert t.layers == ["L_lstm", "L_head"]
     assert int(t.query("E_0/L_lstm")["act_count"].iloc[0]) == 2 * steps * batch
-    check_all(t, capture, channel_first_else(0))
+    check_all(t, capture, samples_in(0))
 
 
 class EmbeddedGRU(nn.Module):
@@ -317,7 +323,7 @@ def test_time_major_gru_over_embeddings(tmp_path: Path, steps: int, batch: int) 
     ]
     t, capture = record(EmbeddedGRU(), batches, tmp_path / "t")
     assert t.layers == ["L_embed", "L_gru", "L_head"]
-    check_all(t, capture, channel_first_else(1))
+    check_all(t, capture, samples_in(1))
 
 
 # -- 3. convolutions: depthwise-separable 2-D, 1-D audio ---------------------------------------------------
