@@ -130,7 +130,9 @@ def write_direct(store: str, epochs: int, neurons: int) -> float:
     return time.perf_counter() - start
 
 
-def history_case(base: str, epochs: int, neurons: int, repeats: int, direct: bool = False) -> None:
+def history_case(
+    base: str, epochs: int, neurons: int, repeats: int, direct: bool = False, existing: str | None = None
+) -> None:
     """Record ``epochs`` epochs of a ``neurons``-neuron model and time one neuron's history from
     ``load_trace`` in fresh processes, with the history index (``repeats`` times) and with it
     ignored (``repeats`` times; once when ``direct``, the --quick run, writes without a model)."""
@@ -141,7 +143,11 @@ def history_case(base: str, epochs: int, neurons: int, repeats: int, direct: boo
         f"\nrecording {epochs:,} epochs x {neurons:,} neurons = {rows:,} neuron rows {how} into {store}",
         flush=True,
     )
-    if direct:
+    if existing:
+        store = existing
+        print(f"(not recorded: timing the queries of the existing store {store})", flush=True)
+        seconds = in_end = float("nan")
+    elif direct:
         seconds = in_end = write_direct(store, epochs, neurons)
     else:
         seconds, in_end, _ = record(
@@ -241,7 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
     p.add_argument("--repeats", type=int, default=3, help="query repetitions (median reported)")
     p.add_argument("--case", choices=["rows", "history", "all"], default="all", help="which case to run")
+    p.add_argument(
+        "--skip-aggregates",
+        action="store_true",
+        help="rows case: skip the whole-table aggregates and checksum costs",
+    )
     p.add_argument("--history-epochs", type=int, default=10_000)
+    p.add_argument(
+        "--history-store", default=None, help="time the history queries of this store, recording nothing"
+    )
     p.add_argument(
         "--history-neurons", type=int, default=None, help="neurons of the history case (10,000; --quick 100)"
     )
@@ -253,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
             rows_case(args, base)
         if args.case in ("history", "all"):
             neurons = args.history_neurons or (100 if args.quick else 10_000)
-            history_case(base, args.history_epochs, neurons, max(args.repeats, 5), direct=args.quick)
+            history_case(
+                base,
+                args.history_epochs,
+                neurons,
+                max(args.repeats, 5),
+                direct=args.quick,
+                existing=args.history_store,
+            )
     finally:
         if not args.keep and args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
@@ -298,12 +319,13 @@ def rows_case(args: argparse.Namespace, base: str) -> None:
             secs = sorted(r["seconds"] for r in results)[len(results) // 2]
             rss = max(r["peak_rss_mib"] for r in results)
             print(f"| {name} | `{signature}` | {results[0]['rows']:,} | {secs:.3f} | {rss:.0f} |", flush=True)
-        for name, expression in AGGREGATES.items():
+        for name, expression in AGGREGATES.items() if not args.skip_aggregates else ():
             results = [query(store, expression=expression) for _ in range(args.repeats)]
             secs = sorted(r["seconds"] for r in results)[len(results) // 2]
             rss = max(r["peak_rss_mib"] for r in results)
             print(f"| {name} | all rows | {results[0]['rows']:,} | {secs:.3f} | {rss:.0f} |", flush=True)
-        print(checksum_cost(store), flush=True)
+        if not args.skip_aggregates:
+            print(checksum_cost(store), flush=True)
         print(
             f"\nstore: {nbytes / 2**30:.2f} GiB neurons table, {epochs} part files; "
             f"machine: {os.cpu_count()} cores"
