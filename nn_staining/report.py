@@ -3,7 +3,9 @@
 ``write_report(run)`` writes ``<run>/report.html``; it opens from disk, offline, with no server. Its
 charts are Plotly figures: hover and zoom, the staining graph's epoch slider and the legends come
 from plotly.js, and the page adds one small script of its own that shows a clicked neuron's history.
-Statistics come from :mod:`nn_staining.staining` and the trace; layouts from :mod:`nn_staining.plots`.
+Statistics come from :mod:`nn_staining.staining` and the trace; layouts from :mod:`nn_staining.plots`,
+which also decides what a large model's sections summarise (:func:`plots.layer_summary`: blocks of layers,
+the head in detail), so the page and the figures draw the same thing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ MAX_HISTORY_EPOCHS = 200
 GRAPH_WIDTH, GRAPH_HEIGHT = 1240, 720
 #: Significant digits of the numbers embedded in the page (float32 data needs 7).
 DIGITS = 7
+#: The intervention section puts at most this many layer panels side by side (more go on more rows).
+MAX_EFFECT_COLUMNS = 3
 #: The id of the staining graph's element, of the clicked neuron's history chart and of its table.
 GRAPH_ID, HISTORY_ID, HISTORY_TABLE_ID = "staining-graph", "neuron-history", "history-table"
 
@@ -82,7 +86,7 @@ def build_report(
         stains = staining.selectivity(trace)
         graph, history, note = _graph_section(trace, stains, top_k, max_nodes, max_epochs)
         sections.append(Section("graph", "Staining graph over training", graph, note))
-        sections.append(Section("scan", "Brain scan", _scan_html(trace, stains)))
+        sections.append(Section("scan", "Brain scan", *_scan_html(trace, stains)))
     else:
         sections.append(
             Section(
@@ -127,16 +131,39 @@ def _summary_html(trace: Trace) -> str:
         if column in metrics and len(metrics[column].dropna()):
             rows.append((f"final {label}", f"{metrics[column].dropna().iloc[-1]:.4g}"))
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
-    layers = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(info.get('type')))}</td>"
-        f"<td>{html.escape(str(info.get('activation') or ''))}</td><td>{info['neurons']}</td></tr>"
-        for k in trace.layers
-        for info in [trace.layer_info(k)]
+    head = '<table class="layers"><tr><th>layer</th><th>module</th><th>activation</th><th>neurons</th></tr>'
+    layers = "".join(_layer_row(trace, k) for k in trace.layers)
+    summary = plots.layer_summary(trace, plots.MAX_GRAPH_LAYERS)
+    if not summary.blocks:
+        return f'<table class="summary">{table}</table><h3>Layers</h3>{head}{layers}</table>'
+    items = "".join(
+        _block_row(trace, item) if isinstance(item, plots.Block) else _layer_row(trace, item)
+        for item in summary.items
     )
     return (
-        f'<table class="summary">{table}</table>'
-        '<h3>Layers</h3><table class="layers"><tr><th>layer</th><th>module</th><th>activation</th>'
-        f"<th>neurons</th></tr>{layers}</table>"
+        f'<table class="summary">{table}</table><h3>Layers</h3>'
+        f'<p class="note">{html.escape(summary.note[0].upper() + summary.note[1:])}.</p>{head}{items}</table>'
+        f"<details><summary>All {len(trace.layers)} layers</summary>{head}{layers}</table></details>"
+    )
+
+
+def _layer_row(trace: Trace, layer: str) -> str:
+    info = trace.layer_info(layer)
+    return (
+        f"<tr><td>{html.escape(layer)}</td><td>{html.escape(str(info.get('type')))}</td>"
+        f"<td>{html.escape(str(info.get('activation') or ''))}</td><td>{info['neurons']}</td></tr>"
+    )
+
+
+def _block_row(trace: Trace, block: plots.Block) -> str:
+    """A summarised block's row: its label and layer count, its modules' types (with counts), its units."""
+    infos = [trace.layer_info(k) for k in block.layers]
+    types = pd.Series([str(info.get("type")) for info in infos]).value_counts(sort=False)
+    activations = dict.fromkeys(str(info["activation"]) for info in infos if info.get("activation"))
+    return (
+        f'<tr class="block"><td>{html.escape(block.label)} (block of {len(block.layers)} layers)</td>'
+        f"<td>{html.escape(', '.join(f'{t} ×{n}' for t, n in types.items()))}</td>"
+        f"<td>{html.escape(', '.join(activations))}</td><td>{sum(info['neurons'] for info in infos)}</td></tr>"
     )
 
 
@@ -184,12 +211,14 @@ def _graph_section(
     epochs = slider_epochs(trace.epochs, max_epochs)
     last = epochs[-1]
     order = stains.xs(last, level="epoch")
-    paths = {e: plots.graph_paths(trace, e, top_k) for e in epochs}
+    summary = plots.layer_summary(trace, plots.MAX_GRAPH_LAYERS)  # large models: blocks, the head in detail
+    detailed = summary.detailed if summary.blocks else None
+    paths = {e: plots.graph_paths(trace, e, top_k, layers=detailed) for e in epochs}
     keep: dict[str, set[int]] = {}
     for p in paths.values():
         for layer, ids in plots._edge_nodes(p.edges).items():
             keep.setdefault(layer, set()).update(ids)
-    columns = len(trace.layers) + 1
+    columns = len(summary.items) + 1
     aspect = ((GRAPH_WIDTH - 40) / columns) / ((GRAPH_HEIGHT - 240) / 1.19)  # px per x unit / px per y unit
     layouts = {
         e: plots.graph_layout(
@@ -201,12 +230,19 @@ def _graph_section(
             aspect=aspect,
             max_nodes=max_nodes,
             paths=paths[e],
+            summary=summary,
         )
         for e in epochs
     }
     fig, n_edges = _graph_figure(trace, layouts, epochs)
     history = _histories(trace, layouts[last].nodes)
     notes = []
+    if summary.blocks:
+        notes.append(
+            f"{summary.note[0].upper()}{summary.note[1:]}. A block's bar: the share of its units stained for each "
+            "class at the slider's epoch (from the top), then unstained (grey) and dead (dark); hover it for its "
+            "layers and shares."
+        )
     if len(epochs) < len(trace.epochs):
         notes.append(
             f"The slider shows {len(epochs)} of the {len(trace.epochs)} recorded epochs (evenly spaced)."
@@ -219,7 +255,8 @@ def _graph_section(
             + "."
         )
     intro = (
-        "<p>Each column is a layer, each dot a neuron coloured by its stain at the slider's epoch (the class with "
+        f"<p>Each column is a layer{' (or a block of layers, see the note)' * bool(summary.blocks)}, each dot a "
+        "neuron coloured by its stain at the slider's epoch (the class with "
         "the highest mean activation; paler = less selective, grey = unstained, a crossed circle = dead). Lines are "
         f"the top {layouts[last].top_k} pathways into each output neuron in its class colour, width ∝ path score; "
         "dashed edges inhibit (their mean contribution for the class is negative). ▲/▼ near an input: its high/low "
@@ -239,8 +276,9 @@ def _graph_section(
 
 
 def _graph_figure(trace: Trace, layouts: dict[int, plots.GraphLayout], epochs: list[int]):
-    """Plotly figure: node traces per column, a fixed pool of edge traces and evidence markers, and one
-    frame per epoch that restyles them; the slider starts at the last epoch."""
+    """Plotly figure: node traces per column, a fixed pool of edge traces and evidence markers, a stacked
+    bar per summarised block (large models), and one frame per epoch that restyles them; the slider starts
+    at the last epoch."""
     last = layouts[epochs[-1]]
     palette = plots.class_palette(trace.num_classes or 0)
     n_edges = max(len(layout.edges) for layout in layouts.values())
@@ -249,6 +287,8 @@ def _graph_figure(trace: Trace, layouts: dict[int, plots.GraphLayout], epochs: l
     def node_traces(layout: plots.GraphLayout) -> list[dict[str, Any]]:
         out = []
         for layer in layout.columns:
+            if layer in layout.blocks:
+                continue
             group = layout.nodes.xs(layer, level="layer")
             if layer == "x":
                 text = [_input_text(trace, k) for k in group.index]
@@ -330,6 +370,8 @@ def _graph_figure(trace: Trace, layouts: dict[int, plots.GraphLayout], epochs: l
             {"type": "scatter", "mode": "lines", "hoverinfo": "text", "showlegend": False, "name": "edge"}
         )
     for col, layer in enumerate(last.columns):
+        if layer in last.blocks:
+            continue
         group = last.nodes.xs(layer, level="layer")
         data.append(
             {
@@ -347,14 +389,40 @@ def _graph_figure(trace: Trace, layouts: dict[int, plots.GraphLayout], epochs: l
     data.append(
         {"type": "scatter", "mode": "markers", "hoverinfo": "text", "showlegend": False, "name": "evidence"}
     )
+    block_columns = [col for col, layer in enumerate(last.columns) if layer in last.blocks]
+    stain_names = [plots._class_label(trace, c) for c in range(len(palette))] + ["unstained", "dead"]
+    stain_colours = [_rgb(c) for c in palette] + [plots.UNSTAINED_COLOUR, plots.DEAD_COLOUR]
+    if block_columns:  # one bar trace per stain, stacked from the top by their bases
+        for name, colour in zip(stain_names, stain_colours):
+            data.append(
+                {"type": "bar", "x": block_columns, "width": plots.BLOCK_WIDTH, "hoverinfo": "text",
+                 "showlegend": False, "name": f"blocks:{name}", "marker": {"color": colour, "line": {"color": "white", "width": 0.5}}}
+            )  # fmt: skip
     dynamic = list(range(len(data)))
 
+    def block_traces(layout: plots.GraphLayout) -> list[dict[str, Any]]:
+        blocks = [layout.blocks[layout.columns[col]] for col in block_columns]
+        text = [_block_text(trace, layout.epoch, block, shares) for block, shares in blocks]
+        tops = np.ones(len(blocks))
+        out = []
+        for i in range(len(stain_names)):
+            values = np.array([shares.iloc[i] for _, shares in blocks], dtype=float)
+            out.append({"y": _numbers(values), "base": _numbers(tops - values), "hovertext": text})
+            tops = tops - values
+        return out
+
     def restyle(layout: plots.GraphLayout) -> list[dict[str, Any]]:
-        return [*edge_traces(layout), *node_traces(layout), evidence_trace(layout)]
+        bars = block_traces(layout) if block_columns else []
+        return [*edge_traces(layout), *node_traces(layout), evidence_trace(layout), *bars]
 
     for trace_dict, update in zip(data, restyle(last)):
         trace_dict.update(update)
     frames = [{"name": str(e), "data": restyle(layouts[e]), "traces": dynamic} for e in epochs]
+    if block_columns:  # the blocks' labels give their stained share at the frame's epoch
+        for frame, e in zip(frames, epochs):
+            frame["layout"] = {
+                "xaxis": {"ticktext": [t.replace("\n", "<br>") for t in layouts[e].column_labels]}
+            }
 
     def add_scatter(**kwargs: Any) -> None:
         data.append({"type": "scatter", **kwargs})
@@ -372,6 +440,11 @@ def _graph_figure(trace: Trace, layouts: dict[int, plots.GraphLayout], epochs: l
         add_scatter(
             x=[None], y=[None], mode="markers", name=name,
             marker={"color": colour, "symbol": symbol, "size": 10, "line": {"color": "#555555", "width": 0.7}},
+        )  # fmt: skip
+    if block_columns:
+        add_scatter(
+            x=[None], y=[None], mode="markers", name="dead (a block's share)",
+            marker={"color": plots.DEAD_COLOUR, "symbol": "square", "size": 10},
         )  # fmt: skip
     for name, dash in (("excitatory edge", "solid"), ("inhibitory edge", "dash")):
         add_scatter(x=[None], y=[None], mode="lines", name=name, line={"color": "#555555", "dash": dash})
@@ -420,7 +493,38 @@ def _graph_figure(trace: Trace, layouts: dict[int, plots.GraphLayout], epochs: l
             }
         ],
     )
+    if block_columns:
+        half = plots.BLOCK_WIDTH / 2
+        lines = max(label.count("\n") + 1 for e in epochs for label in layouts[e].column_labels)
+        extra = 16 * max(
+            lines - 3, 0
+        )  # block labels of more lines push the slider down, the plot keeps its size
+        layout["height"] += extra
+        layout["margin"]["b"] += extra
+        layout["sliders"][0]["pad"]["t"] += extra
+        layout["barmode"] = "overlay"
+        layout["shapes"] = [
+            {"type": "rect", "x0": c - half, "x1": c + half, "y0": 0, "y1": 1, "line": {"color": "#555555", "width": 0.7}}
+            for c in block_columns
+        ]  # fmt: skip
     return {"data": data, "layout": layout, "frames": frames}, n_edges
+
+
+#: Layer names listed in a block's hover text at most.
+MAX_BLOCK_NAMES = 24
+
+
+def _block_text(trace: Trace, epoch: int, block: plots.Block, shares: pd.Series) -> str:
+    """Hover text of a summarised block: its label, size, share of units per stain at ``epoch``, its layers."""
+    units = sum(trace.layer_info(k)["neurons"] for k in block.layers)
+    lines = [
+        f"<b>{html.escape(block.label)}</b>: {len(block.layers)} layers, {units} units",
+        f"epoch {epoch}:",
+    ]
+    for key, share in shares.items():
+        name = key if isinstance(key, str) else plots._class_label(trace, int(key))
+        lines.append(f"  {html.escape(name)}: {share:.1%} ({int(round(share * units))} units)")
+    return "<br>".join([*lines, "layers:", _layer_list(block.layers)])
 
 
 def _node_size(count: int, layout: plots.GraphLayout, layer: str) -> float:
@@ -484,10 +588,13 @@ def _numbers(values) -> list[float | None]:
 
 
 # -- brain scan -------------------------------------------------------------------------------------
-def _scan_html(trace: Trace, stains: pd.DataFrame) -> str:
-    """One heatmap pair per layer: mean activation per epoch × neuron, and per class × neuron at the last epoch."""
+def _scan_html(trace: Trace, stains: pd.DataFrame) -> tuple[str, str]:
+    """One heatmap pair per layer: mean activation per epoch × neuron, and per class × neuron at the last
+    epoch; of a large model (:func:`plots.layer_summary` as in ``plots.plot_brain_scan``) one pair for its
+    blocks' shares of units per stain, then the head's layers. Returns the HTML and the note on what was summarised."""
     last = trace.epochs[-1]
     final = stains.xs(last, level="epoch")
+    summary = plots.layer_summary(trace, plots.MAX_SCAN_LAYERS, plots.MAX_BLOCK_ROWS)
     means = trace.query("E_*/L_*", columns=["act_mean"])["act_mean"]
     class_means = trace.classes(f"E_{last}/L_*", columns=["act_mean"])["act_mean"]
     parts = [
@@ -496,7 +603,13 @@ def _scan_html(trace: Trace, stains: pd.DataFrame) -> str:
         "non-negative layers (after a ReLU) a sequential one; colours clip at the 99th percentile (the colour bar "
         "says where); hover shows the exact value.</p>"
     ]
-    for layer in trace.layers:
+    if summary.blocks:
+        parts.append(
+            "<p>Blocks: each row is a summarised block. Left: the share of its units stained (for any class) per "
+            f"epoch; right: the share of its units per stain at epoch {last}. Hover a row for its layers.</p>"
+        )
+        parts.append(_figure_html(_scan_blocks_figure(trace, stains, summary.blocks, last), "scan-blocks"))
+    for layer in summary.detailed:
         rows = final.xs(layer, level="layer")
         order = plots.neuron_order(rows)
         shown = plots._sample(order, set(), MAX_SCAN_NEURONS)
@@ -511,7 +624,55 @@ def _scan_html(trace: Trace, stains: pd.DataFrame) -> str:
         )
         fig = _scan_figure(trace, layer, history, per_class, rows.loc[shown], note)
         parts.append(_figure_html(fig, f"scan-{layer}"))
-    return "".join(parts)
+    note = f"{summary.note[0].upper()}{summary.note[1:]}." if summary.blocks else ""
+    return "".join(parts), note
+
+
+def _scan_blocks_figure(trace: Trace, stains: pd.DataFrame, blocks: list[plots.Block], epoch: int):
+    """Per block (a row): the stained share of its units per epoch, and its share of units per stain at ``epoch``
+    (``plots.block_stained_frac``, ``plots.block_stains``)."""
+    from plotly.subplots import make_subplots
+
+    n = trace.num_classes or 0
+    history = plots.block_stained_frac(stains, blocks)
+    shares = pd.DataFrame([plots.block_stains(stains.xs(epoch, level="epoch"), b, n) for b in blocks])
+    names = [f"{b.label} ({len(b.layers)} layer{'s' * (len(b.layers) > 1)})" for b in blocks]
+    layers = [_layer_list(b.layers) for b in blocks]
+    stains_x = [plots._class_label(trace, c) for c in range(n)] + ["unstained", "dead"]
+    fig = make_subplots(
+        rows=1, cols=2, column_widths=[0.58, 0.42], horizontal_spacing=0.14,
+        subplot_titles=("blocks: stained share of units per epoch", f"blocks: share of units per stain, epoch {epoch}"),
+    )  # fmt: skip
+    for col, data, xlabels, xtitle in (
+        (1, history, [str(e) for e in history.columns], "epoch"),
+        (2, shares, stains_x, "stain"),
+    ):
+        values = data.to_numpy(dtype=float)
+        fig.add_heatmap(
+            z=values, x=xlabels, y=names, row=1, col=col, colorscale="Greys", zmin=0, zmax=1,
+            showscale=col == 2, colorbar={"title": {"text": "share of the block's units", "side": "right"}},
+            text=[[f"{v:.0%}" for v in row] for row in values], texttemplate="%{text}" if values.size <= 240 else None,
+            customdata=[[text] * values.shape[1] for text in layers],
+            hovertemplate="%{y}, " + xtitle + " %{x}: %{z:.1%}<br>%{customdata}<extra></extra>",
+        )  # fmt: skip
+        fig.update_xaxes(title_text=xtitle, row=1, col=col, type="category")
+        fig.update_yaxes(row=1, col=col, type="category", autorange="reversed", showticklabels=col == 1)
+    colours = [_rgb(c) for c in plots.class_palette(n)]  # class names in their colours, as in the figure
+    ticks = [
+        f'<span style="color:{c}">{html.escape(plots._class_label(trace, k))}</span>'
+        for k, c in enumerate(colours)
+    ]
+    fig.update_xaxes(tickvals=stains_x, ticktext=[*ticks, "unstained", "dead"], row=1, col=2)
+    fig.update_layout(height=max(300, 160 + 28 * len(blocks)), margin={"t": 50, "b": 40})
+    return fig
+
+
+def _layer_list(layers: list[str]) -> str:
+    """Hover lines naming ``layers``: three a line, at most ``MAX_BLOCK_NAMES``."""
+    names = [html.escape(k) for k in layers[:MAX_BLOCK_NAMES]]
+    if len(layers) > MAX_BLOCK_NAMES:
+        names.append(f"… {len(layers) - MAX_BLOCK_NAMES} more, to {html.escape(layers[-1])}")
+    return "<br>".join(", ".join(names[i : i + 3]) for i in range(0, len(names), 3))
 
 
 def _scan_figure(
@@ -584,7 +745,10 @@ def _representation_sections(trace: Trace) -> list[Section]:
 
     last = trace.epochs[-1]
     parts = []
-    frame = rep.cka(trace, epoch=last)
+    probed = rep.probe_layers(trace)  # a large model: its blocks' outputs and head, as the figures draw it
+    cka_layers, _, cka_note = plots.representative_layers(trace, probed, plots.MAX_CKA_LAYERS)
+    line_layers, _, line_note = plots.representative_layers(trace, probed, plots.MAX_LINE_LAYERS)
+    frame = rep.cka(trace, epoch=last, layers=cka_layers if cka_note else None)
     names = list(dict.fromkeys(frame.index.get_level_values("layer_a")))  # model order
     cka = frame["cka"].droplevel("epoch").unstack("layer_b").reindex(index=names, columns=names)
     fig = px.imshow(
@@ -593,7 +757,8 @@ def _representation_sections(trace: Trace) -> list[Section]:
     )  # fmt: skip
     fig.update_layout(height=420 + 12 * len(names))
     parts.append(_figure_html(fig, "cka"))
-    probe = rep.linear_probe(trace).reset_index()
+    probe = rep.linear_probe(trace, layers=line_layers if line_note else None).reset_index()
+    colours = plots.layer_palette(len(line_layers) if line_note else len(names) or 1)
     fig = make_subplots(
         rows=1,
         cols=2,
@@ -603,7 +768,7 @@ def _representation_sections(trace: Trace) -> list[Section]:
         ),
     )
     for i, (layer, rows) in enumerate(probe.groupby("layer", sort=False)):
-        colour = _rgb(plots.layer_palette(len(names) or 1)[i % max(len(names), 1)])
+        colour = _rgb(colours[i % len(colours)])
         fig.add_scatter(
             x=rows["epoch"],
             y=rows["accuracy"],
@@ -624,9 +789,9 @@ def _representation_sections(trace: Trace) -> list[Section]:
             row=1,
             col=1,
         )
-    spectrum = rep.pca_spectrum(trace, epochs=[last]).reset_index()
+    spectrum = rep.pca_spectrum(trace, epochs=[last], layers=line_layers if line_note else None).reset_index()
     for i, (layer, rows) in enumerate(spectrum.groupby("layer", sort=False)):
-        colour = _rgb(plots.layer_palette(len(names) or 1)[i % max(len(names), 1)])
+        colour = _rgb(colours[i % len(colours)])
         rows = rows.head(20)
         fig.add_scatter(
             x=rows["component"] + 1,
@@ -661,7 +826,14 @@ def _representation_sections(trace: Trace) -> list[Section]:
         "<p>From the probe set recorded with the trace: linear CKA near 1 means two layers represent the probe samples "
         "alike up to rotation and scale; the linear probe says how decodable the classes are at each layer.</p>"
     )
-    return [Section("representations", "Representations", text + "".join(parts))]
+    if cka_note and cka_note == line_note:
+        note = f"CKA, probe accuracy and PCA spectra: {cka_note}."
+    else:
+        note = " ".join(
+            [f"CKA: {cka_note}."] * bool(cka_note)
+            + [f"Probe accuracy and PCA spectra: {line_note}."] * bool(line_note)
+        )
+    return [Section("representations", "Representations", text + "".join(parts), note)]
 
 
 def _intervention_sections(trace: Trace) -> list[Section]:
@@ -677,12 +849,19 @@ def _intervention_sections(trace: Trace) -> list[Section]:
 
     effects = effects.reset_index() if "layer" not in effects.columns else effects
     layers = [k for k in trace.layers if k in set(effects["layer"])] or sorted(set(effects["layer"]))
+    layers, _, note = plots.representative_layers(trace, layers, plots.MAX_EFFECT_PANELS)  # a large model's
     epoch = int(effects["epoch"].max()) if "epoch" in effects.columns else None
     if epoch is not None:
         effects = effects[effects["epoch"] == epoch]
     limit = float(np.nanmax(np.abs(effects["acc_change"].to_numpy(dtype=float)))) or 1.0
-    fig = make_subplots(rows=1, cols=len(layers), subplot_titles=layers, horizontal_spacing=0.06)
+    cols = min(len(layers), MAX_EFFECT_COLUMNS)  # more panels go on more rows
+    grid = [(1 + i // cols, 1 + i % cols) for i in range(len(layers))]
+    fig = make_subplots(
+        rows=grid[-1][0], cols=cols, subplot_titles=layers, horizontal_spacing=0.06,
+        **({"vertical_spacing": 0.3 / grid[-1][0]} if grid[-1][0] > 1 else {}),
+    )  # fmt: skip
     for i, layer in enumerate(layers, start=1):
+        row, col = grid[i - 1]
         rows = effects[effects["layer"] == layer]
         matrix = rows.pivot_table(index="stain_class", columns="eval_class", values="acc_change")
         control = rows.pivot_table(index="stain_class", columns="eval_class", values="control_acc_change")
@@ -690,13 +869,13 @@ def _intervention_sections(trace: Trace) -> list[Section]:
         fig.add_heatmap(
             z=matrix.to_numpy(dtype=float), x=[plots._class_label(trace, int(c)) for c in matrix.columns],
             y=[plots._class_label(trace, int(c)) for c in matrix.index], customdata=control.to_numpy(dtype=float),
-            colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit, showscale=i == len(layers), row=1, col=i,
+            colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit, showscale=i == len(layers), row=row, col=col,
             colorbar={"title": {"text": "accuracy change"}},
             hovertemplate="ablate stain %{y}<br>accuracy on %{x}: %{z:+.3f}<br>random control: %{customdata:+.3f}<extra></extra>",
         )  # fmt: skip
-        fig.update_xaxes(title_text="evaluated class", row=1, col=i, type="category")
-        fig.update_yaxes(title_text="ablated stain" if i == 1 else None, row=1, col=i, type="category")
-    fig.update_layout(height=460, width=max(520, 380 * len(layers)))
+        fig.update_xaxes(title_text="evaluated class", row=row, col=col, type="category")
+        fig.update_yaxes(title_text="ablated stain" if col == 1 else None, row=row, col=col, type="category")
+    fig.update_layout(height=460 * grid[-1][0], width=max(520, 380 * cols))
     text = (
         f"<p>Each cell: the change in a class's held-out accuracy when the neurons stained for a class are ablated"
         f"{f' (epoch {epoch})' if epoch is not None else ''}; hover shows the same change for random neurons of the "
@@ -707,6 +886,7 @@ def _intervention_sections(trace: Trace) -> list[Section]:
             "interventions",
             "Interventions: ablating stains",
             text + _figure_html(fig, "effects", responsive=False),
+            f"{note[0].upper()}{note[1:]}." if note else "",
         )
     ]
 

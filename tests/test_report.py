@@ -292,3 +292,12 @@ def test_element_ids_are_unique(report) -> None:
     """Plotly draws into document.getElementById(id): a section sharing a figure's id would receive the plot."""
     ids = re.findall(r'\bid="([^"]+)"', report.read_text())
     assert len(ids) == len(set(ids)), sorted(i for i in set(ids) if ids.count(i) > 1)
+
+
+def test_a_small_model_is_drawn_layer_by_layer(trace, report) -> None:
+    """Summaries are for large models (``plots.layer_summary``): the MLP keeps a column per layer and no note."""
+    page = report.read_text()
+    graph = _plotly_figure(page, GRAPH_ID)
+    assert len(graph["layout"]["xaxis"]["tickvals"]) == 1 + len(trace.layers)  # the inputs, then every layer
+    assert not [d for d in graph["data"] if d["type"] == "bar"] and "shapes" not in graph["layout"]
+    assert "summarised" not in page and 'id="scan-blocks"' not in page and "<details>" not in page
