@@ -1,7 +1,8 @@
 """A loaded trace: nested ``E_/L_/n_`` views, signature queries and DataFrames.
 
-Nothing is read at load time but ``meta.json``; each query turns its signature into the epoch
-partitions and row ranges it needs and reads only those row groups and columns.
+Nothing is read at load time but ``meta.json`` and the epoch and index logs; each query turns its
+signature into the epoch parts (or, for many epochs of ``neurons``, the history-index blocks) and
+row ranges it needs and reads only those row groups and columns.
 """
 
 from __future__ import annotations
