@@ -35,6 +35,18 @@ CHANNEL_FIRST_TYPES: tuple[type[nn.Module], ...] = (
     nn.Dropout2d,
     nn.Dropout3d,
 )
+#: Modules that act on the last dimension of their input: their outputs are (…, features) at any rank,
+#: e.g. a ConvNeXt block's Linear on (batch, height, width, channels).
+LAST_DIM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.modules.rnn.RNNBase,
+    nn.MultiheadAttention,
+)
 #: Non-leaf modules that compute their output without calling their children's forward.
 OPAQUE_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 #: Modules that act on each value on its own (activations, dropout, identity): unit k of their output is
@@ -199,42 +211,64 @@ def output_layout(
     output: Tensor,
     previous: OutputLayout | None = None,
     previous_shape: tuple[int, ...] | None = None,
+    origins: Sequence[tuple[OutputLayout, tuple[int, ...]]] = (),
 ) -> OutputLayout:
     """Decide the neurons and orientation of ``module``'s ``output``.
 
-    ≥4-D outputs are channel-first. A 3-D output is channel-first when the module is
-    convolution-like, or when a parameter-free module (an activation, Dropout) passes on a
-    channel-first output of the same shape, e.g. a ReLU after a Conv1d; ``previous`` /
-    ``previous_shape`` describe the layer whose output is the module's input. ``batch_dim`` is the
-    module's own declaration (1 for ``batch_first=False`` RNNs and attention), else the batch
-    dimension ``previous`` has when the output keeps its leading dimensions, else 0: where labels
-    must find their samples, :func:`find_batch_dim` checks it against the batch's size.
+    An output of 3 or more dimensions is channel-first (``(batch, channels, *spatial)``) when the
+    module is convolution-like, features-last when the module acts on the last dimension (a Linear,
+    a norm over features, an embedding, an RNN, attention, GPT-2's ``Conv1D``), as a module's
+    ``data_format`` (``"channels_first"`` / ``"channels_last"``) says where it has one; any other module (an
+    activation, dropout, a learnt gain) takes the kind of a layer its input comes from (``origins``,
+    or ``previous`` / ``previous_shape``: layouts with their output's shape) whose batch and spatial
+    (or leading) dimensions its output keeps, e.g. a ReLU after a residual sum or a concatenation of
+    convolutions; with none, ≥4-D outputs are channel-first and 3-D ones features-last.
+    ``batch_dim`` is the module's own declaration (1 for ``batch_first=False`` RNNs and attention),
+    else the batch dimension ``previous`` has when the output keeps its leading dimensions, else 0:
+    where labels must find their samples, :func:`find_batch_dim` checks it against the batch's size.
     """
-    elementwise = next(module.parameters(recurse=False), None) is None
+    if previous is not None and previous_shape is not None:
+        origins = [(previous, tuple(previous_shape)), *origins]
     declared = own_batch_dim(module)
-    same_leading = previous_shape is not None and tuple(output.shape[:-1]) == tuple(previous_shape[:-1])
-    if output.dim() >= 3 and declared is not None:
-        batch_dim = declared
-    elif output.dim() >= 3 and previous is not None and same_leading and not previous.channel_first:
-        batch_dim = previous.batch_dim
-    else:
-        batch_dim = 0
-    if output.dim() >= 4:
-        channel_first = True
-    elif output.dim() == 3:
-        channel_first = isinstance(module, CHANNEL_FIRST_TYPES) or (
-            elementwise
-            and previous is not None
-            and previous.channel_first
-            and tuple(output.shape) == previous_shape
-        )
+    shape = tuple(output.shape)
+    data_format = getattr(module, "data_format", None)  # Hugging Face's ConvNeXt / Swin norms declare it
+    if output.dim() >= 3:
+        if isinstance(module, CHANNEL_FIRST_TYPES) or data_format == "channels_first":
+            channel_first = True
+        elif isinstance(module, LAST_DIM_TYPES) or weight_is_in_out(module) or data_format == "channels_last":
+            channel_first = False
+        else:
+            channel_first = _kind_of_origins(shape, origins)
+            if channel_first is None:
+                channel_first = output.dim() >= 4
     else:
         channel_first = False
+    batch_dim = 0
+    if output.dim() >= 3 and declared is not None:
+        batch_dim = declared
+    elif output.dim() >= 3 and not channel_first:
+        batch_dim = next((o.batch_dim for o, s in origins if not o.channel_first and s[:-1] == shape[:-1]), 0)
     if output.dim() <= 1:
         neurons = 1
     else:
         neurons = output.shape[1] if channel_first else output.shape[-1]
     return OutputLayout(neurons=neurons, channel_first=channel_first, batch_dim=batch_dim)
+
+
+def _kind_of_origins(
+    shape: tuple[int, ...], origins: Sequence[tuple[OutputLayout, tuple[int, ...]]]
+) -> bool | None:
+    """Channel-first (True) or features-last (False) as the first origin of the output's rank whose
+    batch size it keeps and either its neurons or its other dimensions (a gain, a residual sum, a
+    concatenation along channels or along positions)."""
+    for layout, origin_shape in origins:
+        if len(origin_shape) != len(shape) or origin_shape[0] != shape[0]:
+            continue
+        if layout.channel_first and (origin_shape[1] == shape[1] or origin_shape[2:] == shape[2:]):
+            return True
+        if not layout.channel_first and (origin_shape[-1] == shape[-1] or origin_shape[:-1] == shape[:-1]):
+            return False
+    return None
 
 
 def own_batch_dim(module: nn.Module) -> int | None:

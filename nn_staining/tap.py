@@ -102,7 +102,10 @@ KEEPS_DIMS_OPS = ELEMENTWISE_OPS | {
     "layer_norm",
     "native_batch_norm",
     "expand",
+    "cat",
 }
+#: At most this many autograd nodes are visited to tell whether a layer's input depends on a recorded one.
+MAX_ANCESTRY_NODES = 512
 #: At most this many autograd nodes are visited looking for where a layer's input came from.
 MAX_TRACE_NODES = 32
 
@@ -142,6 +145,7 @@ class _ThreadPass:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # layer -> output shape (learning)
     unmatched: dict[str, tuple[int, ...]] = field(default_factory=dict)  # layers without the labels' samples
     deferred: list[_Deferred] = field(default_factory=list)  # outputs whose batch dimension is not known yet
+    compiled_last: str | None = None  # in a compiled pass: the layer recorded last (stands in for the graph)
     targets: Tensor | None = None
     mask: Tensor | None = None
     calls: dict[str, int] = field(default_factory=dict)  # per module key: its calls so far in this pass
@@ -167,6 +171,7 @@ class HookTap:
         self.stated_batch_dim = batch_dim
         self.model_batch_dim = batch_dim if batch_dim is not None else model_batch_dim(model)
         self.batch_dims: dict[str, int] = {}  # layer -> its output's batch dimension, once known
+        self.derived: dict[str, bool] = {}  # layer -> whether the model's input or a layer flows into it
         # layer -> its output's shape, and the layers (or model inputs) its first argument comes from with theirs
         self.continues: dict[str, tuple[tuple[int, ...], list[tuple[str, tuple[int, ...]]]]] = {}
         self._ambiguous_warned: set[str] = set()
@@ -323,6 +328,7 @@ class HookTap:
             self._passes["train" if module.training else "eval"] += 1
             state.stats, state.fired, state.direct, state.matched = stats, set(), None, False
             state.unmatched, state.deferred = {}, []  # a pass that raised leaves nothing behind
+            state.compiled_last = None
             state.batch = None if stats is None else stats.start_batch(state.targets, state.mask)
             state.targets = state.mask = None
             state.calls = {}
@@ -395,8 +401,10 @@ class HookTap:
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if torch.compiler.is_compiling():  # traced by torch.compile: kept for the end of the pass
-                first = args[0] if args and isinstance(args[0], Tensor) else None
-                self._compiled_calls.append((key, first, output))
+                first = args[0].detach().clone() if linear and args and isinstance(args[0], Tensor) else None
+                raw = output if isinstance(output, Tensor) else _first_tensor(output)
+                kept = raw.detach().clone() if isinstance(raw, Tensor) else output  # later in-place ops
+                self._compiled_calls.append((key, first, kept))
                 return
             if _recomputing_in_backward():  # activation checkpointing replays the forward: seen once
                 return
@@ -450,7 +458,10 @@ class HookTap:
         out = raw.detach()
         learn = state.learn and not compiled
         sources = self._sources(module_key, args, raw, state) if learn else None
-        layout = self.layouts.get(layer) or self._discover(layer, module, out, state, call, key, sources)
+        previous = state.compiled_last if compiled else None
+        layout = self.layouts.get(layer) or self._discover(
+            layer, module, out, state, call, key, sources, previous
+        )
         if layout is None:
             return
         if layout.width(out) != layout.neurons:
@@ -469,7 +480,7 @@ class HookTap:
         inputs = means = None
         if linear and stats.num_classes and args and isinstance(args[0], Tensor) and args[0].shape[-1]:
             inputs = args[0].detach()  # laid out like the layer's own output rows
-        elif key in self._window_means and conv_means.cheaper_from_input(module, args[0], out):
+        elif key in self._window_means and args and conv_means.cheaper_from_input(module, args[0], out):
             with torch.no_grad():
                 means = conv_means.spatial_means(module, args[0].detach(), tuple(out.shape))
         if why == AMBIGUOUS and not direct:  # a later layer of this pass may tell (see _settle)
@@ -478,6 +489,9 @@ class HookTap:
             self._add(_Deferred(key, layout, out, inputs, batch, stats, means), batch_dim, why)
         if learn:
             self._learn(key, module, args, raw, state, sources)
+        elif compiled:
+            state.compiled_last = key
+            state.shapes[key] = tuple(raw.shape)
         state.fired.add(key)
 
     def _add(self, item: _Deferred, batch_dim: int | None, why: str) -> None:
@@ -486,7 +500,7 @@ class HookTap:
         unknown batch with a mask leaves the output out of this pass."""
         if batch_dim is None and why == AMBIGUOUS:
             self._warn_ambiguous(item.layer, item.out, _given(item.batch))
-            if item.batch.mask is not None:
+            if item.batch.mask is not None and self.derived.get(item.layer, True):
                 return  # a mask cannot be placed on rows whose samples are unknown
         samples = -1 if batch_dim is None or _given(item.batch) is None else item.out.shape[batch_dim]
         batch_dim = batch_dim or 0
@@ -547,7 +561,8 @@ class HookTap:
         known = self.batch_dims.get(layer)
         if known is not None and known < len(shape) and shape[known] == samples:
             return known, ""
-        hints = (self.declared.get(module_key), self._inherited(layer), self.model_batch_dim)
+        model = self.model_batch_dim if self.derived.get(layer, True) else None
+        hints = (self.declared.get(module_key), self._inherited(layer), model)
         dim, why = find_batch_dim(shape, samples, layout.channel_first, hints)
         if dim is not None and samples > 1:
             self.batch_dims[layer] = dim
@@ -642,23 +657,30 @@ class HookTap:
         call: int,
         first_call: str,
         sources: list | None,
+        previous: str | None = None,
     ) -> OutputLayout | None:
         """Learn a layer's layout from its first output and the layer its first tensor argument comes
         from (known in a graph-learning pass); None for an output of width 0, which is skipped. A layer
         that first appears outside a graph-learning pass makes the next pass learn the graph."""
         if not state.learn:
             self._graph_passes_left = max(self._graph_passes_left, 1)
-        previous = previous_shape = None
         found = sources[0][2] if sources else None
-        if found is not None and found[0] in self.layouts and found[0] in state.shapes:
-            previous, previous_shape = self.layouts[found[0]], state.shapes[found[0]]
-        layout = output_layout(module, out, previous, previous_shape)
-        if layout.neurons == 0:
-            self.skipped.setdefault(key, "0 neurons")
-            return None
         origins = (
             [found[0]] if found is not None else _trace_back(sources[0][1].node, state) if sources else []
         )
+        if previous is not None:  # a compiled pass: the layer recorded just before, in call order
+            origins = [previous]
+        known = [
+            (self.layouts[o], state.shapes[o]) for o in origins if o in self.layouts and o in state.shapes
+        ]
+        layout = output_layout(module, out, origins=known)
+        if layout.neurons == 0:
+            self.skipped.setdefault(key, "0 neurons")
+            return None
+        if origins or torch.is_grad_enabled():  # a pass without autograd cannot tell
+            self.derived[key] = bool(origins) or any(
+                _reaches_recorded(seen.node, state) for _, seen, _ in sources or ()
+            )
         if not layout.channel_first and out.dim() >= 3:
             known = [(origin, state.shapes[origin]) for origin in origins if origin in state.shapes]
             self.continues[key] = (tuple(out.shape), known)
@@ -703,6 +725,23 @@ def _trace_back(node: Any, state: _ThreadPass) -> list[str]:
         elif _op_name(node) in KEEPS_DIMS_OPS:
             queue.extend(n for n, _ in node.next_functions if n is not None)
     return found
+
+
+def _reaches_recorded(node: Any, state: _ThreadPass) -> bool:
+    """Whether a recorded layer's output (or a model input with a graph) is among the autograd
+    ancestors of ``node``, through any operations (at most :data:`MAX_ANCESTRY_NODES` visited): an
+    output that no sample-dependent value flows into (a relative position bias) is not per sample
+    by convention."""
+    queue, seen = [node], set()
+    while queue and len(seen) < MAX_ANCESTRY_NODES:
+        node = queue.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in state.nodes:
+            return True
+        queue.extend(n for n, _ in node.next_functions if n is not None)
+    return False
 
 
 def _given(batch: Batch | None) -> int | None:
