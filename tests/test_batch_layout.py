@@ -230,10 +230,10 @@ def test_probe_of_a_time_major_model_with_steps_equal_to_the_probe_batch(tmp_pat
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(6, 16, 5, generator=g), torch.arange(16) % CLASSES  # training: 6 steps, 16 samples
     probe_x, probe_y = torch.randn(6, 6, 5, generator=g), torch.arange(6) % CLASSES  # 6 samples of 6 steps
-    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES, probe=(probe_x, probe_y)) as trace:
-        with trace.epoch(0):
-            trace.set_targets(y)
-            model(x).sum().backward()
+    trace = NetworkTrace(model, tmp_path / "t", num_classes=CLASSES, probe=(probe_x, probe_y))
+    with trace, trace.epoch(0):
+        trace.set_targets(y)
+        model(x).sum().backward()
     seen = hooks(model)
     model.eval()
     with torch.no_grad():

@@ -115,11 +115,11 @@ def test_a_compiled_submodule_inside_an_eager_model(tmp_path: Path) -> None:
     model = mlp(3)
     model[2] = torch.compile(model[2], backend="eager")
     reference = mlp(3)
-    with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES, layers=["0", "2._orig_mod", "4"]) as trace:
-        with trace.epoch(0):
-            for x, y in batches():
-                trace.set_targets(y)
-                model(x)
+    trace = NetworkTrace(model, tmp_path / "t", num_classes=CLASSES, layers=["0", "2._orig_mod", "4"])
+    with trace, trace.epoch(0):
+        for x, y in batches():
+            trace.set_targets(y)
+            model(x)
     t = load_trace(tmp_path / "t")
     rows = np.concatenate([reference[:3](x).detach().numpy() for x, _ in batches()])
     np.testing.assert_allclose(t.query("E_0/L_2._orig_mod")["act_mean"].to_numpy(), rows.mean(0), rtol=1e-5)

@@ -290,7 +290,10 @@ def test_labels_for_half_the_batch_are_refused(tmp_path: Path) -> None:
     with NetworkTrace(model, tmp_path / "t", num_classes=CLASSES) as trace:
         trace.start_epoch(0)
         trace.set_targets(y[:8])
-        with pytest.raises(ValueError, match=r"8 labels .* no recorded layer.s output has a dimension of 8 samples \(L_model \(16, 2\)\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"8 labels .* no recorded layer.s output has a dimension of 8 samples \(L_model \(16, 2\)\)",
+        ):
             model(x)
 
 
