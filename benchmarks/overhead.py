@@ -48,6 +48,7 @@ class Workload:
     y: torch.Tensor
     epochs: int
     batch_size: int = 128
+    classes: int = 10
 
 
 def digits_mlp() -> Workload:
@@ -108,7 +109,9 @@ def deep_mlp() -> Workload:
         blocks = [m for _ in range(8) for m in (nn.Linear(256, 256), nn.BatchNorm1d(256), nn.GELU())]
         return nn.Sequential(*blocks, nn.Linear(256, 20))
 
-    return Workload("deep MLP 8x(Linear 256, BatchNorm1d, GELU), 20 classes, 3 epochs", build, x, y, epochs=3)
+    return Workload(
+        "deep MLP 8x(Linear 256, BatchNorm1d, GELU), 20 classes, 3 epochs", build, x, y, epochs=3, classes=20
+    )
 
 
 def resnet18() -> Workload:
@@ -150,7 +153,7 @@ def train(
     writer = None
     if mode in ("nn_staining", "torch-ops", "skip"):
         intervals = None if mode == "nn_staining" else [10**9]
-        trace = NetworkTrace(model, store, epoch_intervals=intervals, num_classes=10, overwrite=True)
+        trace = NetworkTrace(model, store, epoch_intervals=intervals, num_classes=w.classes, overwrite=True)
     elif mode == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
