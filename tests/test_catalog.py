@@ -333,6 +333,10 @@ def test_a_malformed_middle_line_is_an_error_naming_it(tmp_path: Path) -> None:
     write_log(tmp_path, "epochs.jsonl", [COMMITS[0], ""])
     with pytest.raises(TraceCorruptError, match="line 2 is not JSON"):
         read_commits(tmp_path, META)
+    # two objects on one line parse as two in the one-pass read of the log: still line 2's error
+    write_log(tmp_path, "epochs.jsonl", [COMMITS[0], json.dumps(COMMITS[1]) + "," + json.dumps(COMMITS[2])])
+    with pytest.raises(TraceCorruptError, match="line 2 is not JSON: Extra data"):
+        read_commits(tmp_path, META)
 
 
 @pytest.mark.parametrize(
