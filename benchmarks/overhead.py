@@ -152,7 +152,7 @@ def train(
     trace = None
     writer = None
     if mode in ("nn_staining", "torch-ops", "skip"):
-        intervals = None if mode == "nn_staining" else [10**9]
+        intervals = [10**9] if mode == "skip" else None
         trace = NetworkTrace(model, store, epoch_intervals=intervals, num_classes=w.classes, overwrite=True)
     elif mode == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
