@@ -14,7 +14,7 @@ per epoch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -103,7 +103,8 @@ class Moments:
         self.active = torch.zeros(f, dtype=f64, device=dev)
         self.nonfinite = torch.zeros(f, dtype=f64, device=dev)
         self.class_count = torch.zeros(c, dtype=f64, device=dev)
-        self.class_sum = torch.zeros(c, f, dtype=f64, device=dev)
+        self._class_sum_flat = torch.zeros(c * f, dtype=f64, device=dev)  # staged without a view op
+        self.class_sum = self._class_sum_flat.view(c, f)
 
     def update(
         self,
@@ -191,14 +192,14 @@ class Moments:
             *(runs[1:] if runs else (None, None, None)),
         )
         if runs:
-            self.batches.append((runs[0], per_batch))
+            self.batches.append((runs[0], per_batch.reshape(-1)))
 
     def _count(self, rows: torch.Tensor, dropped: torch.Tensor | None) -> None:
         """Add the chunk's observations: its rows, or (counted on the device) those not ``dropped``."""
         if dropped is None:
             self.count += rows.shape[0]
         else:
-            kept = (~dropped).sum(dtype=torch.float64)
+            kept = (~dropped).sum(0, dtype=torch.float64)  # (1,): staged for the host as it is
             self.kept = kept if self.kept is None else self.kept + kept
 
     def _class_sums(
@@ -237,16 +238,13 @@ class Moments:
         var = torch.zeros_like(count).index_add_(0, seg_index, dev * dev) / count
         low = torch.full_like(count, math.inf).scatter_reduce(0, index, rows64, "amin")
         high = torch.full_like(count, -math.inf).scatter_reduce(0, index, rows64, "amax")
-        self.batches.append((unique, torch.stack([count, mean, var.sqrt(), low, high])))
+        self.batches.append((unique, torch.stack([count, mean, var.sqrt(), low, high]).view(-1)))
 
     def class_means(self) -> ClassMeans | None:
         """Per-class counts and means on the host (None without classes)."""
-        if not self.num_classes:
-            return None
-        shift = self.shift.to(torch.float64) if self.shift is not None else 0.0
-        counts = self.class_count.unsqueeze(1)
-        mean = torch.where(counts > 0, self.class_sum / counts.clamp_min(1) + shift, math.nan)
-        return ClassMeans(self.class_count.round().to(torch.int64).cpu().numpy(), mean.cpu().numpy())
+        transfer = HostTransfer()
+        build = self.stage_class_means(transfer)
+        return build(transfer.run())
 
     def recentre(self, shift: torch.Tensor) -> None:
         """Express the sums around ``shift`` instead of the current one, exactly:
@@ -266,31 +264,121 @@ class Moments:
         return self.count + (0 if self.kept is None else round(float(self.kept)))
 
     def result(self) -> LayerStats:
-        """The epoch's statistics as host numpy arrays (one device-to-host transfer per tensor).
+        """The epoch's statistics as host numpy arrays (one device-to-host transfer).
 
         A layer with no observation (only empty batches) has count 0 and NaN statistics."""
-        n = self.observations()
-        shift = self.shift.to(torch.float64) if self.shift is not None else 0.0
-        mean_centred = self.sum / n  # 0 / 0: NaN without observations
-        var = (self.sum_sq / n - mean_centred * mean_centred).clamp_min(0.0)
-        low, high = (self.minimum, self.maximum) if n else (torch.full_like(self.minimum, math.nan),) * 2
-        activations = ActivationStats(
-            act_count=np.full(self.num_features, n, dtype=np.int64),
-            act_mean=(mean_centred + shift).cpu().numpy(),
-            act_std=var.sqrt().cpu().numpy(),
-            act_min=low.cpu().numpy(),
-            act_max=high.cpu().numpy(),
-            act_active_frac=(self.active / n).cpu().numpy(),
-            act_nan_count=self.nonfinite.round().to(torch.int64).cpu().numpy(),
-        )
-        batches = None
-        if self.batches:
-            stacked = torch.cat([t for _, t in self.batches], dim=1).cpu().numpy()
-            ids = np.array([b for ids, _ in self.batches for b in ids], dtype=np.int32)
-            if len(np.unique(ids)) < len(ids):
-                ids, stacked = _merge_batch_runs(ids, stacked)
-            batches = BatchStats(ids, stacked[0].round().astype(np.int64), *stacked[1:])
-        return LayerStats(activations, self.class_means(), batches)
+        transfer = HostTransfer()
+        build = self.stage(transfer)
+        return build(transfer.run())
+
+    def stage(self, transfer: HostTransfer) -> Callable[[HostValues], LayerStats]:
+        """Queue the sums on ``transfer``; the returned function builds :meth:`result` from its host buffer."""
+        at = [transfer.add(t) for t in (self.sum, self.sum_sq, self.minimum, self.maximum, self.active)]
+        at.append(transfer.add(self.nonfinite))
+        shift = None if self.shift is None else transfer.add(self.shift)
+        kept = None if self.kept is None else transfer.add(self.kept)
+        classes = self.stage_class_means(transfer)
+        batches = [(ids, transfer.add(t)) for ids, t in self.batches]
+        count, f = self.count, self.num_features
+
+        def build(host: HostValues) -> LayerStats:
+            n = count + (0 if kept is None else round(float(host[kept][0])))
+            total, squares, low, high, active, nonfinite = (host[a] for a in at)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mean_centred = total / n  # 0 / 0: NaN without observations
+                var = np.maximum(squares / n - mean_centred * mean_centred, 0.0)
+                activations = ActivationStats(
+                    act_count=np.full(f, n, dtype=np.int64),
+                    act_mean=mean_centred + (0.0 if shift is None else host[shift]),
+                    act_std=np.sqrt(var),
+                    act_min=low.astype(np.float32) if n else np.full(f, np.nan, dtype=np.float32),
+                    act_max=high.astype(np.float32) if n else np.full(f, np.nan, dtype=np.float32),
+                    act_active_frac=active / n,
+                    act_nan_count=np.round(nonfinite).astype(np.int64),
+                )
+            return LayerStats(activations, classes(host), _host_batches(host, batches, f))
+
+        return build
+
+    def stage_class_means(self, transfer: HostTransfer) -> Callable[[HostValues], ClassMeans | None]:
+        """Queue the per-class sums on ``transfer``; the returned function builds :meth:`class_means`."""
+        c, f = self.num_classes, self.num_features
+        if not c:
+            return lambda host: None
+        counts, sums = transfer.add(self.class_count), transfer.add(self._class_sum_flat)
+        shift = None if self.shift is None else transfer.add(self.shift)
+
+        def build(host: HostValues) -> ClassMeans:
+            count = host[counts][:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mean = host[sums].reshape(c, f) / np.maximum(count, 1.0) + (
+                    0.0 if shift is None else host[shift]
+                )
+            return ClassMeans(np.round(host[counts]).astype(np.int64), np.where(count > 0, mean, np.nan))
+
+        return build
+
+
+class HostTransfer:
+    """Device tensors gathered into one float64 buffer that reaches the host in one copy.
+
+    :meth:`add` returns where the tensor's values will lie; :meth:`run` concatenates the float64
+    tensors and the float32 ones apart (one ``cat`` of mixed dtypes is several times slower), then
+    both into one float64 buffer (float32 converts exactly), and copies it to the host once.
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[torch.dtype, list[torch.Tensor]] = {torch.float64: [], torch.float32: []}
+        self._sizes = {torch.float64: 0, torch.float32: 0}
+
+    def add(self, tensor: torch.Tensor) -> tuple[bool, slice]:
+        """Queue a 1-D float64 or float32 tensor; returns its place, for :class:`HostValues`."""
+        parts = self._parts[tensor.dtype]
+        parts.append(tensor)
+        start = self._sizes[tensor.dtype]
+        self._sizes[tensor.dtype] = start + tensor.shape[0]
+        return tensor.dtype == torch.float32, slice(start, start + tensor.shape[0])
+
+    def run(self) -> HostValues:
+        """The queued values on the host: a few concatenations on their device, one copy."""
+        groups = [_cat(parts) for parts in self._parts.values() if parts]
+        if not groups:
+            return HostValues(np.empty(0), 0)
+        flat = groups[0] if len(groups) == 1 else _cat(groups)
+        return HostValues(flat.to(torch.float64).cpu().numpy(), self._sizes[torch.float64])
+
+
+class HostValues:
+    """The host buffer of a :class:`HostTransfer`: ``values[place]`` is a numpy view of one tensor's values."""
+
+    def __init__(self, flat: np.ndarray, float32_start: int) -> None:
+        self.flat = flat
+        self._float32_start = float32_start
+
+    def __getitem__(self, place: tuple[bool, slice]) -> np.ndarray:
+        float32, at = place
+        offset = self._float32_start if float32 else 0
+        return self.flat[at.start + offset : at.stop + offset]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` on the first part's device (the parts of a model split over devices join it)."""
+    device = parts[0].device
+    return torch.cat([p if p.device == device else p.to(device) for p in parts])
+
+
+def _host_batches(
+    host: HostValues, batches: list[tuple[list[int], tuple[bool, slice]]], f: int
+) -> BatchStats | None:
+    """Per-batch rows from the host buffer: each chunk's (5, batches, neurons) block, joined."""
+    if not batches:
+        return None
+    blocks = [host[at].reshape(5, len(ids), f) for ids, at in batches]
+    stacked = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+    ids = np.array([b for ids, _ in batches for b in ids], dtype=np.int32)
+    if len(np.unique(ids)) < len(ids):
+        ids, stacked = _merge_batch_runs(ids, stacked)
+    return BatchStats(ids, stacked[0].round().astype(np.int64), *stacked[1:])
 
 
 def _chunk_scale(low: torch.Tensor, high: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -455,6 +543,7 @@ class PhaseStats:
         self._label_low: torch.Tensor | None = None
         self._label_high: torch.Tensor | None = None
         self._label_bad: torch.Tensor | None = None
+        self._labels_seen: LabelSummary | None = None  # read at finish with the statistics
         self.has_rows = False
 
     def set_num_classes(self, num_classes: int) -> None:
@@ -734,14 +823,29 @@ class PhaseStats:
         """Reduce what is left and bring the phase's statistics to the host (once per epoch)."""
         self._reduce_chunk()
         self._add_empty_layers()
-        outputs = {layer: m.result() for layer, m in self.moments.items()}
-        inputs = {layer: m.class_means() for layer, m in self.inputs.items()}
-        return PhaseRecord(self.phase, outputs, {k: v for k, v in inputs.items() if v is not None})
+        transfer = HostTransfer()
+        outputs = {layer: m.stage(transfer) for layer, m in self.moments.items()}
+        inputs = {layer: m.stage_class_means(transfer) for layer, m in self.inputs.items()}
+        labels = None
+        if self._label_low is not None:
+            labels = transfer.add(torch.stack([self._label_bad, self._label_low, self._label_high]).double())
+        host = transfer.run()
+        if labels is not None:
+            bad, low, high = (int(v) for v in host[labels])
+            self._labels_seen = LabelSummary(bad, low, high)
+        means = {k: build(host) for k, build in inputs.items()}
+        return PhaseRecord(
+            self.phase,
+            {k: build(host) for k, build in outputs.items()},
+            {k: v for k, v in means.items() if v is not None},
+        )
 
     def label_summary(self) -> LabelSummary | None:
         """The labels given this phase (call after :meth:`finish`), or None when none were given."""
         if self._label_low is None:
             return None
+        if self._labels_seen is not None:
+            return self._labels_seen
         bad, low, high = torch.stack([self._label_bad, self._label_low, self._label_high]).tolist()
         return LabelSummary(int(bad), int(low), int(high))
 
