@@ -14,7 +14,7 @@ per epoch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -103,8 +103,7 @@ class Moments:
         self.active = torch.zeros(f, dtype=f64, device=dev)
         self.nonfinite = torch.zeros(f, dtype=f64, device=dev)
         self.class_count = torch.zeros(c, dtype=f64, device=dev)
-        self._class_sum_flat = torch.zeros(c * f, dtype=f64, device=dev)  # staged without a view op
-        self.class_sum = self._class_sum_flat.view(c, f)
+        self.class_sum = torch.zeros(c, f, dtype=f64, device=dev)
 
     def update(
         self,
@@ -242,9 +241,7 @@ class Moments:
 
     def class_means(self) -> ClassMeans | None:
         """Per-class counts and means on the host (None without classes)."""
-        transfer = HostTransfer()
-        build = self.stage_class_means(transfer)
-        return build(transfer.run())
+        return host_statistics({}, {"": self})[1].get("")
 
     def recentre(self, shift: torch.Tensor) -> None:
         """Express the sums around ``shift`` instead of the current one, exactly:
@@ -267,56 +264,90 @@ class Moments:
         """The epoch's statistics as host numpy arrays (one device-to-host transfer).
 
         A layer with no observation (only empty batches) has count 0 and NaN statistics."""
-        transfer = HostTransfer()
-        build = self.stage(transfer)
-        return build(transfer.run())
+        return host_statistics({"": self}, {})[0][""]
 
-    def stage(self, transfer: HostTransfer) -> Callable[[HostValues], LayerStats]:
-        """Queue the sums on ``transfer``; the returned function builds :meth:`result` from its host buffer."""
-        at = [transfer.add(t) for t in (self.sum, self.sum_sq, self.minimum, self.maximum, self.active)]
-        at.append(transfer.add(self.nonfinite))
-        shift = None if self.shift is None else transfer.add(self.shift)
-        kept = None if self.kept is None else transfer.add(self.kept)
-        classes = self.stage_class_means(transfer)
-        batches = [(ids, transfer.add(t)) for ids, t in self.batches]
-        count, f = self.count, self.num_features
 
-        def build(host: HostValues) -> LayerStats:
-            n = count + (0 if kept is None else round(float(host[kept][0])))
-            total, squares, low, high, active, nonfinite = (host[a] for a in at)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                mean_centred = total / n  # 0 / 0: NaN without observations
-                var = np.maximum(squares / n - mean_centred * mean_centred, 0.0)
-                activations = ActivationStats(
-                    act_count=np.full(f, n, dtype=np.int64),
-                    act_mean=mean_centred + (0.0 if shift is None else host[shift]),
-                    act_std=np.sqrt(var),
-                    act_min=low.astype(np.float32) if n else np.full(f, np.nan, dtype=np.float32),
-                    act_max=high.astype(np.float32) if n else np.full(f, np.nan, dtype=np.float32),
-                    act_active_frac=active / n,
-                    act_nan_count=np.round(nonfinite).astype(np.int64),
-                )
-            return LayerStats(activations, classes(host), _host_batches(host, batches, f))
+def host_statistics(
+    outputs: dict[str, Moments], inputs: dict[str, Moments], extra: torch.Tensor | None = None
+) -> tuple[dict[str, LayerStats], dict[str, ClassMeans], np.ndarray | None]:
+    """Every layer's statistics on the host from one device-to-host copy (with ``extra``, a float64
+    vector, beside them): outputs' :class:`LayerStats`, inputs' :class:`ClassMeans`, ``extra``.
 
-        return build
+    The sums are queued statistic by statistic, so each statistic of all layers lies in one run of
+    the host buffer and is finished for all of them by one numpy operation; each layer's arrays are
+    views of those (a few large operations per phase, not a few small ones per layer).
+    """
+    outs, classed = list(outputs.values()), [*outputs.values(), *inputs.values()]
+    num_classes = classed[0].num_classes if classed else 0
+    transfer = HostTransfer()
+    names = ("sum", "sum_sq", "active", "nonfinite", "minimum", "maximum")
+    runs = {name: [transfer.add(getattr(m, name)) for m in outs] for name in names}
+    kept = [None if m.kept is None else transfer.add(m.kept) for m in outs]
+    shifts = [None if m.shift is None else transfer.add(m.shift) for m in classed]
+    if num_classes:
+        runs["class_count"] = [transfer.add(m.class_count) for m in classed]
+        runs["class_sum"] = [transfer.add(_cat([m.class_sum for m in classed], dim=1).view(-1))]
+    batches = [[(ids, transfer.add(t)) for ids, t in m.batches] for m in outs]
+    extra_at = None if extra is None else transfer.add(extra)
+    host = transfer.run()
+    values = {name: host.run(places) for name, places in runs.items()}
+    widths = np.array([m.num_features for m in classed], dtype=np.int64)
+    shift = host.run(shifts) if all(p is not None for p in shifts) else _with_zeros(host, shifts, widths)
+    n = [m.count + (0 if k is None else round(float(host[k][0]))) for m, k in zip(outs, kept)]
+    stats = _activations(values, np.array(n, dtype=np.int64), widths[: len(outs)], shift)
+    means = _class_means(values, num_classes, widths, shift) if num_classes else [None] * len(classed)
+    layers = {
+        key: LayerStats(a, c, _host_batches(host, b, m.num_features))
+        for key, m, a, c, b in zip(outputs, outs, stats, means, batches)
+    }
+    return layers, dict(zip(inputs, means[len(outs) :])), None if extra_at is None else host[extra_at]
 
-    def stage_class_means(self, transfer: HostTransfer) -> Callable[[HostValues], ClassMeans | None]:
-        """Queue the per-class sums on ``transfer``; the returned function builds :meth:`class_means`."""
-        c, f = self.num_classes, self.num_features
-        if not c:
-            return lambda host: None
-        counts, sums = transfer.add(self.class_count), transfer.add(self._class_sum_flat)
-        shift = None if self.shift is None else transfer.add(self.shift)
 
-        def build(host: HostValues) -> ClassMeans:
-            count = host[counts][:, None]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                mean = host[sums].reshape(c, f) / np.maximum(count, 1.0) + (
-                    0.0 if shift is None else host[shift]
-                )
-            return ClassMeans(np.round(host[counts]).astype(np.int64), np.where(count > 0, mean, np.nan))
+def _activations(
+    values: dict[str, np.ndarray], n: np.ndarray, widths: np.ndarray, shift: np.ndarray
+) -> list[ActivationStats]:
+    """Each layer's :class:`ActivationStats` (views), from all layers' sums finished at once:
+    ``mean = shift + S1 / n``, ``std = sqrt(max(S2 / n - (S1 / n)^2, 0))``, NaN where ``n`` is 0."""
+    count = np.repeat(n, widths)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_centred = values["sum"] / count  # 0 / 0: NaN without observations
+        std = np.sqrt(np.maximum(values["sum_sq"] / count - mean_centred * mean_centred, 0.0))
+        mean = mean_centred + shift[: len(count)]
+        active = values["active"] / count
+    nonfinite = np.round(values["nonfinite"]).astype(np.int64)
+    low, high = values["minimum"].astype(np.float32), values["maximum"].astype(np.float32)
+    if not n.all():
+        low[count == 0] = high[count == 0] = np.nan
+    ends = np.cumsum(widths)
+    return [
+        ActivationStats(
+            *(column[end - f : end] for column in (count, mean, std, low, high, active, nonfinite))
+        )
+        for f, end in zip(widths.tolist(), ends.tolist())
+    ]
 
-        return build
+
+def _class_means(
+    values: dict[str, np.ndarray], c: int, widths: np.ndarray, shift: np.ndarray
+) -> list[ClassMeans]:
+    """Each layer's :class:`ClassMeans` (views), all layers' ``shift + S_c / n_c`` (NaN where
+    ``n_c`` is 0) taken at once: the sums arrive as one (classes, all units) matrix."""
+    counts = values["class_count"].reshape(len(widths), c).T  # (classes, layers)
+    count = np.repeat(counts, widths, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = values["class_sum"].reshape(c, -1) / np.maximum(count, 1.0) + shift
+    mean = np.where(count > 0, mean, np.nan)
+    whole = np.round(counts.T).astype(np.int64)
+    ends = np.cumsum(widths).tolist()
+    return [
+        ClassMeans(whole[i], mean[:, end - f : end]) for i, (f, end) in enumerate(zip(widths.tolist(), ends))
+    ]
+
+
+def _with_zeros(host: HostValues, places: list[tuple[bool, slice] | None], widths: np.ndarray) -> np.ndarray:
+    """The layers' shifts one after the other, 0 for a layer that has none (it saw no rows)."""
+    parts = [np.zeros(f) if p is None else host[p] for p, f in zip(places, widths.tolist())]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 class HostTransfer:
@@ -360,11 +391,17 @@ class HostValues:
         offset = self._float32_start if float32 else 0
         return self.flat[at.start + offset : at.stop + offset]
 
+    def run(self, places: list[tuple[bool, slice]]) -> np.ndarray:
+        """The values of tensors queued one after the other (one view)."""
+        if not places:
+            return self.flat[:0]
+        return self[places[0][0], slice(places[0][1].start, places[-1][1].stop)]
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+
+def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """``torch.cat`` on the first part's device (the parts of a model split over devices join it)."""
     device = parts[0].device
-    return torch.cat([p if p.device == device else p.to(device) for p in parts])
+    return torch.cat([p if p.device == device else p.to(device) for p in parts], dim=dim)
 
 
 def _host_batches(
@@ -823,22 +860,13 @@ class PhaseStats:
         """Reduce what is left and bring the phase's statistics to the host (once per epoch)."""
         self._reduce_chunk()
         self._add_empty_layers()
-        transfer = HostTransfer()
-        outputs = {layer: m.stage(transfer) for layer, m in self.moments.items()}
-        inputs = {layer: m.stage_class_means(transfer) for layer, m in self.inputs.items()}
         labels = None
         if self._label_low is not None:
-            labels = transfer.add(torch.stack([self._label_bad, self._label_low, self._label_high]).double())
-        host = transfer.run()
-        if labels is not None:
-            bad, low, high = (int(v) for v in host[labels])
-            self._labels_seen = LabelSummary(bad, low, high)
-        means = {k: build(host) for k, build in inputs.items()}
-        return PhaseRecord(
-            self.phase,
-            {k: build(host) for k, build in outputs.items()},
-            {k: v for k, v in means.items() if v is not None},
-        )
+            labels = torch.stack([self._label_bad, self._label_low, self._label_high]).double()
+        outputs, inputs, seen = host_statistics(self.moments, self.inputs, labels)
+        if seen is not None:
+            self._labels_seen = LabelSummary(*(int(v) for v in seen))
+        return PhaseRecord(self.phase, outputs, {k: v for k, v in inputs.items() if v is not None})
 
     def label_summary(self) -> LabelSummary | None:
         """The labels given this phase (call after :meth:`finish`), or None when none were given."""
