@@ -28,7 +28,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +73,9 @@ EPOCH_FOLDERS = TABLES + ("probes", "checkpoints")
 PHASES = ("train", "eval")
 #: Rows per Parquet row group: a query reads whole row groups, so smaller is more selective.
 ROW_GROUP_ROWS = 8192
+#: Rows of a part built as Arrow at a time (a whole number of row groups, so the row groups are
+#: those of a whole-table write): the writer's memory is bounded by a slice, not by the table.
+SLICE_ROWS = 8 * ROW_GROUP_ROWS
 #: The history index's folder (its ``neurons`` blocks); ``history.jsonl`` lists the live blocks.
 HISTORY = "_history"
 #: Epochs with at least this many neuron rows are not indexed: their part's open is already amortised.
@@ -209,26 +212,73 @@ def _column(values: Any, type_: pa.DataType) -> pa.Array:
     return pa.array(data, type=type_, mask=mask)
 
 
+class TableSource:
+    """A part's rows built as Arrow one slice at a time: ``build(lo, hi)`` gives rows ``[lo, hi)``
+    of ``name``'s schema. The writer streams the slices to one Parquet file, so at most one slice
+    of the table exists as Arrow. A table of one slice is kept once built (:attr:`built`): the
+    history index copies small epochs without reading the part back."""
+
+    def __init__(
+        self,
+        name: str,
+        num_rows: int,
+        build: Callable[[int, int], pa.Table],
+        schema: pa.Schema | None = None,
+        slice_rows: int | None = None,
+    ) -> None:
+        slice_rows = SLICE_ROWS if slice_rows is None else slice_rows
+        if slice_rows <= 0 or slice_rows % ROW_GROUP_ROWS:
+            raise ValueError(f"slice_rows must be a multiple of {ROW_GROUP_ROWS}, not {slice_rows}")
+        self.name, self.num_rows, self._build = name, num_rows, build
+        self.schema = SCHEMAS[name] if schema is None else schema
+        self.slice_rows = slice_rows
+        self.built: pa.Table | None = None
+
+    def slices(self) -> Iterator[pa.Table]:
+        """The rows in slices of ``slice_rows`` (one empty slice for an empty table)."""
+        if self.num_rows <= self.slice_rows:
+            if self.built is None:
+                self.built = self._build(0, self.num_rows)
+            yield self.built
+            return
+        for lo in range(0, self.num_rows, self.slice_rows):
+            yield self._build(lo, min(lo + self.slice_rows, self.num_rows))
+
+    def to_table(self) -> pa.Table:
+        """The whole table (materialised: for tests and small tables)."""
+        pieces = list(self.slices())
+        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
+
+
 def _temporary(path: Path) -> Path:
     """The dot-prefixed name a part is written under before it is renamed into place."""
     return path.with_name(f".{path.name}.tmp")
 
 
-def _write_table(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+def _write_table(table: pa.Table | TableSource, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+    """Write a part through one ``ParquetWriter`` in row groups of ``row_group_rows``: a
+    :class:`TableSource` slice by slice (its slices are whole row groups), a table at once."""
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        table,
+    schema = table.schema
+    names = schema.names
+    with pq.ParquetWriter(
         path,
-        row_group_size=row_group_rows,
-        compression="snappy",
+        schema,
+        compression=_compression(names),
         use_dictionary=["phase", "layer"],
         write_page_checksum=True,
         # statistics only where engines prune on them: a small footer keeps each file quick to open
-        write_statistics=[
-            c for c in ("layer", "neuron", "feature", "class", "batch") if c in table.column_names
-        ],
-    )
+        write_statistics=[c for c in ("layer", "neuron", "feature", "class", "batch") if c in names],
+    ) as writer:
+        for piece in table.slices() if isinstance(table, TableSource) else [table]:
+            writer.write_table(piece, row_group_size=row_group_rows)
+
+
+def _compression(names: Sequence[str]) -> dict[str, str]:
+    """Snappy for every column but the ``weights`` list, stored uncompressed: float weights barely
+    compress, and snappy over them was most of the part's encode time (every engine reads it)."""
+    return {name: "NONE" if name == "weights" else "SNAPPY" for name in names}
 
 
 class TraceWriteError(OSError):
@@ -268,10 +318,13 @@ class TraceWriter:
             )
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def write_epoch(self, epoch: int, phase: str, tables: dict[str, pa.Table]) -> dict[str, int]:
+    def write_epoch(
+        self, epoch: int, phase: str, tables: Mapping[str, pa.Table | TableSource]
+    ) -> dict[str, int]:
         """Write every table's part for (epoch, phase) under temporary names, then rename them
-        into place, ``neurons`` last. On failure every part of the epoch is removed again (no
-        engine sees half an epoch) and the error names the table. Returns each part's rows."""
+        into place, ``neurons`` last. A :class:`TableSource` is streamed slice by slice. On
+        failure every part of the epoch is removed again (no engine sees half an epoch) and the
+        error names the table. Returns each part's rows."""
         ordered = sorted(tables, key=lambda name: name == "neurons")
         paths = [part_path(self.root, name, epoch, phase) for name in ordered]
         table = ordered[0] if ordered else "-"

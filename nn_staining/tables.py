@@ -1,19 +1,35 @@
-"""Assemble one epoch's Arrow tables from typed records (no torch here).
+"""Build one epoch's parts from typed records as Arrow, one slice of rows at a time (no torch here).
 
 Rows follow the layout :mod:`nn_staining.rows` describes: layers in the trace-wide order, then
-neurons (then classes); ``inputs`` rows by layer, feature, class.
+neurons (then classes); ``inputs`` rows by layer, feature, class. Each table is a
+:class:`~nn_staining.store.TableSource`: a list of per-layer segments whose rows ``[a, b)`` are
+built on demand from views of the records, so writing a wide layer holds one slice of its rows as
+Arrow (and as numpy columns), never the whole table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from .records import ACTIVATION_COLUMNS, BATCH_COLUMNS, ClassMeans, LayerWeights, PhaseRecord
-from .store import build_table
+from .store import TableSource, build_table
+
+#: The parameter columns of the ``neurons`` table besides the ``weights`` list, in schema order.
+WEIGHT_COLUMNS = ("bias", "weight_norm", "weight_mean", "weight_delta_norm", "grad_norm")
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One layer's rows of a table: ``build(a, b)`` gives its local rows ``[a, b)`` as columns
+    (numpy arrays; ``(values, missing)`` for nullable ones; ``weights`` as ``(lengths, values, missing)``)."""
+
+    rows: int
+    build: Callable[[int, int], dict[str, Any]]
 
 
 def epoch_tables(
@@ -23,8 +39,8 @@ def epoch_tables(
     previous_weights: dict[str, np.ndarray],
     num_classes: int,
     record_weights: bool = True,
-) -> dict[str, pa.Table]:
-    """The phase's Arrow tables (neurons, and classes, inputs, batches when recorded).
+) -> dict[str, TableSource]:
+    """The phase's tables (neurons, and classes, inputs, batches when recorded), to be built slice by slice.
 
     ``layers`` is the trace-wide layer order (the ``layer`` dictionary); ``weights`` the epoch's
     per-layer snapshots and ``previous_weights`` those of the previous recorded epoch.
@@ -32,120 +48,152 @@ def epoch_tables(
     outputs = record.outputs
     order = [k for k in layers if k in outputs]
     code = {k: i for i, k in enumerate(layers)}
-    sizes = [outputs[k].activations.neurons for k in order]
-    cat = np.concatenate
-    neurons: dict[str, Any] = {
-        "phase": record.phase,
-        "layer": np.repeat([code[k] for k in order], sizes).astype(np.int32),
-        "neuron": cat([np.arange(n, dtype=np.int32) for n in sizes]),
-    }
-    for column in ACTIVATION_COLUMNS:
-        neurons[column] = cat([getattr(outputs[k].activations, column) for k in order])
-    neurons.update(_weight_columns(order, sizes, weights, previous_weights, record_weights))
-    tables = {"neurons": build_table("neurons", neurons, layers)}
+    with_weights = record_weights and any(k in weights and weights[k].weights is not None for k in order)
+    if with_weights:
+        total = sum(weights[k].weights.size for k in order if k in weights and weights[k].weights is not None)
+        if total > np.iinfo(np.int32).max:
+            raise ValueError(
+                f"an epoch holds {total:,} weights, more than a Parquet list<float32> column takes; "
+                "record it with record_weights=False"
+            )
+    segments = [
+        _neuron_segment(
+            code[k], outputs[k].activations, weights.get(k), previous_weights.get(k), with_weights
+        )
+        for k in order
+    ]
+    tables = {"neurons": _source("neurons", record.phase, segments, layers)}
     class_means = {k: outputs[k].classes for k in order if outputs[k].classes is not None}
     if num_classes and class_means:
-        units, counts, means = _per_class_rows(class_means)
-        tables["classes"] = build_table(
-            "classes",
-            _per_class_keys(record.phase, class_means, code, num_classes)
-            | {"neuron": units, "act_count": counts, "act_mean": means},
-            layers,
-        )
+        segments = [
+            _class_segment(code[k], m, ("neuron", "act_count", "act_mean")) for k, m in class_means.items()
+        ]
+        tables["classes"] = _source("classes", record.phase, segments, layers)
         inputs = {k: record.inputs[k] for k in layers if k in record.inputs}
         if inputs:
-            features, counts, means = _per_class_rows(inputs)
-            tables["inputs"] = build_table(
-                "inputs",
-                _per_class_keys(record.phase, inputs, code, num_classes)
-                | {"feature": features, "count": counts, "mean": means},
-                layers,
-            )
+            segments = [_class_segment(code[k], m, ("feature", "count", "mean")) for k, m in inputs.items()]
+            tables["inputs"] = _source("inputs", record.phase, segments, layers)
     batches = {k: outputs[k].batches for k in order if outputs[k].batches is not None}
     if batches:
-        tables["batches"] = build_table("batches", _batch_columns(record.phase, batches, code), layers)
+        segments = [_batch_segment(code[k], b) for k, b in batches.items()]
+        tables["batches"] = _source("batches", record.phase, segments, layers)
     return tables
 
 
-def _weight_columns(
-    order: list[str],
-    sizes: list[int],
-    weights: dict[str, LayerWeights],
-    previous: dict[str, np.ndarray],
-    record_weights: bool,
-) -> dict[str, Any]:
-    """The neurons table's parameter columns; layers without the value are null."""
+def _source(name: str, phase: str, segments: list[_Segment], layers: Sequence[str]) -> TableSource:
+    """A table whose rows are its segments' rows, one after another."""
+    starts = np.cumsum([0] + [s.rows for s in segments])
 
-    def column(fn: Callable[[str, LayerWeights], np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
-        values = np.full(sum(sizes), np.nan, dtype=np.float32)
-        missing = np.ones(len(values), dtype=bool)
-        start = 0
-        for key, n in zip(order, sizes):
-            value = fn(key, weights[key]) if key in weights else None
-            if value is not None:
-                values[start : start + n] = value
-                missing[start : start + n] = False
-            start += n
-        return values, missing
+    def build(lo: int, hi: int) -> pa.Table:
+        pieces = []
+        for segment, start in zip(segments, starts):
+            a, b = max(lo - int(start), 0), min(hi - int(start), segment.rows)
+            if a < b:
+                pieces.append(segment.build(a, b))
+        columns = _concat(pieces) if pieces else {"layer": np.empty(0, np.int32)}
+        if "weights" in columns:
+            lengths, values, missing = columns["weights"]
+            columns["weights"] = (np.concatenate([[0], np.cumsum(lengths)]), values, missing)
+        return build_table(name, columns | {"phase": phase}, layers)
 
-    def of_weights(reduce: Callable[[np.ndarray], np.ndarray]):
-        return lambda key, w: None if w.weights is None else reduce(w.weights)
-
-    def delta(key: str, w: LayerWeights) -> np.ndarray | None:
-        prev = previous.get(key)
-        if w.weights is None or prev is None or prev.shape != w.weights.shape:
-            return None
-        return np.linalg.norm(w.weights.astype(np.float64) - prev, axis=1)  # float64: no overflow
-
-    columns: dict[str, Any] = {
-        "bias": column(lambda k, w: w.bias),
-        "weight_norm": column(of_weights(lambda a: np.linalg.norm(a.astype(np.float64), axis=1))),
-        "weight_mean": column(of_weights(lambda a: a.mean(axis=1))),
-        "weight_delta_norm": column(delta),
-        "grad_norm": column(lambda k, w: w.grad_norm),
-    }
-    matrices = [weights[k].weights if k in weights else None for k in order]
-    if record_weights and any(m is not None for m in matrices):
-        lengths = [
-            np.full(n, 0 if m is None else m.shape[1], dtype=np.int64) for m, n in zip(matrices, sizes)
-        ]
-        offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
-        values = np.concatenate([m.reshape(-1) for m in matrices if m is not None])
-        missing = np.concatenate([np.full(n, m is None) for m, n in zip(matrices, sizes)])
-        columns["weights"] = (offsets, values, missing)
-    return columns
+    return TableSource(name, int(starts[-1]), build)
 
 
-def _per_class_keys(phase: str, stats: dict[str, ClassMeans], code: dict[str, int], c: int) -> dict[str, Any]:
-    """The (phase, layer, class) columns of rows (layer, unit, class) for per-layer class means."""
-    widths = [m.units for m in stats.values()]
-    return {
-        "phase": phase,
-        "layer": np.repeat([code[k] for k in stats], [w * c for w in widths]).astype(np.int32),
-        "class": np.tile(np.arange(c, dtype=np.int32), sum(widths)),
-    }
+def _concat(pieces: list[dict[str, Any]]) -> dict[str, Any]:
+    """The segments' columns of one slice, joined (a slice within one segment is not copied)."""
+    if len(pieces) == 1:
+        return dict(pieces[0])
+    out: dict[str, Any] = {}
+    for name, first in pieces[0].items():
+        parts = [p[name] for p in pieces]
+        if isinstance(first, tuple):
+            out[name] = tuple(np.concatenate(group) for group in zip(*parts))
+        else:
+            out[name] = np.concatenate(parts)
+    return out
 
 
-def _per_class_rows(stats: dict[str, ClassMeans]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each (layer, unit, class) row's unit, count and mean."""
-    c = len(next(iter(stats.values())).count)
-    units = np.concatenate([np.repeat(np.arange(m.units, dtype=np.int32), c) for m in stats.values()])
-    counts = np.concatenate([np.tile(m.count, m.units) for m in stats.values()])
-    means = np.concatenate([m.mean.T.reshape(-1) for m in stats.values()])
-    return units, counts, means
+def _neuron_segment(
+    code: int,
+    acts: Any,
+    w: LayerWeights | None,
+    prev: np.ndarray | None,
+    with_weights: bool,
+) -> _Segment:
+    """A layer's ``neurons`` rows; parameters the layer lacks are null."""
+    matrix = None if w is None else w.weights
+    if matrix is not None and (prev is None or prev.shape != matrix.shape):
+        prev = None
+
+    def values(a: int, b: int) -> dict[str, np.ndarray | None]:
+        if w is None:
+            return dict.fromkeys(WEIGHT_COLUMNS)
+        rows = None if matrix is None else matrix[a:b]
+        wide = None if rows is None else rows.astype(np.float64)  # float64: no overflow
+        return {
+            "bias": None if w.bias is None else w.bias[a:b],
+            "weight_norm": None if wide is None else np.linalg.norm(wide, axis=1),
+            "weight_mean": None if rows is None else rows.mean(axis=1),
+            "weight_delta_norm": None if prev is None else np.linalg.norm(wide - prev[a:b], axis=1),
+            "grad_norm": None if w.grad_norm is None else w.grad_norm[a:b],
+        }
+
+    def build(a: int, b: int) -> dict[str, Any]:
+        n = b - a
+        columns: dict[str, Any] = {
+            "layer": np.full(n, code, dtype=np.int32),
+            "neuron": np.arange(a, b, dtype=np.int32),
+        }
+        for column in ACTIVATION_COLUMNS:
+            columns[column] = getattr(acts, column)[a:b]
+        for column, value in values(a, b).items():
+            if value is None:
+                columns[column] = (np.full(n, np.nan, dtype=np.float32), np.ones(n, dtype=bool))
+            else:
+                columns[column] = (np.asarray(value, dtype=np.float32), np.zeros(n, dtype=bool))
+        if with_weights:
+            if matrix is None:
+                columns["weights"] = (np.zeros(n, np.int64), np.empty(0, np.float32), np.ones(n, bool))
+            else:
+                lengths = np.full(n, matrix.shape[1], dtype=np.int64)
+                columns["weights"] = (lengths, matrix[a:b].reshape(-1), np.zeros(n, bool))
+        return columns
+
+    return _Segment(acts.neurons, build)
 
 
-def _batch_columns(phase: str, batches: dict, code: dict[str, int]) -> dict[str, Any]:
-    """Rows (layer, batch, neuron); ``batch`` is the batch's index in the epoch."""
-    columns: dict[str, Any] = {"phase": phase}
-    shapes = {k: b.act_mean.shape for k, b in batches.items()}
-    columns["layer"] = np.concatenate(
-        [np.full(nb * f, code[k], dtype=np.int32) for k, (nb, f) in shapes.items()]
-    )
-    columns["batch"] = np.concatenate([np.repeat(b.batch, shapes[k][1]) for k, b in batches.items()])
-    columns["neuron"] = np.concatenate(
-        [np.tile(np.arange(f, dtype=np.int32), nb) for nb, f in shapes.values()]
-    )
-    for name in BATCH_COLUMNS:
-        columns[name] = np.concatenate([getattr(b, name).reshape(-1) for b in batches.values()])
-    return columns
+def _class_segment(code: int, m: ClassMeans, names: tuple[str, str, str]) -> _Segment:
+    """A layer's per-class rows (unit, class): ``names`` are the unit, count and mean columns."""
+    c = m.mean.shape[0]
+    unit, count, mean = names
+
+    def build(a: int, b: int) -> dict[str, Any]:
+        u0, u1 = a // c, -(-b // c)  # the units the rows touch, then trimmed to [a, b)
+        cut = slice(a - u0 * c, b - u0 * c)
+        return {
+            "layer": np.full(b - a, code, dtype=np.int32),
+            "class": np.tile(np.arange(c, dtype=np.int32), u1 - u0)[cut],
+            unit: np.repeat(np.arange(u0, u1, dtype=np.int32), c)[cut],
+            count: np.tile(m.count, u1 - u0)[cut],
+            mean: m.mean[:, u0:u1].T.reshape(-1)[cut],
+        }
+
+    return _Segment(m.units * c, build)
+
+
+def _batch_segment(code: int, b: Any) -> _Segment:
+    """A layer's per-batch rows (batch, neuron); ``batch`` is the batch's index in the epoch."""
+    nb, f = b.act_mean.shape
+
+    def build(lo: int, hi: int) -> dict[str, Any]:
+        rows = np.arange(lo, hi)
+        columns: dict[str, Any] = {
+            "layer": np.full(hi - lo, code, dtype=np.int32),
+            "batch": b.batch[rows // f],
+            "neuron": (rows % f).astype(np.int32),
+        }
+        for name in BATCH_COLUMNS:
+            columns[name] = getattr(b, name).reshape(-1)[lo:hi]
+        return columns
+
+    return _Segment(nb * f, build)

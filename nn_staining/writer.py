@@ -2,8 +2,9 @@
 training thread.
 
 The training thread hands over a complete, immutable record (statistics, weights and the
-``meta.json`` to write after it) and goes on; one writer thread builds the Arrow tables and
-writes them. The writer keeps only what it produced itself (the previous epoch's weights, for
+``meta.json`` to write after it) and goes on; one writer thread builds each table's Arrow rows
+one slice at a time and streams them to its part, so a wide layer never exists as a whole Arrow
+table. The writer keeps only what it produced itself (the previous epoch's weights, for
 ``weight_delta_norm``): it has no reference to the recorder, so it cannot read training-thread
 state. At most ``max_pending`` epochs wait in memory; after a failed write nothing more is
 written, so ``meta.json`` never lists an epoch whose parts are missing. After each commit the
@@ -116,7 +117,8 @@ class EpochWriter:
                     self.record_weights,
                 )
                 written.append((phase, self.store.write_epoch(record.epoch, phase, tables)))
-                neurons.append(tables.get("neurons"))
+                source = tables.get("neurons")
+                neurons.append(None if source is None else source.built)  # kept only when one slice
             if record.checkpoint is not None and self._write_checkpoint is not None:
                 self._write_checkpoint(record.epoch, record.checkpoint)
             if record.probe is not None and self._write_probe is not None:

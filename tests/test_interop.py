@@ -96,3 +96,41 @@ def test_pyarrow_dataset_filter_pushdown(mlp_run: Run) -> None:
     frame = table.to_pandas().sort_values("epoch").reset_index(drop=True)
     assert frame["epoch"].tolist() == list(range(EPOCHS))
     assert_same_values(frame, expected_history(mlp_run))
+
+
+def test_every_engine_reads_the_weights_list_as_the_trace_does(mlp_run: Run) -> None:
+    """The ``weights`` list column (stored uncompressed) reads the same in pyarrow, pandas, DuckDB,
+    Polars and ``Trace.sql`` as in ``Trace.query``."""
+    trace = load_trace(mlp_run.store)
+    expected = trace.query("E_*/L_hidden_1/n_20", columns=["weights"])["weights"].tolist()
+    assert len(expected) == EPOCHS and all(len(w) > 0 for w in expected)
+    where = "layer = 'L_hidden_1' AND neuron = 20"
+    glob = f"{mlp_run.store}/neurons/*/*.parquet"
+    duck = duckdb.sql(
+        f"SELECT weights FROM read_parquet('{glob}', hive_partitioning=true) WHERE {where} ORDER BY epoch"
+    ).df()["weights"]
+    polars = (
+        pl.scan_parquet(glob, hive_partitioning=True)
+        .filter((pl.col("layer") == "L_hidden_1") & (pl.col("neuron") == 20))
+        .sort("epoch")
+        .collect()["weights"]
+        .to_list()
+    )
+    table = ds.dataset(f"{mlp_run.store}/neurons", format="parquet", partitioning="hive").to_table(
+        filter=(ds.field("layer") == "L_hidden_1") & (ds.field("neuron") == 20)
+    )
+    arrow = [table["weights"][i].as_py() for i in np.argsort(table["epoch"].to_numpy())]
+    frame = pd.read_parquet(f"{mlp_run.store}/neurons")
+    frame = frame[(frame["layer"] == "L_hidden_1") & (frame["neuron"] == 20)].sort_values("epoch")
+    sql = trace.sql(f"SELECT weights FROM neurons WHERE {where} ORDER BY epoch")["weights"]
+    for name, got in [
+        ("duckdb", duck),
+        ("polars", polars),
+        ("pyarrow", arrow),
+        ("pandas", frame["weights"]),
+        ("sql", sql),
+    ]:
+        got = list(got)
+        assert len(got) == EPOCHS, name
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)

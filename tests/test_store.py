@@ -210,7 +210,7 @@ def test_a_crash_while_writing_an_epoch_leaves_the_completed_ones(
     model = make_mlp()
     x, y = make_data()
     store = tmp_path / "t"
-    real_write_table = pq.write_table
+    real_write_table = store_module._write_table
 
     def failing_write_table(table, where, *args, **kwargs):
         real_write_table(table, where, *args, **kwargs)
@@ -223,7 +223,7 @@ def test_a_crash_while_writing_an_epoch_leaves_the_completed_ones(
     ):
         train(model, x, y, epochs=1, trace=trace)
         assert trace["E_0/L_hidden_1/n_20"]["act_count"] == len(x)  # epoch 0 is on disk
-        monkeypatch.setattr(pq, "write_table", failing_write_table)
+        monkeypatch.setattr(store_module, "_write_table", failing_write_table)
         trace.start_epoch(1)
         trace.set_targets(y)
         model(x)
@@ -243,7 +243,7 @@ def test_a_failed_epoch_write_leaves_no_part_in_any_table(
     model = make_mlp()
     x, y = make_data()
     store = tmp_path / "t"
-    real_write_table = pq.write_table
+    real_write_table = store_module._write_table
 
     def failing_write_table(table, where, *args, **kwargs):
         if "epoch=1" in str(where) and "neurons" in str(where):
@@ -256,7 +256,7 @@ def test_a_failed_epoch_write_leaves_no_part_in_any_table(
     ):
         train(model, x, y, epochs=1, trace=trace)
         assert trace["E_0/L_hidden_1/n_20"]["act_count"] == len(x)
-        monkeypatch.setattr(pq, "write_table", failing_write_table)
+        monkeypatch.setattr(store_module, "_write_table", failing_write_table)
         trace.start_epoch(1)
         trace.set_targets(y)
         model(x)
@@ -409,7 +409,8 @@ def test_written_parts_have_8192_row_groups_snappy_dictionaries_and_few_statisti
     group = md.row_group(0)
     for i, name in enumerate(names):
         column = group.column(i)
-        assert column.compression == "SNAPPY", name
+        # the weights list barely compresses: stored plain, it skips snappy on write and on read
+        assert column.compression == ("UNCOMPRESSED" if name == "weights" else "SNAPPY"), name
         assert column.is_stats_set == (name in ("layer", "neuron")), name
         dictionary = "RLE_DICTIONARY" in column.encodings or "PLAIN_DICTIONARY" in column.encodings
         assert dictionary == (name in ("phase", "layer")), name

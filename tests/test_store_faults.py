@@ -349,7 +349,9 @@ def test_meta_json_is_not_rewritten_per_epoch_and_logs_grow_by_one_line(tmp_path
 # -- 9. a full disk ----------------------------------------------------------------------------------------
 def test_a_full_disk_names_epoch_table_and_store_and_leaves_no_debris(tmp_path: Path, monkeypatch) -> None:
     store = tmp_path / "t"
-    real = pq.write_table
+    from nn_staining import store as store_module
+
+    real = store_module._write_table
 
     def full_disk(table, where, *args, **kwargs):
         if "epoch=2" in str(where) and "classes" in str(where):
@@ -357,7 +359,7 @@ def test_a_full_disk_names_epoch_table_and_store_and_leaves_no_debris(tmp_path: 
             raise OSError(28, "No space left on device")
         real(table, where, *args, **kwargs)
 
-    monkeypatch.setattr(pq, "write_table", full_disk)
+    monkeypatch.setattr(store_module, "_write_table", full_disk)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
