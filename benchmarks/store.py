@@ -6,6 +6,7 @@ and the history of one neuron over 10,000 recorded epochs.
     python benchmarks/store.py --quick         # 50 epochs x 200,000 neurons (10M rows), then
                                                # 10,000 epochs x 100 neurons written without a model
     python benchmarks/store.py --case history  # only the 10,000-epoch case
+    python benchmarks/store.py --case width    # memory at width: Linear(16, 1,000,000), 10 classes
 
 The traces are recorded through the public API (NetworkTrace on Linear(8, width) then ReLU, one
 batch per epoch, weights not kept). Each query then runs in a fresh Python process; its time is
@@ -246,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="where to write the store (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
     p.add_argument("--repeats", type=int, default=3, help="query repetitions (median reported)")
-    p.add_argument("--case", choices=["rows", "history", "all"], default="all", help="which case to run")
+    p.add_argument(
+        "--case", choices=["rows", "history", "width", "all"], default="all", help="which case to run"
+    )
+    p.add_argument("--wide", type=int, default=1_000_000, help="width case: the layer's neurons")
     p.add_argument(
         "--skip-aggregates",
         action="store_true",
@@ -275,10 +279,47 @@ def main(argv: list[str] | None = None) -> int:
                 direct=args.quick,
                 existing=args.history_store,
             )
+        if args.case in ("width", "all"):
+            width_case(base, args.wide)
     finally:
         if not args.keep and args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+WIDTH_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(1)
+from torch import nn
+model = nn.Linear(16, {width})
+x, y = torch.randn({batch}, 16), torch.arange({batch}) % 10
+if {recorded}:
+    from nn_staining import NetworkTrace
+    with NetworkTrace(model, {store!r}, num_classes=10) as t:
+        for e in range(2):
+            t.start_epoch(e); t.set_targets(y); model(x).sum().backward(); t.end_epoch()
+else:
+    for _ in range(2):
+        model(x).sum().backward()
+print([int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+"""
+
+
+def width_case(base: str, width: int) -> None:
+    """Peak RSS of recording one wide Linear layer (10 classes, 2 epochs, background writer) against
+    the same training unrecorded, at batch 1 and 64, each in a fresh process."""
+    print(f"\n| Linear(16, {width:,}), 10 classes | batch | plain MiB | recorded MiB | extra MiB |")
+    print("| --- | --- | --- | --- | --- |")
+    for batch in (1, 64):
+        peaks = []
+        for recorded in (False, True):
+            store = os.path.join(base, f"wide-{batch}")
+            code = WIDTH_SCRIPT.format(root=ROOT, width=width, batch=batch, recorded=recorded, store=store)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            peaks.append(int(out.stdout.split()[-1]))
+            shutil.rmtree(store, ignore_errors=True)
+        print(f"| peak RSS | {batch} | {peaks[0]} | {peaks[1]} | {peaks[1] - peaks[0]} |", flush=True)
 
 
 def rows_case(args: argparse.Namespace, base: str) -> None:
