@@ -311,7 +311,10 @@ def _activations(
     count = np.repeat(n, widths)
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_centred = values["sum"] / count  # 0 / 0: NaN without observations
-        std = np.sqrt(np.maximum(values["sum_sq"] / count - mean_centred * mean_centred, 0.0))
+        var = np.maximum(values["sum_sq"] / count - mean_centred * mean_centred, 0.0)
+        std = (
+            torch.from_numpy(var).sqrt_().numpy()
+        )  # torch's sqrt, as on the device (numpy's can differ by an ulp)
         mean = mean_centred + shift[: len(count)]
         active = values["active"] / count
     nonfinite = np.round(values["nonfinite"]).astype(np.int64)
