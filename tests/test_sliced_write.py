@@ -3,6 +3,7 @@ those of the whole-table write they replace, and writing a wide epoch holds a sl
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -280,3 +281,33 @@ def test_the_history_index_is_fed_from_the_written_slice(
     writer.submit_epoch(record)
     assert seen and seen[0] is not None and seen[0].num_rows == 100
     assert seen[0].equals(pq.read_table(part_path(tmp_path / "t", "neurons", 0)))
+
+
+def test_a_failure_after_some_slices_leaves_no_part_and_no_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slice that fails to build after others reached the file: the epoch's temporaries are removed,
+    nothing is committed, and the next epoch is written whole."""
+    from nn_staining.store import TraceWriteError
+
+    monkeypatch.setattr(store_module, "SLICE_ROWS", ROW_GROUP_ROWS)
+    real = TableSource.slices
+    calls = []
+
+    def failing(self):
+        for i, piece in enumerate(real(self)):
+            calls.append(i)
+            if self.name == "classes" and i == 2 and calls.count(2) == 1:  # the first time only
+                raise OSError("disk full (simulated)")
+            yield piece
+
+    monkeypatch.setattr(TableSource, "slices", failing)
+    root = tmp_path / "t"
+    writer = EpochWriter(TraceWriter(root), background=False)
+    record = wide_record(np.random.default_rng(4), 20_000, 3)
+    with pytest.raises(TraceWriteError, match="at the classes table: OSError: disk full"):
+        writer.submit_epoch(record)
+    assert not [p for p in root.rglob("*.parquet")], "no part or temporary of the failed epoch"
+    assert not (root / "epochs.jsonl").exists() or not (root / "epochs.jsonl").read_text()
+    writer.submit_epoch(dataclasses.replace(record, epoch=1))
+    assert pq.ParquetFile(part_path(root, "classes", 1)).metadata.num_rows == 60_000
