@@ -99,7 +99,7 @@ def test_pyarrow_dataset_filter_pushdown(mlp_run: Run) -> None:
 
 
 def test_every_engine_reads_the_weights_list_as_the_trace_does(mlp_run: Run) -> None:
-    """The ``weights`` list column (stored uncompressed) reads the same in pyarrow, pandas, DuckDB,
+    """The ``weights`` list column reads the same in pyarrow, pandas, DuckDB,
     Polars and ``Trace.sql`` as in ``Trace.query``."""
     trace = load_trace(mlp_run.store)
     expected = trace.query("E_*/L_hidden_1/n_20", columns=["weights"])["weights"].tolist()

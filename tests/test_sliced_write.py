@@ -32,7 +32,6 @@ from nn_staining.store import (
     SLICE_ROWS,
     TableSource,
     TraceWriter,
-    _compression,
     build_table,
     part_path,
 )
@@ -162,7 +161,7 @@ def old_write(table: pa.Table, path: Path) -> None:
         table,
         path,
         row_group_size=ROW_GROUP_ROWS,
-        compression=_compression(table.column_names),
+        compression="snappy",
         use_dictionary=["phase", "layer"],
         write_page_checksum=True,
         write_statistics=[
