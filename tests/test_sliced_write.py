@@ -174,7 +174,7 @@ def old_write(table: pa.Table, path: Path) -> None:
 def test_a_sliced_write_equals_the_whole_table_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slice_rows: int
 ) -> None:
-    """Every table, every column, row for row and row group for row group; layers cross slice
+    """Every table, every column, row for row, row group for row group and byte for byte; layers cross slice
     boundaries (3 + 20,000 + 9,000 + 1 + 40,000 neurons, 7 classes: 73,000 neurons rows, 511,000 classes rows)."""
     monkeypatch.setattr(store_module, "SLICE_ROWS", slice_rows)
     rng = np.random.default_rng(0)
@@ -200,6 +200,10 @@ def test_a_sliced_write_equals_the_whole_table_write(
         for column in SCHEMAS[name].names:  # one column at a time, so a failure names it
             assert got.column(column).equals(want.column(column)), (name, column)
         assert got.equals(want)
+        # and the very bytes: the same pages, page checksums and footer
+        assert (
+            part_path(tmp_path / "t", name, 0).read_bytes() == (tmp_path / f"{name}.parquet").read_bytes()
+        ), name
 
 
 def test_a_single_slice_table_is_kept_for_the_history_index(tmp_path: Path) -> None:
