@@ -34,26 +34,25 @@ def _epoch_intervals(text: str) -> int | list[int] | None:
     return value
 
 
-def _count(text: str) -> int:
-    """An int >= 0 (a sample count, 0 for none)."""
+def _at_least(text: str, low: int, what: str) -> int:
+    """``text`` as an int >= ``low``, or an argparse error naming ``what`` it must be."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (an integer >= 0)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (an integer >= 0)")
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def _count(text: str) -> int:
+    """An int >= 0 (a sample count, 0 for none)."""
+    return _at_least(text, 0, "a count (an integer >= 0)")
 
 
 def _positive(text: str) -> int:
     """An int > 0 (epochs, widths, batch sizes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
+    return _at_least(text, 1, "a positive integer")
 
 
 def _run_name(text: str) -> str:

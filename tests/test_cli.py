@@ -202,3 +202,21 @@ def test_make_venv_registers_the_kernel_the_notebook_selects() -> None:
     assert Path(spec.argv[0]).resolve() == Path(sys.executable).resolve()
     metadata = json.loads((ROOT / "analysis.ipynb").read_text())["metadata"]
     assert metadata["kernelspec"]["name"] == "nn_staining"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--probe", "-1", "'-1' is not a count (an integer >= 0)"),
+        ("--probe", "many", "'many' is not a count (an integer >= 0)"),
+        ("--epochs", "0", "'0' is not a positive integer"),
+        ("--batch-size", "2.5", "'2.5' is not a positive integer"),
+    ],
+)
+def test_bad_counts_are_refused_by_the_parser(capsys, flag: str, value: str, message: str) -> None:
+    from nn_staining.cli import run_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_parser().parse_args([flag, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert run_parser().parse_args(["--probe", "0"]).probe == 0
