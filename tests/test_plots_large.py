@@ -17,7 +17,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from torch import nn  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from nn_staining import NetworkTrace, load_trace, plots  # noqa: E402
@@ -45,24 +44,9 @@ def resnet(tmp_path_factory):
     """zoo.resnet18 at width 8 on 16×16 images whose class shows as a bright square in one channel; 16 of
     them are the probe set."""
     model = zoo.resnet18(num_classes=4, width=8)
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(64) % 4
-    x = 0.3 * torch.randn(64, 3, 16, 16, generator=g)
-    for c in range(4):
-        x[y == c, c % 3, 4 * c : 4 * c + 4, 4 * c : 4 * c + 4] += 3.0
+    x, y = zoo.square_images(64, 4, 16)
     store = tmp_path_factory.mktemp("large") / "resnet18"
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
-    with NetworkTrace(model, store, num_classes=4, probe=(x[:16], y[:16])) as trace:
-        for epoch in range(2):
-            trace.start_epoch(epoch)
-            for start in range(0, 64, 32):
-                trace.set_targets(y[start : start + 32])
-                loss = nn.functional.cross_entropy(model(x[start : start + 32]), y[start : start + 32])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-            trace.end_epoch()
-    return load_trace(store)
+    return zoo.record_training(model, store, x, y, 4, probe=(x[:16], y[:16]))
 
 
 @pytest.fixture(scope="module")

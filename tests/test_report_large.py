@@ -14,11 +14,8 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from test_report import _plotly_figure, browser, screenshot, wait_for  # noqa: F401 (browser: a fixture)
-from torch import nn
 
-from nn_staining import NetworkTrace, load_trace
 from nn_staining import staining as st
 from nn_staining.report import GRAPH_ID, write_report
 from tests import zoo
@@ -39,24 +36,9 @@ def resnet(tmp_path_factory):
     two epochs; 16 of them are the probe set; ablation effects stored for every layer."""
     intervene = pytest.importorskip("nn_staining.intervene")
     model = zoo.resnet18(num_classes=CLASSES, width=8)
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(64) % CLASSES
-    x = 0.3 * torch.randn(64, 3, 32, 32, generator=g)
-    for c in range(CLASSES):
-        x[y == c, c % 3, 3 * c : 3 * c + 4, 3 * c : 3 * c + 4] += 3.0
+    x, y = zoo.square_images(64, CLASSES, 32)
     store = tmp_path_factory.mktemp("report_large") / "resnet18"
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
-    with NetworkTrace(model, store, num_classes=CLASSES, probe=(x[:16], y[:16])) as trace:
-        for epoch in range(2):
-            trace.start_epoch(epoch)
-            for start in range(0, 64, 32):
-                trace.set_targets(y[start : start + 32])
-                loss = nn.functional.cross_entropy(model(x[start : start + 32]), y[start : start + 32])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-            trace.end_epoch()
-    trace = load_trace(store)
+    trace = zoo.record_training(model, store, x, y, CLASSES, probe=(x[:16], y[:16]))
     rows = [
         {"layer": k, "stain_class": s, "eval_class": e, "acc_change": -0.3 if s == e else 0.01,
          "control_acc_change": -0.02, "epoch": 1}

@@ -103,3 +103,35 @@ class TimeMajorEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.encoder(self.embed(x)).mean(0))
+
+
+def square_images(n: int, classes: int, size: int, seed: int = 1) -> tuple[Tensor, Tensor]:
+    """``n`` noisy RGB images of ``size``×``size``; class ``c`` shows as a bright 4×4 square at (3c, 3c)
+    in channel ``c % 3`` (so a network learns something within two epochs)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = 0.3 * torch.randn(n, 3, size, size, generator=g)
+    for c in range(classes):
+        x[y == c, c % 3, 3 * c : 3 * c + 4, 3 * c : 3 * c + 4] += 3.0
+    return x, y
+
+
+def record_training(
+    model: nn.Module, store, x: Tensor, y: Tensor, classes: int, epochs: int = 2, **trace_args
+):
+    """Train ``model`` with SGD for ``epochs`` epochs of batches of 32 while a NetworkTrace records it
+    (``set_targets`` before each batch); returns the loaded trace."""
+    from nn_staining import NetworkTrace, load_trace
+
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
+    with NetworkTrace(model, store, num_classes=classes, **trace_args) as trace:
+        for epoch in range(epochs):
+            trace.start_epoch(epoch)
+            for start in range(0, len(y), 32):
+                trace.set_targets(y[start : start + 32])
+                loss = nn.functional.cross_entropy(model(x[start : start + 32]), y[start : start + 32])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+            trace.end_epoch()
+    return load_trace(store)
