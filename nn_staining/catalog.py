@@ -131,14 +131,24 @@ def regular_file(path: Path, what: str) -> os.stat_result:
     return info
 
 
+_READ_CHARS = 2**20
+
+
 def _bounded_text(path: Path, limit: int, what: str) -> str:
+    """The text of ``path``, at most ``limit + 1`` characters (a file that grew past ``limit`` since its
+    size was checked shows as longer than it may be)."""
     info = regular_file(path, what)
     if info.st_size > limit:
         raise TraceCorruptError(
             f"{str(path)!r} ({what}) is {info.st_size:,} bytes, more than the {limit:,} a trace's {what} may take"
         )
+    parts, size = [], 0
     with open(path, encoding="utf-8", errors="strict") as f:
-        return f.read(limit + 1)
+        # in 1 MiB reads: f.read(limit + 1) allocates the whole limit (512 MiB for a log) up front
+        while size <= limit and (part := f.read(_READ_CHARS)):
+            parts.append(part)
+            size += len(part)
+    return "".join(parts)[: limit + 1]
 
 
 def read_meta(root: str | os.PathLike) -> dict[str, Any]:

@@ -565,3 +565,21 @@ def test_a_long_damaged_graph_field_is_quoted_up_to_200_characters() -> None:
     assert message(with_graph(inputs_from=["L_0", "L_2"], input_ops=ops)) == damaged(
         f"layers[1].input_ops {repr(ops)[:200]} is not one list of operation names per source"
     )
+
+
+def test_reading_a_log_allocates_about_its_size_not_the_limit(tmp_path) -> None:
+    """f.read(limit + 1) allocated the whole 512 MiB limit up front for every epochs.jsonl read."""
+    import tracemalloc
+
+    from nn_staining import catalog
+
+    log = tmp_path / "epochs.jsonl"
+    log.write_text("x" * 3_000_000)
+    tracemalloc.start()
+    try:
+        text = catalog._bounded_text(log, catalog.MAX_LOG_BYTES, "the epoch log")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert text == "x" * 3_000_000
+    assert peak < 32 * 2**20
