@@ -456,10 +456,23 @@ def snapshot_weights(
                 matrix = _host(rows.reshape(layout.neurons, -1))
                 if weight.grad is not None:
                     grad = weight.grad.T if in_out else weight.grad
-                    grad = grad.detach().reshape(layout.neurons, -1).to(torch.float64)  # no overflow
-                    grad_norm = _host(torch.linalg.vector_norm(grad, dim=1))
+                    grad_norm = _host(_row_norms(grad.detach().reshape(layout.neurons, -1)))
             snapshot[key] = LayerWeights(matrix, None if bias is None else _host(bias), grad_norm)
     return snapshot
+
+
+#: Rows of a gradient turned to float64 at once for their norms (bounds the temporary at width).
+NORM_BLOCK_ROWS = 65_536
+
+
+def _row_norms(rows: Tensor) -> Tensor:
+    """Each row's Euclidean norm, summed in float64 (no overflow) a block of rows at a time, so a
+    million-neuron layer needs no float64 copy of its whole gradient."""
+    blocks = [
+        torch.linalg.vector_norm(rows[i : i + NORM_BLOCK_ROWS].to(torch.float64), dim=1)
+        for i in range(0, rows.shape[0], NORM_BLOCK_ROWS)
+    ]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def _host(tensor: Tensor) -> np.ndarray:

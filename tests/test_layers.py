@@ -174,3 +174,12 @@ def test_meta_names_each_layer_s_module_as_the_model_names_it(tmp_path) -> None:
         model(torch.ones(2, 3))
     t = load_trace(tmp_path / "t")
     assert [t.layer_info(k)["module"] for k in t.layers] == ["L_hidden", "out"]  # not "hidden"
+
+
+def test_gradient_norms_in_blocks_equal_numpy_across_block_edges(monkeypatch) -> None:
+    from nn_staining import layers
+
+    monkeypatch.setattr(layers, "NORM_BLOCK_ROWS", 7)
+    rows = torch.randn(30, 4, generator=torch.Generator().manual_seed(0)) * 1e25  # squares overflow float32
+    expected = np.linalg.norm(rows.double().numpy(), axis=1)
+    np.testing.assert_allclose(layers._row_norms(rows).numpy(), expected, rtol=1e-12)
