@@ -96,15 +96,13 @@ class Moments:
 
     def __post_init__(self) -> None:
         f, c, dev = self.num_features, self.num_classes, self.device
-        f64 = torch.float64
-        self.sum = torch.zeros(f, dtype=f64, device=dev)
-        self.sum_sq = torch.zeros(f, dtype=f64, device=dev)
+        sums = torch.zeros(4 * f + c + c * f, dtype=torch.float64, device=dev)  # one allocation
+        self.sum, self.sum_sq, self.active, self.nonfinite, self.class_count, class_sum = sums.split(
+            [f, f, f, f, c, c * f]
+        )
+        self.class_sum = class_sum.view(c, f)
         self.minimum = torch.full((f,), math.inf, dtype=torch.float32, device=dev)
         self.maximum = torch.full((f,), -math.inf, dtype=torch.float32, device=dev)
-        self.active = torch.zeros(f, dtype=f64, device=dev)
-        self.nonfinite = torch.zeros(f, dtype=f64, device=dev)
-        self.class_count = torch.zeros(c, dtype=f64, device=dev)
-        self.class_sum = torch.zeros(c, f, dtype=f64, device=dev)
 
     def update(
         self,
