@@ -58,7 +58,9 @@ class CountOps(TorchDispatchMode):
         return out
 
 
-def run(overhead, nn_staining, stats, name: str, epochs: int, device: torch.device) -> dict:
+def run(
+    overhead, nn_staining, stats, name: str, epochs: int, device: torch.device, flush: bool = False
+) -> dict:
     w = overhead.WORKLOADS[name]()
     torch.manual_seed(0)
     model = w.build().to(device)
@@ -112,6 +114,8 @@ def run(overhead, nn_staining, stats, name: str, epochs: int, device: torch.devi
                             "top ops": all_ops.ops.most_common(6),
                         }
                         continue
+                    if flush:
+                        trace.flush()  # the writer idle: no competition for the GIL
                     start = time.perf_counter()
                     trace.end_epoch()
                     if epoch >= 2:
@@ -147,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--flush", action="store_true", help="wait for the writer before each end_epoch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overhead, nn_staining, stats = _import(os.path.abspath(args.root))
     print(f"nn_staining from {os.path.dirname(nn_staining.__file__)}; load {os.getloadavg()}")
     for name in args.workloads.split(","):
-        result = run(overhead, nn_staining, stats, name, args.epochs, torch.device(args.device))
+        result = run(overhead, nn_staining, stats, name, args.epochs, torch.device(args.device), args.flush)
         print(f"{name} ({result['layers']} layers):")
         print(f"  end_epoch  {_ms(result['end_epoch'])}")
         print(f"  last chunk {_ms(result['reduce'])} (reduce_pending, part of end_epoch)")

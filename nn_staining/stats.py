@@ -335,9 +335,10 @@ def _class_means(
     ``n_c`` is 0) taken at once: the sums arrive as one (classes, all units) matrix."""
     counts = values["class_count"].reshape(len(widths), c).T  # (classes, layers)
     count = np.repeat(counts, widths, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = values["class_sum"].reshape(c, -1) / np.maximum(count, 1.0) + shift
-    mean = np.where(count > 0, mean, np.nan)
+    empty = ~(count > 0)
+    mean = np.divide(values["class_sum"].reshape(c, -1), np.maximum(count, 1.0, out=count))
+    mean += shift  # in place: fresh multi-MB temporaries cost page faults
+    np.copyto(mean, np.nan, where=empty)
     whole = np.round(counts.T).astype(np.int64)
     ends = np.cumsum(widths).tolist()
     return [
