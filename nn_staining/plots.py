@@ -1634,8 +1634,9 @@ def plot_class_means(
     columns = min(len(layers), 4) or 1
     rows = int(np.ceil(len(layers) / columns)) or 1
     fig = Figure(figsize=(4.2 * columns + 1.5, 5.2 * rows + 0.8), layout="constrained")
-    # several rows: the colour bar gets its own grid column (constrained layout collapses one spanning rows)
-    grid = fig.add_gridspec(rows, columns + (rows > 1), width_ratios=[1] * columns + [0.06] * (rows > 1))
+    # the colour bar gets its own grid column, right of every map and its stain strip (attached to the maps,
+    # constrained layout put it between the first map and its strip, and collapsed one spanning rows)
+    grid = fig.add_gridspec(rows, columns + 1, width_ratios=[1] * columns + [0.06])
     for i, layer in enumerate(layers):
         sel = frame.xs(layer, level="layer")
         shown = _sample(neuron_order(sel), set(), max_rows)
@@ -1662,7 +1663,7 @@ def plot_class_means(
             yticklabels=[f"n_{n}" for n in shown[order]] if len(order) <= 40 else False,
         )  # fmt: skip
         ax.tick_params(axis="x", labelrotation=90, labelsize=7)
-        ax.tick_params(axis="y", labelsize=6)
+        ax.tick_params(axis="y", labelrotation=0, labelsize=6)  # n_4 reads across, not up
         ax.set_xlabel("class")
         ax.set_ylabel("neuron (clustered)" if i % columns == 0 else "")
         note = f", {len(shown)} of {len(sel)}" if len(shown) < len(sel) else ""
@@ -1680,7 +1681,7 @@ def plot_class_means(
     if maps:
         fig.colorbar(
             maps[-1].collections[0],
-            **({"cax": fig.add_subplot(grid[:, -1])} if rows > 1 else {"ax": maps}),
+            cax=fig.add_subplot(grid[:, -1]),
             label="class mean, z-scored per neuron",
             extend="both",
             shrink=0.8,

@@ -516,3 +516,16 @@ def test_animation_has_one_frame_per_epoch(trace, tmp_path):
             frames.append(np.asarray(gif.convert("RGB")))
     assert not np.array_equal(frames[0], frames[-1])  # stains change over training
     assert plt.get_fignums() == []
+
+
+def test_class_means_colour_bar_is_right_of_every_map_and_strip(trace):
+    """Attached to the maps, the colour bar landed between the first map and its stain strip."""
+    fig = plots.plot_class_means(trace, -1)
+    fig.canvas.draw()
+    bar = next(a for a in fig.axes if a.get_ylabel() == "class mean, z-scored per neuron")
+    panels = [a for a in fig.axes if a is not bar]
+    assert len(panels) == 3 * len([k for k in trace.layers if trace.layer_info(k)["neurons"] >= 2])
+    right = max(a.get_position().x1 for a in panels)
+    assert bar.get_position().x0 >= right
+    for ax in (a for a in panels if a.get_xlabel() == "class"):
+        assert all(t.get_rotation() == 0 for t in ax.get_yticklabels())
