@@ -1882,7 +1882,7 @@ def plot_effect_matrix(trace: Trace, effects: pd.DataFrame | None = None, epoch:
         for c in range(classes):
             ax.add_patch(mpl.patches.Rectangle((c - 0.5, c - 0.5), 1, 1, fill=False, lw=1.2, ec="black"))
         rows = [
-            f"{labels[c]} ({int(n)} {'edges' if unit == 'edges' else 'neurons'})"
+            f"{labels[c]} ({int(n)} {'edge' if unit == 'edges' else 'neuron'}{'s' if int(n) != 1 else ''})"
             if np.isfinite(n)
             else f"{labels[c]} (none)"
             for c, n in enumerate(ablated.to_numpy(dtype=float))

@@ -544,6 +544,12 @@ def test_effect_matrix_draws_the_effects(planted, tmp_path):
         assert sorted(p.get_xy() for p in diagonal) == [(c - 0.5, c - 0.5) for c in range(C)]
         texts = {(round(tx.get_position()[0]), round(tx.get_position()[1])): tx.get_text() for tx in ax.texts}
         assert texts[(0, 0)] == f"{int(round(expected[0, 0])):+d}" and texts[(1, 0)] == "+0"
+        noun = "neuron" if unit == "neurons" else "edge"
+        for label in (t.get_text() for t in ax.get_yticklabels()):  # "(1 neuron)", "(5 neurons)", "(none)"
+            count = label.rpartition("(")[2].split(" ")[0]
+            assert label.endswith(
+                "(none)" if count == "none" else f"({count} {noun}{'' if count == '1' else 's'})"
+            ), label
     spec = intervene.specificity(effects).loc[("neurons", t.epochs[-1], "L_hidden"), "specificity"]
     assert f"specificity {int(round(spec * 100)):+d} points (control: +0)" in axes[0].get_title()
     assert "control: no unstained neurons" in axes[1].get_title()
