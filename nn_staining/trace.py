@@ -27,7 +27,7 @@ from .catalog import (
     read_metrics,
 )
 from .rows import ReadPlan, RowLayout
-from .signature import Signature, epoch_key, is_glob, neuron_key, parse_key, parse_signature
+from .signature import Signature, epoch_key, is_glob, layer_key, neuron_key, parse_key, parse_signature
 from .store import (
     INDEX_COLUMNS,
     INDEXED_COLUMNS,
@@ -402,7 +402,11 @@ class Trace(Mapping):
         return chosen
 
     def _check_layer(self, layer: str) -> str:
-        key = layer if layer.startswith("L_") else f"L_{layer}"
+        """The key of ``layer`` (a key, or a module name as the recorder keys it: 'L_' is 'L_L_')."""
+        try:
+            key = layer if layer in self._layers else layer_key(layer)
+        except ValueError:
+            key = layer
         if key not in self._layers:
             raise KeyError(f"layer {layer!r} not in trace; layers: {', '.join(self.layers)}")
         return key

@@ -183,3 +183,16 @@ def test_gradient_norms_in_blocks_equal_numpy_across_block_edges(monkeypatch) ->
     rows = torch.randn(30, 4, generator=torch.Generator().manual_seed(0)) * 1e25  # squares overflow float32
     expected = np.linalg.norm(rows.double().numpy(), axis=1)
     np.testing.assert_allclose(layers._row_norms(rows).numpy(), expected, rtol=1e-12)
+
+
+def test_a_module_named_l_underscore_is_found_by_its_name(tmp_path) -> None:
+    """The recorder keys a module named 'L_' as 'L_L_'; the trace finds it by either."""
+    model = model_of("L_", "out")
+    with NetworkTrace(model, tmp_path / "t") as trace, trace.epoch(0):
+        model(torch.ones(2, 3))
+    t = load_trace(tmp_path / "t")
+    assert t.layers == ["L_L_", "L_out"]
+    assert t.layer_info("L_")["key"] == t.layer_info("L_L_")["key"] == "L_L_"
+    assert t.layer_info("out")["key"] == "L_out"
+    with pytest.raises(KeyError, match="layer 'a/b' not in trace"):
+        t.layer_info("a/b")
