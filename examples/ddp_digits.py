@@ -63,6 +63,7 @@ def main() -> None:
         trace.close()
     if rank == 0:
         print(f"trained {args.epochs} epochs in {time.perf_counter() - start:.2f} s", flush=True)
+    dist.barrier()  # both ranks done with the group before either tears it down (gloo may abort)
     dist.destroy_process_group()
 
 

@@ -69,6 +69,7 @@ def main() -> int:
         **{f"act_{k}": np.concatenate(v) for k, v in seen.items()},
         weight=model[2].weight.detach().numpy(),
     )
+    dist.barrier()  # both ranks done with the group before either tears it down (gloo may abort)
     dist.destroy_process_group()
     return 0
 
