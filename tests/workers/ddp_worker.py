@@ -69,9 +69,12 @@ def main() -> int:
         **{f"act_{k}": np.concatenate(v) for k, v in seen.items()},
         weight=model[2].weight.detach().numpy(),
     )
-    dist.barrier()  # both ranks done with the group before either tears it down (gloo may abort)
-    dist.destroy_process_group()
-    return 0
+    dist.barrier()  # both ranks are done with the group
+    # and leave without gloo's teardown: one rank closing its pairs while the other is still in its own
+    # destroy_process_group aborted rank 1 now and then ("terminate called without an active exception"),
+    # after all its work was saved
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
