@@ -197,10 +197,6 @@ class OutputLayout:
             tensor = tensor.transpose(0, batch_dim)
         return tensor.reshape(-1, self.neurons if width is None else width)
 
-    def samples(self, output: Tensor) -> int:
-        """The size of ``output``'s batch dimension."""
-        return output.shape[self.batch_dim] if output.dim() > 1 else output.shape[0]
-
     def spatial_dims(self, output: Tensor) -> tuple[int, ...]:
         """The dimensions a channel-first output is averaged over."""
         return tuple(range(2, output.dim()))
