@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.workloads.split(","):
             w = WORKLOADS[key]()
-            train(w, "plain", device, os.path.join(tmp, "warm"))  # warm-up (allocator, kernels)
+            # warm-up (allocator, kernels); on CUDA every mode, as Triton compiles its kernels on first use
+            for m in modes if device.type == "cuda" else ["plain"]:
+                timed(w, m, device, os.path.join(tmp, f"warm-{m}"), False, args.compile)
             times: dict[str, list[float]] = {m: [] for m in modes}
             order = random.Random(0)
             for r in range(args.repeats):

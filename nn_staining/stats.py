@@ -121,7 +121,7 @@ class Moments:
         """
         if self.shift is None:
             self.shift = torch.nan_to_num(rows.mean(0), nan=0.0, posinf=0.0, neginf=0.0)
-        ops = kernels.cpu_ops(rows)
+        ops = kernels.fused_ops(rows)
         if ops is not None:
             self._fold_fused(ops, rows, labels, segments, dropped)
             return
@@ -167,11 +167,16 @@ class Moments:
         segments: list[Segment] | None,
         dropped: torch.Tensor | None,
     ) -> None:
-        """:meth:`update` by the C++ kernel (``nn_staining/kernels``): one pass over ``rows``."""
+        """:meth:`update` by a fused kernel (``nn_staining/kernels``: C++ on the CPU, Triton on CUDA):
+        one pass over ``rows``. A kernel without per-batch rows leaves them to torch ops."""
         self._count(rows, dropped)
         if self.class_only and labels is None:
             return
-        runs = _batch_runs(segments) if self.keep_batches and segments and not self.class_only else None
+        batch_rows = self.keep_batches and segments and not self.class_only
+        if batch_rows and not getattr(ops, "per_batch", True):
+            self._update_batches(rows, segments)
+            batch_rows = False
+        runs = _batch_runs(segments) if batch_rows else None
         per_batch = ops.fold_chunk(
             rows.contiguous(),
             self.shift.contiguous(),

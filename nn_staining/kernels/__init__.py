@@ -1,12 +1,16 @@
-"""The fused chunk reduction: ``reduce.cpp``, a C++ CPU kernel that folds a chunk of float32 rows
-into :class:`~nn_staining.stats.Moments` in one pass over each value.
+"""The fused chunk reductions behind :class:`~nn_staining.stats.Moments`, one pass over each value.
 
-It is built with ``torch.utils.cpp_extension`` the first time a process needs it and cached per
-machine (``$NN_STAINING_CACHE``, else ``~/.cache/nn_staining/kernels/<torch>-<hash>/``); a file
-lock makes concurrent processes (DDP ranks, test workers) wait for one build. When it cannot be
-built or loaded, the reductions run on torch ops, and one log message says why.
-``NN_STAINING_KERNEL=torch`` forces the torch ops; ``=cpp`` makes a failed build an error. GPU
-rows always take the torch ops.
+- CPU rows: ``reduce.cpp``, a C++ kernel built with ``torch.utils.cpp_extension`` the first time a
+  process needs it and cached per machine (``$NN_STAINING_CACHE``, else
+  ``~/.cache/nn_staining/kernels/<torch>-<hash>/``); a file lock makes concurrent processes (DDP
+  ranks, test workers) wait for one build.
+- CUDA rows: ``fold_triton.py``, a Triton kernel (compiled by Triton on first use, cached by it).
+
+Where a kernel cannot be built or imported, the reductions run on torch ops, and one log message
+says why. ``NN_STAINING_KERNEL`` chooses: ``auto`` (the default), ``cpp`` (a failed C++ build is an
+error), ``triton`` (a missing Triton is an error; with ``TRITON_INTERPRET=1`` CPU rows go through
+the Triton kernel too, in Triton's interpreter: how the tests check it without a GPU) or ``torch``
+(torch ops everywhere).
 """
 
 from __future__ import annotations
@@ -29,15 +33,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("reduce.cpp")
-#: Environment variable choosing the CPU reduction: ``auto`` (the default), ``cpp`` or ``torch``.
+#: Environment variable choosing the reductions: ``auto`` (the default), ``cpp``, ``triton`` or ``torch``.
 ENV = "NN_STAINING_KERNEL"
-CHOICES = ("auto", "cpp", "torch")
+CHOICES = ("auto", "cpp", "triton", "torch")
 LIBRARY = "nn_staining_kernels"
 
 
 @dataclass(frozen=True)
 class Backend:
-    """Which code reduces CPU chunks (``cpp`` or ``torch``), why, and the kernel's ops (None for torch)."""
+    """Which code reduces chunks of one device type (``cpp``, ``triton`` or ``torch``), why, and the
+    kernel's ops (an object with ``fold_chunk``; None for torch ops)."""
 
     name: str
     why: str
@@ -50,6 +55,7 @@ class EarlierFailure(RuntimeError):
 
 _lock = threading.Lock()
 _backend: Backend | None = None
+_cuda_backend: Backend | None = None
 
 
 def backend() -> Backend:
@@ -59,41 +65,76 @@ def backend() -> Backend:
         return _backend
     with _lock:
         if _backend is None:
-            _backend = _choose(os.environ.get(ENV, "auto").strip().lower() or "auto")
+            _backend = _choose(_choice())
         return _backend
 
 
+def cuda_backend() -> Backend:
+    """The reduction backend for CUDA rows (``triton`` or ``torch``), chosen on first call."""
+    global _cuda_backend
+    if _cuda_backend is not None:
+        return _cuda_backend
+    with _lock:
+        if _cuda_backend is None:
+            _cuda_backend = _choose_cuda(_choice())
+        return _cuda_backend
+
+
 def describe() -> dict[str, str]:
-    """``meta.json``'s ``reduction`` entry: the CPU backend and why (GPU rows use torch ops)."""
+    """``meta.json``'s ``reduction`` entry: the CPU backend and why, and the CUDA backend and why."""
     chosen = backend()
-    return {"backend": chosen.name, "why": chosen.why, "cuda": "torch"}
+    if torch.cuda.is_available():
+        cuda = cuda_backend()
+        cuda_name, cuda_why = cuda.name, cuda.why
+    else:
+        cuda_name, cuda_why = "none", "no CUDA device"
+    return {"backend": chosen.name, "why": chosen.why, "cuda": cuda_name, "cuda_why": cuda_why}
 
 
-def cpu_ops(rows: torch.Tensor) -> Any | None:
-    """The kernel's ops when ``rows`` (float32) can be reduced by it, else None (torch ops)."""
-    if rows.device.type != "cpu" or rows.dtype != torch.float32:
+def fused_ops(rows: torch.Tensor) -> Any | None:
+    """The kernel that folds ``rows`` (float32), or None where torch ops must (other dtypes, devices,
+    or no kernel). With ``NN_STAINING_KERNEL=triton`` and ``TRITON_INTERPRET=1``, CPU rows take the
+    Triton kernel (in Triton's interpreter)."""
+    if rows.dtype != torch.float32:
         return None
+    if rows.device.type == "cuda":
+        return cuda_backend().ops
+    if rows.device.type != "cpu":
+        return None
+    if _interpreting() and _choice() == "triton":
+        return cuda_backend().ops
     return backend().ops
 
 
 @contextlib.contextmanager
 def using(name: str) -> Iterator[Backend]:
-    """Reduce CPU chunks with ``name`` (``cpp`` or ``torch``) inside the block, to compare the two
-    paths in one process (tests, benchmarks); ``cpp`` raises ``RuntimeError`` without the kernel."""
-    global _backend
-    chosen = backend()
-    if name not in ("cpp", "torch"):
-        raise ValueError(f"reduction backend {name!r} is not one of: cpp, torch")
-    if name == "cpp" and chosen.ops is None:
-        raise RuntimeError(f"the C++ reduction kernel is not available: {chosen.why}")
-    wanted = chosen if name == chosen.name else Backend("torch", "chosen for a comparison")
+    """Reduce chunks with ``name`` inside the block, to compare the paths in one process (tests,
+    benchmarks): ``cpp`` (CPU rows; ``RuntimeError`` without the kernel), ``triton`` (CUDA rows;
+    ``RuntimeError`` without Triton) or ``torch`` (torch ops on every device)."""
+    global _backend, _cuda_backend
+    chosen, chosen_cuda = backend(), _cuda_backend
+    if name not in ("cpp", "triton", "torch"):
+        raise ValueError(f"reduction backend {name!r} is not one of: cpp, triton, torch")
+    torch_ops = Backend("torch", "chosen for a comparison")
+    wanted, wanted_cuda = chosen, chosen_cuda
+    if name == "cpp":
+        if chosen.ops is None:
+            raise RuntimeError(f"the C++ reduction kernel is not available: {chosen.why}")
+    elif name == "triton":
+        wanted_cuda = cuda_backend()
+        if wanted_cuda.ops is None:
+            raise RuntimeError(f"the Triton reduction kernel is not available: {wanted_cuda.why}")
+    else:
+        wanted = chosen if chosen.name == "torch" else torch_ops
+        wanted_cuda = torch_ops
     with _lock:
-        previous, _backend = _backend, wanted
+        previous, previous_cuda = _backend, _cuda_backend
+        _backend, _cuda_backend = wanted, wanted_cuda
     try:
-        yield wanted
+        yield wanted_cuda if name == "triton" else wanted
     finally:
         with _lock:
-            _backend = previous
+            _backend, _cuda_backend = previous, previous_cuda
 
 
 def cache_dir() -> Path:
@@ -120,6 +161,17 @@ def compile_flags() -> list[str]:
     return flags
 
 
+def _choice() -> str:
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={choice!r} is not a reduction backend; valid: {', '.join(CHOICES)}")
+    return choice
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
 def _choose(choice: str) -> Backend:
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={choice!r} is not a reduction backend; valid: {', '.join(CHOICES)}")
@@ -134,6 +186,23 @@ def _choose(choice: str) -> Backend:
         logger.warning("nn_staining reduces activations with torch ops: %s", reason)
         return Backend("torch", reason)
     return Backend("cpp", why, torch.ops.nn_staining)
+
+
+def _choose_cuda(choice: str) -> Backend:
+    """Triton's kernel for CUDA rows unless ``torch`` is chosen or Triton cannot be imported."""
+    if choice == "torch":
+        return Backend("torch", f"{ENV}=torch")
+    try:
+        from . import fold_triton
+    except Exception as exc:  # no Triton (a CPU-only torch, a platform it does not ship for)
+        if choice == "triton":
+            raise RuntimeError(f"{ENV}=triton but Triton could not be imported: {exc}") from exc
+        reason = f"Triton could not be imported ({_summary(exc)})"
+        logger.warning("nn_staining reduces CUDA activations with torch ops: %s", reason)
+        return Backend("torch", reason)
+    import triton
+
+    return Backend("triton", f"Triton {triton.__version__}", fold_triton)
 
 
 def _summary(exc: Exception) -> str:
