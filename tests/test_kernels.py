@@ -276,7 +276,7 @@ def test_a_failed_build_falls_back_with_one_message(monkeypatch, caplog) -> None
     assert "RuntimeError" in chosen.why and "fatal error: x" in chosen.why
     with pytest.raises(RuntimeError, match="NN_STAINING_KERNEL=cpp"):
         kernels._choose("cpp")
-    with pytest.raises(ValueError, match="'fast'.*auto, cpp, torch"):
+    with pytest.raises(ValueError, match="'fast'.*auto, cpp, triton, torch"):
         kernels._choose("fast")
     caplog.clear()
     assert kernels._choose("torch") == kernels.Backend("torch", "NN_STAINING_KERNEL=torch")
