@@ -47,13 +47,14 @@ class Batch:
     (another thread's pass may end a chunk in the middle of it), so its labels and mask are stored
     beside its rows in every chunk it writes into."""
 
-    __slots__ = ("index", "labels", "mask", "placed")
+    __slots__ = ("index", "labels", "mask", "placed", "row_labels")
 
     def __init__(self, index: int, labels: torch.Tensor | None, mask: torch.Tensor | None) -> None:
         self.index = index
         self.labels = labels
         self.mask = mask
         self.placed = False
+        self.row_labels: dict[tuple[int, int], torch.Tensor] = {}  # (rows, samples) -> folded labels
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ def host_statistics(
     shifts = [None if m.shift is None else transfer.add(m.shift) for m in classed]
     if num_classes:
         runs["class_count"] = [transfer.add(m.class_count) for m in classed]
-        runs["class_sum"] = [transfer.add(_cat([m.class_sum for m in classed], dim=1).view(-1))]
+        runs["class_sum"] = [transfer.add_columns([m.class_sum for m in classed])]
     batches = [[(ids, transfer.add(t)) for ids, t in m.batches] for m in outs]
     extra_at = None if extra is None else transfer.add(extra)
     host = transfer.run()
@@ -337,15 +338,18 @@ def _class_means(
     values: dict[str, np.ndarray], c: int, widths: np.ndarray, shift: np.ndarray
 ) -> list[ClassMeans]:
     """Each layer's :class:`ClassMeans` (views), all layers' ``shift + S_c / n_c`` (NaN where
-    ``n_c`` is 0) taken at once: the sums arrive as one (classes, all units) matrix."""
-    counts = values["class_count"].reshape(len(widths), c).T  # (classes, layers)
-    count = np.repeat(counts, widths, axis=1)
-    empty = ~(count > 0)
-    mean = np.divide(values["class_sum"].reshape(c, -1), np.maximum(count, 1.0, out=count))
-    mean += shift  # in place: fresh multi-MB temporaries cost page faults
-    np.copyto(mean, np.nan, where=empty)
-    whole = np.round(counts.T).astype(np.int64)
+    ``n_c`` is 0): the sums arrive as one (classes, all units) matrix of the host buffer, which
+    becomes the means in place (at width, a copy of it would be the epoch's largest allocation)."""
+    counts = values["class_count"].reshape(len(widths), c)  # (layers, classes)
+    mean = values["class_sum"].reshape(c, -1)
     ends = np.cumsum(widths).tolist()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i, (f, end) in enumerate(zip(widths.tolist(), ends)):
+            block = mean[:, end - f : end]
+            block /= counts[i][:, None]  # 0 / 0 is NaN: a class without rows
+            block[counts[i] == 0] = np.nan  # also where its sums are not 0 (never, but exact)
+    mean += shift  # NaN stays NaN
+    whole = np.round(counts).astype(np.int64)
     return [
         ClassMeans(whole[i], mean[:, end - f : end]) for i, (f, end) in enumerate(zip(widths.tolist(), ends))
     ]
@@ -360,30 +364,66 @@ def _with_zeros(host: HostValues, places: list[tuple[bool, slice] | None], width
 class HostTransfer:
     """Device tensors gathered into one float64 buffer that reaches the host in one copy.
 
-    :meth:`add` returns where the tensor's values will lie; :meth:`run` concatenates the float64
-    tensors and the float32 ones apart (one ``cat`` of mixed dtypes is several times slower), then
-    both into one float64 buffer (float32 converts exactly), and copies it to the host once.
+    :meth:`add` returns where the tensor's values will lie; :meth:`run` writes the float64 tensors
+    straight into one buffer by a few concatenations (runs of 1-D tensors, and blocks joined along
+    their columns), the float32 ones into a buffer of their own (one ``cat`` of mixed dtypes is
+    several times slower) that is then copied in converted (exactly), and brings the buffer to the
+    host once. No part is concatenated twice: at width the buffer is the epoch's largest array.
     """
 
     def __init__(self) -> None:
-        self._parts: dict[torch.dtype, list[torch.Tensor]] = {torch.float64: [], torch.float32: []}
+        self._parts: dict[torch.dtype, list[torch.Tensor | list[torch.Tensor]]] = {
+            torch.float64: [],
+            torch.float32: [],
+        }
         self._sizes = {torch.float64: 0, torch.float32: 0}
 
     def add(self, tensor: torch.Tensor) -> tuple[bool, slice]:
         """Queue a 1-D float64 or float32 tensor; returns its place, for :class:`HostValues`."""
-        parts = self._parts[tensor.dtype]
-        parts.append(tensor)
-        start = self._sizes[tensor.dtype]
-        self._sizes[tensor.dtype] = start + tensor.shape[0]
-        return tensor.dtype == torch.float32, slice(start, start + tensor.shape[0])
+        return self._queue(tensor, tensor.dtype, tensor.shape[0])
+
+    def add_columns(self, blocks: list[torch.Tensor]) -> tuple[bool, slice]:
+        """Queue (rows, columns_i) float64 blocks joined along their columns, flattened row-major;
+        returns the place of the (rows, sum of columns) matrix."""
+        return self._queue(list(blocks), torch.float64, sum(b.numel() for b in blocks))
+
+    def _queue(
+        self, part: torch.Tensor | list[torch.Tensor], dtype: torch.dtype, size: int
+    ) -> tuple[bool, slice]:
+        self._parts[dtype].append(part)
+        start = self._sizes[dtype]
+        self._sizes[dtype] = start + size
+        return dtype == torch.float32, slice(start, start + size)
 
     def run(self) -> HostValues:
         """The queued values on the host: a few concatenations on their device, one copy."""
-        groups = [_cat(parts) for parts in self._parts.values() if parts]
-        if not groups:
+        wide, narrow = self._parts[torch.float64], self._parts[torch.float32]
+        if not wide and not narrow:
             return HostValues(np.empty(0), 0)
-        flat = groups[0] if len(groups) == 1 else _cat(groups)
-        return HostValues(flat.to(torch.float64).cpu().numpy(), self._sizes[torch.float64])
+        device = _first_tensor(wide or narrow).device
+        n64, n32 = self._sizes[torch.float64], self._sizes[torch.float32]
+        flat = torch.empty(n64 + n32, dtype=torch.float64, device=device)
+        at, run = 0, []
+        for part in [*wide, None]:
+            if isinstance(part, torch.Tensor):
+                run.append(part)
+                continue
+            if run:  # a run of 1-D tensors: one cat
+                size = sum(t.shape[0] for t in run)
+                _cat(run, out=flat[at : at + size])
+                at, run = at + size, []
+            if part:  # blocks joined along their columns, written as one (rows, columns) matrix
+                size = sum(b.numel() for b in part)
+                _cat(part, dim=1, out=flat[at : at + size].view(part[0].shape[0], -1))
+                at += size
+        if narrow:
+            flat[n64:].copy_(_cat(narrow))
+        return HostValues(flat.cpu().numpy(), n64)
+
+
+def _first_tensor(parts: list[torch.Tensor | list[torch.Tensor]]) -> torch.Tensor:
+    first = parts[0]
+    return first if isinstance(first, torch.Tensor) else first[0]
 
 
 class HostValues:
@@ -405,10 +445,12 @@ class HostValues:
         return self[places[0][0], slice(places[0][1].start, places[-1][1].stop)]
 
 
-def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """``torch.cat`` on the first part's device (the parts of a model split over devices join it)."""
-    device = parts[0].device
-    return torch.cat([p if p.device == device else p.to(device) for p in parts], dim=dim)
+def _cat(parts: list[torch.Tensor], dim: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.cat`` on the first part's device, or ``out``'s (the parts of a model split over
+    devices join it)."""
+    device = parts[0].device if out is None else out.device
+    parts = [p if p.device == device else p.to(device) for p in parts]
+    return torch.cat(parts, dim=dim) if out is None else torch.cat(parts, dim=dim, out=out)
 
 
 def _host_batches(
@@ -643,9 +685,62 @@ class PhaseStats:
         if n == 0:
             self._saw_empty(layer, inputs, rows.shape[1], rows.device)
             return
+        if self._folds_now(rows, batch or self._current):
+            self._fold_now(layer, rows, n if samples is None else samples, inputs, batch or self._current)
+            return
         buf = self._room(layer, inputs, n, rows.shape[1], rows.device)
         buf.rows[buf.fill : buf.fill + n].copy_(rows)
         self._filled(buf, batch, n, rows.device, n if samples is None else samples)
+
+    def _folds_now(self, rows: torch.Tensor, batch: Batch | None) -> bool:
+        """Whether a batch's rows are folded straight into the running sums by the C++ kernel, while
+        the hook's output is still in cache, instead of being copied into the chunk and read again
+        when it is reduced: CPU float32 rows of a pass whose labels are known, with no mask and no
+        per-batch rows (those need the chunk's runs)."""
+        if batch is None or batch.labels is None or batch.mask is not None or self.keep_batches:
+            return False
+        ops = kernels.fused_ops(rows) if rows.device.type == "cpu" else None
+        return ops is not None and getattr(ops, "per_batch", True)
+
+    def _fold_now(self, layer: str, rows: torch.Tensor, samples: int, inputs: bool, batch: Batch) -> None:
+        """Fold one batch's rows into the layer's running sums at once (see :meth:`_folds_now`);
+        the batch's labels are still stored in the chunk, where they are counted."""
+        if self._chunk is None:
+            self._chunk = self.pool.acquire()
+        chunk = self._chunk
+        if batch.index not in chunk.label_runs:
+            self._store_labels(batch, rows.device)
+        batch.placed = True
+        self.has_rows = True
+        table = self.inputs if inputs else self.moments
+        moments = table.get(layer)
+        if moments is None:
+            moments = table[layer] = Moments(rows.shape[1], self.num_classes, rows.device, class_only=inputs)
+        labels = self._batch_row_labels(batch, rows.shape[0], samples)
+        if torch.is_inference_mode_enabled() or torch.is_autocast_enabled("cpu"):
+            with plain_tensor_mode(rows.device):
+                moments.update(rows, labels)
+        else:  # no autograd either way: rows are detached and the kernel writes plain tensors
+            moments.update(rows, labels)
+
+    def _batch_row_labels(self, batch: Batch, n: int, samples: int) -> torch.Tensor | None:
+        """Each of a batch's ``n`` rows' class, as :meth:`_row_labels` gives it for a chunk (kept on
+        the batch: the layers of a pass share them)."""
+        if not self.num_classes:
+            return None
+        key = (n, samples)
+        labels = batch.row_labels.get(key)
+        if labels is None:
+            size = batch.labels.shape[0]
+            if size != samples or n % size:
+                labels = torch.full((n,), self.num_classes, dtype=torch.int64)
+            else:
+                labels = batch.labels.to("cpu")
+                labels = labels if n == size else labels.repeat_interleave(n // size)
+                invalid = (labels < 0) | (labels >= self.num_classes)
+                labels = labels.to(torch.int64).masked_fill(invalid, self.num_classes).contiguous()
+            batch.row_labels[key] = labels
+        return labels
 
     def add_mean(
         self, layer: str, values: torch.Tensor, dims: tuple[int, ...], batch: Batch | None = None

@@ -58,6 +58,10 @@ def filled_phase(
     return stats
 
 
+#: ops that make a view (no data read or written): the host buffer's parts are written through them
+METADATA_OPS = ("slice", "view", "detach", "alias")
+
+
 def counted(method, calls: list[int]):
     """``method``, appending to ``calls`` at each call."""
 
@@ -83,8 +87,9 @@ def test_finish_makes_one_host_copy_with_ops_independent_of_the_layers(monkeypat
         assert summary is not None and summary.out_of_range > 0
         assert len(cpu_calls) == 1, "one transfer to the host per phase"
         if not keep_batches:  # per-batch rows: one queued block per chunk and layer, still no op each
-            counts.append(sum(mode.ops.values()))
-            assert sum(mode.ops.values()) <= 12, mode.ops
+            moving = sum(n for op, n in mode.ops.items() if op not in METADATA_OPS)  # ops that touch data
+            counts.append(moving)
+            assert moving <= 12, mode.ops
     assert len(set(counts)) <= 1, f"op counts {counts} grow with the layers"
 
 

@@ -49,6 +49,7 @@ inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
 inline double chunk_scale(float low, float high, float shift) {
   double s = shift;
   double reach = std::max(static_cast<double>(high) - s, s - static_cast<double>(low));
+  if (!(reach > 1073741824.0)) return 1.0;  // within 2^30, NaN or no observation: the common case, no log2
   double exponent = std::ceil(std::log2(reach)) - 30.0;
   if (!std::isfinite(exponent) || exponent < 0.0) return 1.0;
   return std::exp2(exponent);
@@ -65,9 +66,24 @@ struct TileSums {
   std::vector<int64_t> counts;
   int pending_rows = 0;
 
-  TileSums(int64_t width, int64_t slots)
-      : width(width), slots(slots), part(slots * width), part_sq(width), part_act(width),
-        sums(slots * width), sq(width), act(width), pending(slots), counts(slots) {}
+  TileSums() : width(0), slots(0) {}
+  TileSums(int64_t width, int64_t slots) { reset(width, slots); }
+
+  // Zeroed sums for a tile of ``width`` columns and ``slots`` classes, reusing the vectors' storage
+  // (a thread's tiles reuse one TileSums: per-batch folds call the kernel thousands of times).
+  void reset(int64_t w, int64_t l) {
+    width = w;
+    slots = l;
+    part.assign(l * w, 0.0f);
+    part_sq.assign(w, 0.0f);
+    part_act.assign(w, 0.0f);
+    sums.assign(l * w, 0.0);
+    sq.assign(w, 0.0);
+    act.assign(w, 0.0);
+    pending.assign(l, 0);
+    counts.assign(l, 0);
+    pending_rows = 0;
+  }
 
   static void fold(std::vector<float>& from, std::vector<double>& into, int64_t at, int64_t n) {
     float* __restrict p = from.data() + at;
@@ -246,18 +262,23 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
                  bool count_classes, const Outputs& out, const Batches* batches) {
   const int64_t slots = classes + 1;
   const float* shift = shift_all + j0;
-  TileSums t(w, slots);
-  std::vector<double> scale(w, 1.0);
+  thread_local TileSums t;
+  thread_local std::vector<double> scale;
+  t.reset(w, slots);
+  scale.assign(w, 1.0);
   if (class_only) {
     sum_tile<false, false>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, nullptr, nullptr,
                            nullptr);
   } else {
     const float nan = std::numeric_limits<float>::quiet_NaN();
-    std::vector<float> mn(w, std::numeric_limits<float>::infinity());
-    std::vector<float> mx(w, -std::numeric_limits<float>::infinity());
+    thread_local std::vector<float> mn, mx;
+    mn.assign(w, std::numeric_limits<float>::infinity());
+    mx.assign(w, -std::numeric_limits<float>::infinity());
     sum_tile<false, true>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, mn.data(), mx.data(),
                           batches);
-    std::vector<int64_t> nans(w), infs(w);
+    thread_local std::vector<int64_t> nans, infs;
+    nans.assign(w, 0);
+    infs.assign(w, 0);
     bool seen = false;
     for (int64_t j = 0; j < w; ++j) seen |= !std::isfinite(t.sq[j]);
     if (seen) count_nonfinite(rows, n, f, j0, w, dropped, nans, infs);
@@ -270,7 +291,7 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
     if (scaled) {  // rare: values beyond 2^30 of the shift; sum the tile again, divided by scale
       std::vector<float> inv(w), ignored_mn(w), ignored_mx(w);
       for (int64_t j = 0; j < w; ++j) inv[j] = static_cast<float>(1.0 / scale[j]);
-      t = TileSums(w, slots);
+      t.reset(w, slots);
       sum_tile<true, true>(rows, n, f, j0, w, labels, dropped, slots, shift, inv.data(), t, ignored_mn.data(),
                            ignored_mx.data(), nullptr);
     }
