@@ -174,7 +174,7 @@ class Moments:
         if self.class_only and labels is None:
             return
         batch_rows = self.keep_batches and segments and not self.class_only
-        if batch_rows and not getattr(ops, "per_batch", True):
+        if batch_rows and not ops.per_batch:
             self._update_batches(rows, segments)
             batch_rows = False
         runs = _batch_runs(segments) if batch_rows else None
@@ -700,7 +700,7 @@ class PhaseStats:
         if batch is None or batch.labels is None or batch.mask is not None or self.keep_batches:
             return False
         ops = kernels.fused_ops(rows) if rows.device.type == "cpu" else None
-        return ops is not None and getattr(ops, "per_batch", True)
+        return ops is not None and ops.per_batch
 
     def _fold_now(self, layer: str, rows: torch.Tensor, samples: int, inputs: bool, batch: Batch) -> None:
         """Fold one batch's rows into the layer's running sums at once (see :meth:`_folds_now`);

@@ -40,9 +40,11 @@ def fold(
     drops: list[np.ndarray | None],
     classes: int,
     class_only: bool = False,
+    device: str = "cpu",
+    keep_batches: bool = True,
 ) -> Moments:
-    """Every chunk folded into one Moments by ``backend``; each chunk's rows are two batches."""
-    moments = Moments(chunks[0].shape[1], classes, torch.device("cpu"), True, class_only)
+    """Every chunk folded on ``device`` into one Moments by ``backend``; each chunk's rows are two batches."""
+    moments = Moments(chunks[0].shape[1], classes, torch.device(device), keep_batches, class_only)
     with kernels.using(backend):
         for i, (rows, lab, drop) in enumerate(zip(chunks, labels, drops)):
             n = len(rows)
@@ -51,11 +53,11 @@ def fold(
                 [Segment(2 * i + 1, n - half, n - half)] if n > 1 else []
             )
             moments.update(
-                torch.from_numpy(rows),
-                None if lab is None else torch.from_numpy(lab),
+                torch.from_numpy(rows).to(device),
+                None if lab is None else torch.from_numpy(lab).to(device),
                 segments,
                 None,
-                None if drop is None else torch.from_numpy(drop[:, None]),
+                None if drop is None else torch.from_numpy(drop[:, None]).to(device),
             )
     return moments
 

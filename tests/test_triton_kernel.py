@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 from test_kernels import check, columns, expected, random_chunks
+from test_kernels import fold as fold_chunks
 from torch import nn
 
 from nn_staining import NetworkTrace, kernels, load_trace
-from nn_staining.stats import Moments, Segment
+from nn_staining.stats import Moments
 
 triton = pytest.importorskip("triton")
 
@@ -46,22 +47,7 @@ def fold(
     keep_batches: bool = False,
 ) -> Moments:
     """Every chunk folded on DEVICE into one Moments by ``backend``; each chunk is two batches."""
-    moments = Moments(chunks[0].shape[1], classes, torch.device(DEVICE), keep_batches, class_only)
-    with kernels.using(backend):
-        for i, (rows, lab, drop) in enumerate(zip(chunks, labels, drops)):
-            n = len(rows)
-            half = max(n // 2, 1)
-            segments = [Segment(2 * i, half, half)] + (
-                [Segment(2 * i + 1, n - half, n - half)] if n > 1 else []
-            )
-            moments.update(
-                torch.from_numpy(rows).to(DEVICE),
-                None if lab is None else torch.from_numpy(lab).to(DEVICE),
-                segments,
-                None,
-                None if drop is None else torch.from_numpy(drop[:, None]).to(DEVICE),
-            )
-    return moments
+    return fold_chunks(backend, chunks, labels, drops, classes, class_only, DEVICE, keep_batches)
 
 
 def fold_labels(labels: list[np.ndarray], classes: int) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ the Triton kernel too, in Triton's interpreter: how the tests check it without a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -47,6 +48,9 @@ class Backend:
     name: str
     why: str
     ops: Any = None
+    #: CPU rows go to the Triton kernel in Triton's interpreter (``NN_STAINING_KERNEL=triton``,
+    #: ``TRITON_INTERPRET=1``: how the tests run the GPU kernel without a GPU)
+    interpreted_triton: bool = False
 
 
 class EarlierFailure(RuntimeError):
@@ -65,7 +69,11 @@ def backend() -> Backend:
         return _backend
     with _lock:
         if _backend is None:
-            _backend = _choose(_choice())
+            choice = _choice()
+            chosen = _choose(choice)
+            if choice == "triton" and _interpreting():
+                chosen = dataclasses.replace(chosen, interpreted_triton=True)
+            _backend = chosen
         return _backend
 
 
@@ -94,16 +102,27 @@ def describe() -> dict[str, str]:
 def fused_ops(rows: torch.Tensor) -> Any | None:
     """The kernel that folds ``rows`` (float32), or None where torch ops must (other dtypes, devices,
     or no kernel). With ``NN_STAINING_KERNEL=triton`` and ``TRITON_INTERPRET=1``, CPU rows take the
-    Triton kernel (in Triton's interpreter)."""
+    Triton kernel (in Triton's interpreter). Called for every layer of every batch: no lookups."""
     if rows.dtype != torch.float32:
         return None
-    if rows.device.type == "cuda":
-        return cuda_backend().ops
-    if rows.device.type != "cpu":
-        return None
-    if _interpreting() and _choice() == "triton":
-        return cuda_backend().ops
-    return backend().ops
+    device = rows.device.type
+    if device == "cpu":
+        chosen = _backend if _backend is not None else backend()
+        return cuda_backend().ops if chosen.interpreted_triton else chosen.ops
+    if device == "cuda":
+        return (_cuda_backend if _cuda_backend is not None else cuda_backend()).ops
+    return None
+
+
+class CppOps:
+    """The C++ kernel's entry point, resolved once (``torch.ops`` namespaces look names up on each
+    access, and a missing one such as ``per_batch`` is slow to miss)."""
+
+    #: the kernel gives per-batch rows itself
+    per_batch = True
+
+    def __init__(self) -> None:
+        self.fold_chunk = torch.ops.nn_staining.fold_chunk
 
 
 @contextlib.contextmanager
@@ -120,10 +139,12 @@ def using(name: str) -> Iterator[Backend]:
     if name == "cpp":
         if chosen.ops is None:
             raise RuntimeError(f"the C++ reduction kernel is not available: {chosen.why}")
+        wanted = dataclasses.replace(chosen, interpreted_triton=False)
     elif name == "triton":
         wanted_cuda = cuda_backend()
         if wanted_cuda.ops is None:
             raise RuntimeError(f"the Triton reduction kernel is not available: {wanted_cuda.why}")
+        wanted = dataclasses.replace(chosen, interpreted_triton=_interpreting())
     else:
         wanted = chosen if chosen.name == "torch" else torch_ops
         wanted_cuda = torch_ops
@@ -185,7 +206,7 @@ def _choose(choice: str) -> Backend:
         reason = f"the C++ reduction kernel could not be built or loaded ({_summary(exc)})"
         logger.warning("nn_staining reduces activations with torch ops: %s", reason)
         return Backend("torch", reason)
-    return Backend("cpp", why, torch.ops.nn_staining)
+    return Backend("cpp", why, CppOps())
 
 
 def _choose_cuda(choice: str) -> Backend:
