@@ -187,6 +187,69 @@ struct BatchTile {
   }
 };
 
+// The row's class slot: its label, or ``none`` (the last slot) for rows without a valid one.
+inline int64_t slot_of(const int64_t* labels, int64_t r, int64_t none) {
+  const int64_t l = labels ? labels[r] : none;
+  return (l < 0 || l > none) ? none : l;
+}
+
+// sum_tile's sums for four kept rows at once (see below): each column's square sum, min, max and
+// active count are read and written once for the four, the class slots once per row. A slot is
+// folded into float64 after the four rows that brought it to FOLD, so a float32 partial sums at
+// most FOLD + 3 rows. Two of the rows may share a slot: their updates stay in row order.
+template <bool Scaled, bool Full>
+void sum_four(const float* rows, int64_t f, int64_t j0, int64_t w, const int64_t* labels, int64_t none,
+              const int64_t* quad, const float* __restrict shift, const float* __restrict inv, TileSums& t,
+              float* __restrict mn, float* __restrict mx) {
+  const float* __restrict x0 = rows + quad[0] * f + j0;
+  const float* __restrict x1 = rows + quad[1] * f + j0;
+  const float* __restrict x2 = rows + quad[2] * f + j0;
+  const float* __restrict x3 = rows + quad[3] * f + j0;
+  const int64_t l[4] = {slot_of(labels, quad[0], none), slot_of(labels, quad[1], none),
+                        slot_of(labels, quad[2], none), slot_of(labels, quad[3], none)};
+  float* p0 = t.part.data() + l[0] * w;
+  float* p1 = t.part.data() + l[1] * w;
+  float* p2 = t.part.data() + l[2] * w;
+  float* p3 = t.part.data() + l[3] * w;
+  float* __restrict q = t.part_sq.data();
+  float* __restrict act = t.part_act.data();
+#pragma GCC ivdep
+  for (int64_t j = 0; j < w; ++j) {
+    const float a = x0[j], b = x1[j], c = x2[j], d = x3[j];
+    const float ca = Scaled ? a * inv[j] - shift[j] * inv[j] : a - shift[j];
+    const float cb = Scaled ? b * inv[j] - shift[j] * inv[j] : b - shift[j];
+    const float cc = Scaled ? c * inv[j] - shift[j] * inv[j] : c - shift[j];
+    const float cd = Scaled ? d * inv[j] - shift[j] * inv[j] : d - shift[j];
+    p0[j] += ca;
+    p1[j] += cb;
+    p2[j] += cc;
+    p3[j] += cd;
+    if (Full) {
+      q[j] += (ca * ca + cb * cb) + (cc * cc + cd * cd);
+      float lo = mn[j], hi = mx[j];
+      lo = a < lo ? a : lo;
+      lo = b < lo ? b : lo;
+      lo = c < lo ? c : lo;
+      lo = d < lo ? d : lo;
+      hi = a > hi ? a : hi;
+      hi = b > hi ? b : hi;
+      hi = c > hi ? c : hi;
+      hi = d > hi ? d : hi;
+      mn[j] = lo;
+      mx[j] = hi;
+      act[j] += ((a > 0.0f ? 1.0f : 0.0f) + (b > 0.0f ? 1.0f : 0.0f)) +
+                ((c > 0.0f ? 1.0f : 0.0f) + (d > 0.0f ? 1.0f : 0.0f));
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    t.counts[l[i]] += 1;
+    t.pending[l[i]] += 1;
+  }
+  for (int i = 0; i < 4; ++i)
+    if (t.pending[l[i]] >= FOLD) t.fold_slot(l[i]);
+  if (Full && (t.pending_rows += 4) >= FOLD) t.fold_rows();
+}
+
 // Per-class sums of one tile's columns [j0, j0 + w) over every kept row, c = (x - shift) / scale
 // (as x * inv - shift * inv when Scaled). With Full also the squares, min and max (NaN ignored:
 // a NaN or infinite value shows as a non-finite square sum, and count_nonfinite counts them) and
@@ -222,11 +285,25 @@ void sum_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, co
       }
     }
     t.counts[l] += 1;
-    if (++t.pending[l] == FOLD) t.fold_slot(l);
-    if (Full && ++t.pending_rows == FOLD) t.fold_rows();
+    if (++t.pending[l] >= FOLD) t.fold_slot(l);
+    if (Full && ++t.pending_rows >= FOLD) t.fold_rows();
   };
-  if (batches == nullptr) {
-    for (int64_t r = 0; r < n; ++r) row(r, n);
+  if (batches == nullptr) {  // kept rows four at a time: q, mn, mx and act loaded and stored once per four
+    int64_t quad[4];
+    int kept = 0;
+    for (int64_t r = 0; r < n; ++r) {
+      if (r + AHEAD < n) {
+        const float* next = rows + (r + AHEAD) * f + j0;
+        for (int64_t j = 0; j < w; j += 16) __builtin_prefetch(next + j);
+      }
+      if (dropped && dropped[r]) continue;
+      quad[kept++] = r;
+      if (kept == 4) {
+        sum_four<Scaled, Full>(rows, f, j0, w, labels, none, quad, shift, inv, t, mn, mx);
+        kept = 0;
+      }
+    }
+    for (int i = 0; i < kept; ++i) row(quad[i], quad[i]);  // end == r: no prefetch
   } else {
     BatchTile batch(w);
     for (int64_t g = 0; g < batches->groups; ++g) {
