@@ -4,7 +4,8 @@
 // total is their sum), of its squares, the min and max (NaN propagating, as amin/amax do), the
 // active (> 0) and non-finite counts (the latter read again only in a tile whose sums show a NaN
 // or infinity). Columns are cut into tiles spread over torch's intra-op
-// threads; each tile keeps float32 partial sums that are folded into float64 every FOLD rows.
+// threads; each tile keeps float32 partial sums that are folded into float64 every FOLD rows (a
+// class slot within FOLD + 3: rows are summed four at a time).
 // A tile whose chunk strays more than 2^30 from the shift is summed again divided by a power of
 // two (the same scale as stats._chunk_scale), so its float32 squares cannot overflow.
 //
