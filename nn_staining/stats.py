@@ -712,16 +712,20 @@ class PhaseStats:
             self._store_labels(batch, rows.device)
         batch.placed = True
         self.has_rows = True
+        labels = self._batch_row_labels(batch, rows.shape[0], samples)
+        if torch.is_inference_mode_enabled() or torch.is_autocast_enabled("cpu"):
+            with plain_tensor_mode(rows.device):  # running sums made here must not be inference tensors
+                self._layer_moments(layer, rows, inputs).update(rows, labels)
+        else:  # no autograd either way: rows are detached and the kernel writes plain tensors
+            self._layer_moments(layer, rows, inputs).update(rows, labels)
+
+    def _layer_moments(self, layer: str, rows: torch.Tensor, inputs: bool) -> Moments:
+        """The running sums of a layer's outputs (or with ``inputs`` of its input), made on first use."""
         table = self.inputs if inputs else self.moments
         moments = table.get(layer)
         if moments is None:
             moments = table[layer] = Moments(rows.shape[1], self.num_classes, rows.device, class_only=inputs)
-        labels = self._batch_row_labels(batch, rows.shape[0], samples)
-        if torch.is_inference_mode_enabled() or torch.is_autocast_enabled("cpu"):
-            with plain_tensor_mode(rows.device):
-                moments.update(rows, labels)
-        else:  # no autograd either way: rows are detached and the kernel writes plain tensors
-            moments.update(rows, labels)
+        return moments
 
     def _batch_row_labels(self, batch: Batch, n: int, samples: int) -> torch.Tensor | None:
         """Each of a batch's ``n`` rows' class, as :meth:`_row_labels` gives it for a chunk (kept on

@@ -120,3 +120,35 @@ def test_per_batch_rows_keep_the_chunk() -> None:
     stats.start_batch(torch.tensor([0, 1, 2]))
     stats.add("layer", torch.ones(3, 2))
     assert stats._chunk.nbytes == 3 * 2 * 4
+
+
+def test_rows_whose_samples_are_not_the_labels_get_no_class() -> None:
+    """An output shared by the batch (samples -1) or of another sample count is folded without labels."""
+    stats = PhaseStats(CLASSES)
+    rows = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    stats.start_batch(torch.tensor([0, 1, 1, 3]))
+    stats.add("shared", rows[:1], -1)
+    stats.add("other", torch.cat([rows, rows]), 2)  # 8 rows of 2 samples: 4 labels must not repeat onto them
+    stats.add("mine", rows, 4)
+    assert stats._chunk.nbytes == 0
+    record_ = stats.finish()
+    for layer, n in (("shared", 1), ("other", 8)):
+        np.testing.assert_array_equal(record_.outputs[layer].activations.act_count, [n] * 3)
+        np.testing.assert_array_equal(record_.outputs[layer].classes.count, [0] * CLASSES)
+    np.testing.assert_array_equal(record_.outputs["mine"].classes.count, [1, 2, 0, 1])
+    np.testing.assert_allclose(record_.outputs["mine"].classes.mean[1], rows[1:3].double().mean(0).numpy())
+
+
+def test_a_first_batch_in_inference_mode_leaves_ordinary_accumulators() -> None:
+    """Running sums made inside torch.inference_mode are still updated outside it (an eval pass
+    under inference mode, then training)."""
+    stats = PhaseStats(CLASSES)
+    with torch.inference_mode():
+        stats.start_batch(torch.tensor([0, 1]))
+        stats.add("layer", torch.ones(2, 3))
+    assert not stats.moments["layer"].sum.is_inference()
+    stats.start_batch(torch.tensor([2, 3]))
+    stats.add("layer", torch.full((2, 3), 3.0))
+    got = stats.finish().outputs["layer"]
+    np.testing.assert_array_equal(got.activations.act_mean, [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(got.classes.mean[:, 0], [1.0, 1.0, 3.0, 3.0])
