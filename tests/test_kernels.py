@@ -123,12 +123,15 @@ def random_chunks(
 
 @pytest.mark.parametrize("width", [1, 7, 127, 128, 129, 300])
 @pytest.mark.parametrize("masked", [False, True])
-def test_kernel_matches_numpy_across_tile_widths(kernel, width: int, masked: bool) -> None:
+@pytest.mark.parametrize("per_batch", [True, False], ids=["row-by-row", "four-rows"])
+def test_kernel_matches_numpy_across_tile_widths(kernel, width: int, masked: bool, per_batch: bool) -> None:
+    """With per-batch rows the kernel reads the chunk batch by batch, a row at a time; without, it
+    sums kept rows four at a time (the remainder one by one)."""
     rng = np.random.default_rng(width)
     chunks, labels, drops = random_chunks(rng, width, 4, [1, 70, 200, 3], masked)
-    got = fold("cpp", chunks, labels, drops, 4)
+    got = fold("cpp", chunks, labels, drops, 4, keep_batches=per_batch)
     check(columns(got), expected(chunks, labels, drops, 4))
-    reference = fold("torch", chunks, labels, drops, 4)
+    reference = fold("torch", chunks, labels, drops, 4, keep_batches=per_batch)
     check(columns(got), columns(reference), rtol=1e-6)
 
 
@@ -142,7 +145,7 @@ def test_kernel_nan_and_infinite_values_stay_in_their_neurons(kernel) -> None:
     chunks[1][5, 2] = -np.inf
     chunks[1][7, 4] = np.nan
     chunks[1][8, 4] = np.inf
-    got = columns(fold("cpp", chunks, labels, drops, 3))
+    got = columns(fold("cpp", chunks, labels, drops, 3, keep_batches=False))
     want = expected(chunks, labels, drops, 3)
     np.testing.assert_array_equal(got["act_nan_count"], [0, 1, 2, 0, 2])
     assert np.isnan(got["act_min"][[1, 4]]).all() and np.isnan(got["act_max"][[1, 4]]).all()
@@ -196,7 +199,7 @@ def test_kernel_values_far_beyond_float32_squares(kernel) -> None:
     chunks = [rng.normal(0.0, 1.0, (50, 3)).astype(np.float32) for _ in range(2)]
     chunks[1][:, 1] = rng.normal(0.0, 1e25, 50).astype(np.float32)
     labels = [rng.integers(0, 2, 50) for _ in range(2)]
-    got = columns(fold("cpp", chunks, labels, [None, None], 2))
+    got = columns(fold("cpp", chunks, labels, [None, None], 2, keep_batches=False))
     want = expected(chunks, labels, [None, None], 2)
     assert np.isfinite(got["act_std"]).all()
     check(got, want, rtol=1e-4)
