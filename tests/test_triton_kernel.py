@@ -56,11 +56,17 @@ def fold_labels(labels: list[np.ndarray], classes: int) -> list[np.ndarray]:
 
 
 @on_device
-def test_the_triton_backend_is_the_one_folding() -> None:
-    rows = torch.ones(3, 2, device=DEVICE)
-    with kernels.using("triton"):
-        assert kernels.fused_ops(rows) is kernels.cuda_backend().ops
-        assert kernels.cuda_backend().name == "triton"
+def test_the_triton_backend_is_the_one_folding(monkeypatch) -> None:
+    """Under ``using("triton")`` every fold of DEVICE rows goes through the Triton module."""
+    from nn_staining.kernels import fold_triton
+
+    calls = []
+    real = fold_triton.fold_chunk
+    monkeypatch.setattr(
+        fold_triton, "fold_chunk", lambda *a, **k: calls.append(tuple(a[0].shape)) or real(*a, **k)
+    )
+    fold([np.ones((3, 2), np.float32)], [np.array([0, 1, 1])], [None], 2)
+    assert calls == [(3, 2)]
 
 
 @on_device
@@ -69,7 +75,8 @@ def test_the_triton_backend_is_the_one_folding() -> None:
 def test_fold_matches_numpy_across_tile_widths(width: int, masked: bool) -> None:
     rng = np.random.default_rng(width)
     chunks, labels, drops = random_chunks(rng, width, 4, [1, 70, 200, 3], masked)
-    got = columns(fold(chunks, fold_labels(labels, 4), drops, 4))
+    labels[2][::7] = -1  # the kernel takes raw labels: -1 and 4 (= classes) are no class
+    got = columns(fold(chunks, labels, drops, 4))
     check(got, expected(chunks, labels, drops, 4))
     reference = columns(fold(chunks, fold_labels(labels, 4), drops, 4, backend="torch"))
     check(got, reference, rtol=1e-6)
@@ -81,10 +88,12 @@ def test_fold_matches_numpy_across_class_groups(classes: int) -> None:
     """More classes than one program's 64 slots: each group of classes re-reads the rows."""
     rng = np.random.default_rng(classes)
     chunks, labels, drops = random_chunks(rng, 33, classes, [300, 45], masked=True)
-    check(
-        columns(fold(chunks, fold_labels(labels, classes), drops, classes)),
-        expected(chunks, labels, drops, classes),
-    )
+    labels[0][5], chunks[0][5, 2] = classes - 1, np.nan  # in the last group: only its class is spoilt
+    got = columns(fold(chunks, fold_labels(labels, classes), drops, classes))
+    check(got, expected(chunks, labels, drops, classes))
+    assert np.isnan(got["class_mean"][classes - 1, 2])
+    others = np.delete(got["class_mean"][:, 2], classes - 1)[np.delete(got["class_count"], classes - 1) > 0]
+    assert np.isfinite(others).all()
 
 
 @on_device
@@ -146,6 +155,17 @@ def test_values_far_beyond_float32_squares() -> None:
     got = columns(fold(chunks, labels, [None, None], 2))
     assert np.isfinite(got["act_std"]).all()
     check(got, expected(chunks, labels, [None, None], 2), rtol=1e-4)
+
+
+@on_device
+def test_class_sums_beyond_float32_stay_finite() -> None:
+    """40 rows of one class at 2e37: their float32 sum would overflow; such a block sums in float64."""
+    rows = np.zeros((40, 2), np.float32)
+    rows[:, 0] = 2e37
+    labels = np.zeros(40, np.int64)
+    got = columns(fold([rows], [labels], [None], 2))
+    np.testing.assert_allclose(got["class_mean"][0], [2e37, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(got["act_mean"], [2e37, 0.0], rtol=1e-6)
 
 
 @on_device
@@ -275,8 +295,14 @@ def test_both_kernels_compile_to_gpu_code(capability: int) -> None:
         name: "*fp64" for name in ("work", "class_work", "count_work", "total", "squares", "active", "bad")
     }
     sums |= {"class_count": "*fp64", "class_sum": "*fp64", "low": "*fp32", "high": "*fp32"}
-    for labels, dropped, full in [(True, True, True), (True, False, False), (False, False, True)]:
-        shape = {"BLOCK_COLS": fold_triton.BLOCK_COLS, "SLOTS": 16, "STATS_ROWS": fold_triton.STATS}
+    cases = [
+        (True, True, True, 16),
+        (True, False, False, 64),
+        (False, False, True, 16),
+        (True, False, True, 64),
+    ]
+    for labels, dropped, full, slots in cases:  # 64 slots: the largest unrolled class-by-class loop
+        shape = {"BLOCK_COLS": fold_triton.BLOCK_COLS, "SLOTS": slots, "STATS_ROWS": fold_triton.STATS}
         flags = {"HAS_LABELS": labels, "FULL": full}
         split = source(
             fold_triton._fold_split,

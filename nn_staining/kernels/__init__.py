@@ -91,6 +91,8 @@ def cuda_backend() -> Backend:
 def describe() -> dict[str, str]:
     """``meta.json``'s ``reduction`` entry: the CPU backend and why, and the CUDA backend and why."""
     chosen = backend()
+    if chosen.interpreted_triton:
+        chosen = Backend("triton", "Triton's interpreter (TRITON_INTERPRET=1, NN_STAINING_KERNEL=triton)")
     if torch.cuda.is_available():
         cuda = cuda_backend()
         cuda_name, cuda_why = cuda.name, cuda.why
@@ -129,7 +131,8 @@ class CppOps:
 def using(name: str) -> Iterator[Backend]:
     """Reduce chunks with ``name`` inside the block, to compare the paths in one process (tests,
     benchmarks): ``cpp`` (CPU rows; ``RuntimeError`` without the kernel), ``triton`` (CUDA rows;
-    ``RuntimeError`` without Triton) or ``torch`` (torch ops on every device)."""
+    ``RuntimeError`` without Triton) or ``torch`` (torch ops on every device). It sets the
+    process's choice: use it from one thread, with no recording running in another."""
     global _backend, _cuda_backend
     chosen, chosen_cuda = backend(), _cuda_backend
     if name not in ("cpp", "triton", "torch"):
@@ -223,6 +226,15 @@ def _choose_cuda(choice: str) -> Backend:
         return Backend("torch", reason)
     import triton
 
+    if torch.cuda.is_available() and not _interpreting():
+        try:
+            fold_triton.smoke_test()
+        except Exception as exc:  # no C compiler for Triton's launcher, an unsupported GPU …
+            if choice == "triton":
+                raise RuntimeError(f"{ENV}=triton but the Triton kernel failed on this GPU: {exc}") from exc
+            reason = f"the Triton kernel failed on this GPU ({_summary(exc)})"
+            logger.warning("nn_staining reduces CUDA activations with torch ops: %s", reason)
+            return Backend("torch", reason)
     return Backend("triton", f"Triton {triton.__version__}", fold_triton)
 
 

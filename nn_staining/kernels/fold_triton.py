@@ -5,12 +5,13 @@ running sums of :class:`~nn_staining.stats.Moments` in two launches and no host 
 
 1. ``_fold_split``: a grid of (column tile, row split, class group) programs. Each reads its rows
    once, in blocks of ``BLOCK_ROWS``: per column the sums of ``x - shift`` and of its squares (in
-   float64: no rescaling is needed however far a value strays), min and max (NaN propagating, as
-   ``amin``/``amax``), the active (> 0) and non-finite counts, and per class the sums of
-   ``x - shift``, by one ``(classes × rows) @ (rows × columns)`` product in IEEE float32 per block
-   folded into float64 (a block holding a NaN or infinity sums its classes one by one instead, so
-   a bad row spoils only its own class). Partial results go to a float64 workspace, one slice per
-   split.
+   float64, ``x - shift`` included: no rescaling is needed however far a value strays), min and
+   max (NaN propagating, as ``amin``/``amax``), the active (> 0) and non-finite counts, and per
+   class the sums of ``x - shift``, by one ``(classes × rows) @ (rows × columns)`` product in IEEE
+   float32 per block folded into float64. A block holding a NaN, an infinity or a value beyond
+   2^100 of its shift sums its classes one by one in float64 instead, so a bad row spoils only its
+   own class and no float32 sum overflows. Partial results go to a float64 workspace, one slice
+   per split.
 2. ``_combine``: per column, the splits' partials folded into the accumulators in split order, so
    the result does not depend on scheduling (no atomics).
 
@@ -20,6 +21,8 @@ same code runs on CPU tensors, which is how the tests check it on a machine with
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -38,7 +41,7 @@ STATS = 7
 TARGET_PROGRAMS = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "rows_per_split"])  # one compilation for every chunk length
 def _fold_split(
     rows,
     shift,
@@ -84,11 +87,10 @@ def _fold_split(
             keep = keep & (tl.load(dropped + r, mask=keep, other=1) == 0)
         inside = keep[:, None] & in_cols[None, :]
         x = tl.load(rows + r[:, None].to(tl.int64) * f + cols[None, :], mask=inside, other=0.0)
-        c = tl.where(inside, x - centre[None, :], 0.0)
+        c64 = tl.where(inside, x.to(tl.float64) - centre[None, :].to(tl.float64), 0.0)  # exact
         is_nan = inside & (x != x)
         not_finite = inside & ((x != x) | (tl.abs(x) == float("inf")))
         if FULL and group == 0:  # the per-column statistics are the first class group's job
-            c64 = c.to(tl.float64)
             total += tl.sum(c64, axis=0)
             squares += tl.sum(c64 * c64, axis=0)
             active += tl.sum((inside & (x > 0)).to(tl.float64), axis=0)
@@ -100,14 +102,18 @@ def _fold_split(
             label = tl.load(labels + r, mask=keep, other=-1)
             member = (slots[:, None] == label[None, :]) & keep[None, :] & (slots[:, None] < classes)
             class_rows += tl.sum(member.to(tl.float64), axis=1)
-            if tl.max(tl.sum(not_finite.to(tl.int32), axis=1), axis=0) == 0:
-                part = tl.dot(member.to(tl.float32), c, input_precision="ieee")
-            else:  # a product would spread 0 × NaN to every class: sum class by class
-                part = tl.zeros([SLOTS, BLOCK_COLS], tl.float32)
+            # beyond 2^100 from the shift (or not finite), float32 sums of a block could overflow
+            large = inside & ~(tl.abs(c64) <= 1.2676506002282294e30)
+            if tl.max(tl.sum(large.to(tl.int32), axis=1), axis=0) == 0:
+                part = tl.dot(member.to(tl.float32), c64.to(tl.float32), input_precision="ieee").to(
+                    tl.float64
+                )
+            else:  # a product would spread 0 × NaN to every class: sum class by class, in float64
+                part = tl.zeros([SLOTS, BLOCK_COLS], tl.float64)
                 for s in tl.static_range(SLOTS):
-                    mine = tl.sum(tl.where((label == group * SLOTS + s)[:, None] & inside, c, 0.0), axis=0)
+                    mine = tl.sum(tl.where((label == group * SLOTS + s)[:, None] & inside, c64, 0.0), axis=0)
                     part += tl.where((tl.arange(0, SLOTS) == s)[:, None], mine[None, :], 0.0)
-            class_total += part.to(tl.float64)
+            class_total += part
     if FULL and group == 0:
         out = work + (split * STATS_ROWS) * f + cols
         tl.store(out, total, mask=in_cols)
@@ -125,7 +131,7 @@ def _fold_split(
             tl.store(count_work + split * classes + slots, class_rows, mask=in_slots)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _combine(
     work,
     class_work,
@@ -236,6 +242,51 @@ def fold_chunk(
     full = not class_only
     if n == 0 or f == 0 or not (full or has_labels):
         return empty
+    accumulators = (sum, sum_sq, minimum, maximum, active, nonfinite) if full else ()
+    _check(rows, shift, accumulators + ((class_count, class_sum) if has_labels else ()))
+    for given in (labels if has_labels else None, dropped):
+        if given is not None and given.device != rows.device:
+            raise ValueError(f"the Triton fold needs labels and masks on {rows.device}, got {given.device}")
+    with torch.cuda.device(rows.device) if rows.is_cuda else contextlib.nullcontext():
+        _launch(
+            rows,
+            shift,
+            labels if has_labels else None,
+            dropped,
+            classes,
+            full,
+            accumulators,
+            class_count,
+            class_sum,
+        )
+    return empty
+
+
+def _check(rows: torch.Tensor, shift: torch.Tensor, accumulators: tuple[torch.Tensor, ...]) -> None:
+    """The accumulators must be contiguous and on the rows' device (the kernel writes through raw pointers)."""
+    for t in (shift, *accumulators):
+        if t.device != rows.device or not t.is_contiguous():
+            raise ValueError(
+                f"the Triton fold needs contiguous accumulators on {rows.device}, got one on {t.device}"
+                f"{'' if t.is_contiguous() else ' (not contiguous)'}"
+            )
+
+
+def _launch(
+    rows: torch.Tensor,
+    shift: torch.Tensor,
+    labels: torch.Tensor | None,
+    dropped: torch.Tensor | None,
+    classes: int,
+    full: bool,
+    accumulators: tuple[torch.Tensor, ...],
+    class_count: torch.Tensor,
+    class_sum: torch.Tensor,
+) -> None:
+    """The two launches. Triton launches on the current device, so the caller makes it the rows'
+    (a model split over GPUs has chunks on several)."""
+    n, f = rows.shape
+    has_labels = labels is not None
     slots = _slots(classes)
     groups = triton.cdiv(classes, slots) if has_labels else 1
     tiles = triton.cdiv(f, BLOCK_COLS)
@@ -267,7 +318,7 @@ def fold_chunk(
         SLOTS=slots,
         STATS_ROWS=STATS,
     )
-    accumulators = (sum, sum_sq, minimum, maximum, active, nonfinite) if full else (work,) * 6
+    accumulators = accumulators if full else (work,) * 6
     _combine[(tiles, groups)](
         work,
         class_work,
@@ -284,4 +335,28 @@ def fold_chunk(
         SLOTS=slots,
         STATS_ROWS=STATS,
     )
-    return empty
+
+
+def smoke_test() -> None:
+    """Fold two rows on the current CUDA device once: Triton compiles and launches here, so a
+    machine where it cannot (no C compiler for its launcher, a GPU it does not support, a
+    read-only cache) is found when the backend is chosen, not in the middle of training."""
+    rows = torch.tensor([[1.0, -2.0, 3.0], [0.5, 4.0, -1.0]], device="cuda")
+    sums = torch.zeros(4 * 3 + 2 + 2 * 3, dtype=torch.float64, device="cuda")
+    total, squares, active, bad, count, per_class = sums.split([3, 3, 3, 3, 2, 6])
+    low = torch.full((3,), float("inf"), device="cuda")
+    high = torch.full((3,), float("-inf"), device="cuda")
+    labels = torch.tensor([0, 1], device="cuda")
+    fold_chunk(
+        rows, rows.mean(0), labels, None, 2, False, total, squares, low, high, active, bad, count, per_class
+    )
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)  # this one check waits for the GPU, even inside a guarded loop
+    try:
+        right = torch.equal(high.cpu(), torch.tensor([1.0, 4.0, 3.0])) and count.cpu().tolist() == [1.0, 1.0]
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+    if not right:
+        raise RuntimeError(
+            f"the Triton fold gave wrong sums on this GPU (max {high.tolist()}, counts {count.tolist()})"
+        )
