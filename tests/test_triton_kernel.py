@@ -60,6 +60,7 @@ def test_the_triton_backend_is_the_one_folding(monkeypatch) -> None:
     """Under ``using("triton")`` every fold of DEVICE rows goes through the Triton module."""
     from nn_staining.kernels import fold_triton
 
+    kernels.cuda_backend()  # chosen first: on a GPU the choice folds two rows of its own (a smoke test)
     calls = []
     real = fold_triton.fold_chunk
     monkeypatch.setattr(
