@@ -715,17 +715,14 @@ class PhaseStats:
         labels = self._batch_row_labels(batch, rows.shape[0], samples)
         if torch.is_inference_mode_enabled() or torch.is_autocast_enabled("cpu"):
             with plain_tensor_mode(rows.device):  # running sums made here must not be inference tensors
-                self._layer_moments(layer, rows, inputs).update(rows, labels)
+                self._layer_moments(layer, rows.shape[1], rows.device, inputs).update(rows, labels)
         else:  # no autograd either way: rows are detached and the kernel writes plain tensors
-            self._layer_moments(layer, rows, inputs).update(rows, labels)
+            self._layer_moments(layer, rows.shape[1], rows.device, inputs).update(rows, labels)
 
-    def _layer_moments(self, layer: str, rows: torch.Tensor, inputs: bool) -> Moments:
+    def _layer_moments(self, layer: str, width: int, device: torch.device, inputs: bool) -> Moments:
         """The running sums of a layer's outputs (or with ``inputs`` of its input), made on first use."""
-        table = self.inputs if inputs else self.moments
-        moments = table.get(layer)
-        if moments is None:
-            moments = table[layer] = Moments(rows.shape[1], self.num_classes, rows.device, class_only=inputs)
-        return moments
+        moments = self.layer_moments(inputs).get(layer)
+        return self.add_layer(layer, width, device, inputs) if moments is None else moments
 
     def _batch_row_labels(self, batch: Batch, n: int, samples: int) -> torch.Tensor | None:
         """Each of a batch's ``n`` rows' class, as :meth:`_row_labels` gives it for a chunk (kept on
@@ -735,15 +732,8 @@ class PhaseStats:
         key = (n, samples)
         labels = batch.row_labels.get(key)
         if labels is None:
-            size = batch.labels.shape[0]
-            if size != samples or n % size:
-                labels = torch.full((n,), self.num_classes, dtype=torch.int64)
-            else:
-                labels = batch.labels.to("cpu")
-                labels = labels if n == size else labels.repeat_interleave(n // size)
-                invalid = (labels < 0) | (labels >= self.num_classes)
-                labels = labels.to(torch.int64).masked_fill(invalid, self.num_classes).contiguous()
-            batch.row_labels[key] = labels
+            labels = self._labels_per_row(batch.labels.to("cpu"), n, samples, "cpu")
+            labels = batch.row_labels[key] = self._valid_labels(labels.to(torch.int64)).contiguous()
         return labels
 
     def add_mean(
@@ -871,12 +861,7 @@ class PhaseStats:
         for layer, inputs, buf in chunk.buffers():
             if buf.fill == 0:
                 continue
-            table = self.inputs if inputs else self.moments
-            moments = table.get(layer)
-            if moments is None:
-                keep = self.keep_batches and not inputs
-                f, device = buf.rows.shape[1], buf.rows.device
-                moments = table[layer] = Moments(f, self.num_classes, device, keep, class_only=inputs)
+            moments = self._layer_moments(layer, buf.rows.shape[1], buf.rows.device, inputs)
             runs = tuple(buf.segments)
             if runs not in row_labels:  # layers with the same runs share their row labels
                 row_labels[runs] = self._row_labels(chunk, buf.segments, buf.rows.device)
@@ -895,15 +880,25 @@ class PhaseStats:
         parts = []
         for segment in segments:
             run = chunk.label_runs.get(segment.batch)
-            if run is None or run[1] != segment.samples or segment.rows % run[1]:
-                parts.append(torch.full((segment.rows,), self.num_classes, dtype=torch.int64, device=device))
-                continue
-            start, size = run
-            labels = chunk.labels[start : start + size]
-            parts.append(labels if segment.rows == size else labels.repeat_interleave(segment.rows // size))
+            labels = None if run is None else chunk.labels[run[0] : run[0] + run[1]]
+            parts.append(self._labels_per_row(labels, segment.rows, segment.samples, device))
         labels = parts[0] if len(parts) == 1 else torch.cat([p.to(device, non_blocking=True) for p in parts])
-        invalid = (labels < 0) | (labels >= self.num_classes)
-        return labels.to(device, non_blocking=True).masked_fill(invalid, self.num_classes)
+        return self._valid_labels(labels.to(device, non_blocking=True))
+
+    def _labels_per_row(
+        self, labels: torch.Tensor | None, rows: int, samples: int, device: torch.device | str
+    ) -> torch.Tensor:
+        """A pass's labels (one per sample) on its ``rows`` rows of ``samples`` samples: each sample's
+        rows carry its label. They apply only when the output has as many samples as there are
+        labels (an output shared by the batch, such as a position embedding of batch size 1, gets
+        none) and a whole number of rows per sample; otherwise every row is ``num_classes``."""
+        if labels is None or labels.shape[0] != samples or rows % labels.shape[0]:
+            return torch.full((rows,), self.num_classes, dtype=torch.int64, device=device)
+        return labels if rows == samples else labels.repeat_interleave(rows // samples)
+
+    def _valid_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels outside ``0..num_classes - 1`` (ignored, or out of range) as ``num_classes``: no class."""
+        return labels.masked_fill((labels < 0) | (labels >= self.num_classes), self.num_classes)
 
     def _row_drops(self, chunk: Chunk, segments: list[Segment], device: torch.device) -> torch.Tensor | None:
         """(rows, 1) bool: the buffered rows a mask excludes (None when no batch of these runs has one).
@@ -937,8 +932,7 @@ class PhaseStats:
     def _add_empty_layers(self) -> None:
         """Running sums (count 0) for the layers that saw only empty batches."""
         for layer, (width, device) in self._empty.items():
-            if layer not in self.moments:
-                self.moments[layer] = Moments(width, self.num_classes, device, self.keep_batches)
+            self._layer_moments(layer, width, device, inputs=False)
 
     def layer_moments(self, inputs: bool = False) -> dict[str, Moments]:
         """Each layer's running sums (of its outputs, or with ``inputs`` of a Linear's inputs)."""

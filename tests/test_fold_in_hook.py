@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nn_staining import kernels
+from nn_staining.records import ACTIVATION_COLUMNS
 from nn_staining.stats import PhaseStats
 
 CLASSES = 4
@@ -97,15 +98,7 @@ def test_the_hook_fold_and_the_chunk_of_torch_ops_agree() -> None:
         chunked = stats.finish()
     assert all(b > 0 for b in buffered), "the torch-op path buffers every pass"
     a, b = folded.outputs["layer"], chunked.outputs["layer"]
-    for name in (
-        "act_count",
-        "act_mean",
-        "act_std",
-        "act_min",
-        "act_max",
-        "act_active_frac",
-        "act_nan_count",
-    ):
+    for name in ACTIVATION_COLUMNS:
         np.testing.assert_allclose(getattr(a.activations, name), getattr(b.activations, name), rtol=1e-5)
     np.testing.assert_array_equal(a.classes.count, b.classes.count)
     np.testing.assert_allclose(a.classes.mean, b.classes.mean, rtol=1e-5, atol=1e-7)

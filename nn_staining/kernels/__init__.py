@@ -186,7 +186,11 @@ def compile_flags() -> list[str]:
 
 
 def _choice() -> str:
-    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    """``NN_STAINING_KERNEL``, checked."""
+    return _checked(os.environ.get(ENV, "auto").strip().lower() or "auto")
+
+
+def _checked(choice: str) -> str:
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={choice!r} is not a reduction backend; valid: {', '.join(CHOICES)}")
     return choice
@@ -197,9 +201,7 @@ def _interpreting() -> bool:
 
 
 def _choose(choice: str) -> Backend:
-    if choice not in CHOICES:
-        raise ValueError(f"{ENV}={choice!r} is not a reduction backend; valid: {', '.join(CHOICES)}")
-    if choice == "torch":
+    if _checked(choice) == "torch":
         return Backend("torch", f"{ENV}=torch")
     try:
         why = _load()
