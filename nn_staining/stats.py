@@ -685,14 +685,14 @@ class PhaseStats:
         if n == 0:
             self._saw_empty(layer, inputs, rows.shape[1], rows.device)
             return
-        if self._folds_now(rows, batch or self._current):
-            self._fold_now(layer, rows, n if samples is None else samples, inputs, batch or self._current)
+        if self.folds_now(rows, batch or self._current):
+            self.fold_now(layer, rows, n if samples is None else samples, inputs, batch or self._current)
             return
         buf = self._room(layer, inputs, n, rows.shape[1], rows.device)
         buf.rows[buf.fill : buf.fill + n].copy_(rows)
         self._filled(buf, batch, n, rows.device, n if samples is None else samples)
 
-    def _folds_now(self, rows: torch.Tensor, batch: Batch | None) -> bool:
+    def folds_now(self, rows: torch.Tensor, batch: Batch | None) -> bool:
         """Whether a batch's rows are folded straight into the running sums by the C++ kernel, while
         the hook's output is still in cache, instead of being copied into the chunk and read again
         when it is reduced: CPU float32 rows of a pass whose labels are known, with no mask and no
@@ -702,8 +702,8 @@ class PhaseStats:
         ops = kernels.fused_ops(rows) if rows.device.type == "cpu" else None
         return ops is not None and ops.per_batch
 
-    def _fold_now(self, layer: str, rows: torch.Tensor, samples: int, inputs: bool, batch: Batch) -> None:
-        """Fold one batch's rows into the layer's running sums at once (see :meth:`_folds_now`);
+    def fold_now(self, layer: str, rows: torch.Tensor, samples: int, inputs: bool, batch: Batch) -> None:
+        """Fold one batch's rows into the layer's running sums at once (see :meth:`folds_now`);
         the batch's labels are still stored in the chunk, where they are counted."""
         if self._chunk is None:
             self._chunk = self.pool.acquire()

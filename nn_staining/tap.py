@@ -132,6 +132,18 @@ class _Deferred:
     means: Tensor | None = None  # a convolution's spatial means, computed from its input
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A layer that a steady pass of ``stats`` folded straight from its hook: a batch-first
+    ``(batch, …, neurons)`` float32 output of a labelled pass (and, with ``input_width``, a Linear's
+    input) that needed nothing learnt, deferred or masked. Later calls that match it skip the
+    general path (:meth:`HookTap._record_planned`); any other call takes it."""
+
+    stats: PhaseStats
+    neurons: int
+    input_width: int  # 0: the layer's input is not recorded
+
+
 @dataclass
 class _ThreadPass:
     """One thread's bookkeeping: the phase of the model pass it is in (``_NO_PASS`` between passes),
@@ -192,6 +204,7 @@ class HookTap:
         self._pre_handles: list[torch.utils.hooks.RemovableHandle] = []  # only while the graph is learnt
         self._window_means: set[str] = set()  # convolutions whose spatial means may come from their input
         self._compiled_calls: list[tuple[str, Tensor | None, Any]] = []  # kept by hooks inside torch.compile
+        self._plans: dict[str, _Plan] = {}  # layer -> how its steady calls are folded
 
     def __deepcopy__(self, memo: dict) -> HookTap:
         """A deep copy of the hooked model keeps hooks bound to this tap, which ignores its modules."""
@@ -282,6 +295,7 @@ class HookTap:
         self._handles = []
         self._phases = {}
         self._threads = {}
+        self._plans = {}  # they hold the epoch's statistics
 
     def report(self, epoch: int, written: bool) -> None:
         """At the end of a recorded epoch: one warning that lists modules skipped for the first time
@@ -412,9 +426,48 @@ class HookTap:
                 _refuse_replica(module)
                 return
             with self._lock:
-                self._record(key, module, linear, args, output)
+                plan = self._plans.get(key)
+                if plan is None or not self._record_planned(key, plan, args, output):
+                    self._record(key, module, linear, args, output)
 
         return hook
+
+    def _record_planned(self, key: str, plan: _Plan, args: tuple, output: Any) -> bool:
+        """Fold a call of ``key`` the way its plan says, when the call matches it: the first call of
+        the layer in a pass of the plan's phase that learns nothing, a float32 output of the plan's
+        width whose first dimension holds the labelled, unmasked batch's samples (the layer's known
+        batch dimension), and the Linear's input of the plan's width. Returns False (nothing done)
+        otherwise, and the general :meth:`_record` decides. The hot path of a recorded epoch: it
+        does what :meth:`_record` does for such a call, with nothing else checked."""
+        state = self._thread()
+        stats, batch = state.stats, state.batch
+        if stats is not plan.stats or state.learn or key in state.calls or not isinstance(output, Tensor):
+            return False
+        labels = batch.labels
+        shape = output.shape
+        if (
+            labels is None
+            or len(shape) < 2
+            or shape[-1] != plan.neurons
+            or shape[0] != labels.shape[0]
+            or output.dtype != torch.float32
+            or self.batch_dims.get(key) != 0
+        ):
+            return False
+        first = args[0] if plan.input_width and args else None
+        if plan.input_width and not (isinstance(first, Tensor) and first.shape[-1] == plan.input_width):
+            return False
+        rows = output.detach().reshape(-1, plan.neurons)
+        if not stats.folds_now(rows, batch):
+            return False
+        samples = shape[0]
+        state.calls[key] = 1
+        state.matched = True
+        stats.fold_now(key, rows, samples, False, batch)
+        if first is not None:
+            stats.add(key, first.detach().reshape(-1, plan.input_width), samples, inputs=True, batch=batch)
+        state.fired.add(key)
+        return True
 
     def _record_compiled_calls(self) -> None:
         """Record the layer outputs a compiled forward kept (in the order of the pass), eagerly: the
@@ -487,12 +540,40 @@ class HookTap:
             state.deferred.append(_Deferred(key, layout, out, inputs, batch, stats))
         else:
             self._add(_Deferred(key, layout, out, inputs, batch, stats, means), batch_dim, why)
+            if call == 1 and not (direct or learn or compiled) and batch_dim == 0 and why == "":
+                self._plan(key, layout, out, inputs, means, batch, stats)
         if learn:
             self._learn(key, module, args, raw, state, sources)
         elif compiled:
             state.compiled_last = key
             state.shapes[key] = tuple(raw.shape)
         state.fired.add(key)
+
+    def _plan(
+        self,
+        key: str,
+        layout: OutputLayout,
+        out: Tensor,
+        inputs: Tensor | None,
+        means: Tensor | None,
+        batch: Batch,
+        stats: PhaseStats,
+    ) -> None:
+        """After the general path recorded a first call of ``key`` with its batch in dimension 0:
+        remember it as a :class:`_Plan` when its output was folded at once as a batch-first row
+        layout, so the layer's next matching calls take :meth:`_record_planned`."""
+        folded = (
+            means is None
+            and not layout.channel_first
+            and out.dim() >= 2
+            and out.dtype == torch.float32
+            and out.shape[0] == _given(batch)
+            and stats.folds_now(out, batch)
+        )
+        if not folded:
+            self._plans.pop(key, None)
+            return
+        self._plans[key] = _Plan(stats, layout.neurons, 0 if inputs is None else inputs.shape[-1])
 
     def _add(self, item: _Deferred, batch_dim: int | None, why: str) -> None:
         """Buffer one output (and a Linear's input) with the batch in ``batch_dim``; without one (an

@@ -1,5 +1,5 @@
 """Batches whose labels are known when a layer fires are folded by the C++ kernel straight from the
-hook (nn_staining.stats.PhaseStats._fold_now): no rows are copied into the chunk. Checked against
+hook (nn_staining.stats.PhaseStats.fold_now): no rows are copied into the chunk. Checked against
 numpy on the same rows, against the chunk path (torch ops), with both paths mixed in one epoch
 (a masked batch and an unlabelled one take the chunk), and for the chunk staying empty."""
 

@@ -58,37 +58,48 @@ inline double chunk_scale(float low, float high, float shift) {
 
 // One tile's sums: slots (classes + 1) × width per-class sums of x - shift (the last slot: rows
 // without a class), and per column the square sums and active counts. float32 partials (the
-// counts exact below 2^24) are folded into float64 every FOLD rows of a slot.
+// counts exact below 2^24) are folded into float64 every FOLD rows of a slot. A thread's tiles
+// reuse one TileSums (per-batch folds call the kernel thousands of times), and a tile leaves its
+// float32 partials zero (drain), so the next tile starts without clearing them; a slot's float64
+// sums are used only once it was folded (``folded``), so they need no clearing either.
 struct TileSums {
-  int64_t width, slots;
-  std::vector<float> part, part_sq, part_act;
+  int64_t width = 0, slots = 0;
+  std::vector<float> part, part_sq, part_act;  // all zero between tiles
   std::vector<double> sums, sq, act;
+  std::vector<char> folded;  // whether sums holds slot l (a slot of more than FOLD rows)
   std::vector<int> pending;
   std::vector<int64_t> counts;
   int pending_rows = 0;
 
-  TileSums() : width(0), slots(0) {}
-  TileSums(int64_t width, int64_t slots) { reset(width, slots); }
-
-  // Zeroed sums for a tile of ``width`` columns and ``slots`` classes, reusing the vectors' storage
-  // (a thread's tiles reuse one TileSums: per-batch folds call the kernel thousands of times).
+  // Sums for a tile of ``w`` columns and ``l`` slots (the partials are zero already).
   void reset(int64_t w, int64_t l) {
+    if (static_cast<size_t>(w * l) > part.size()) {
+      part.resize(w * l, 0.0f);
+      sums.resize(w * l);
+    }
+    if (static_cast<size_t>(w) > part_sq.size()) {
+      part_sq.resize(w, 0.0f);
+      part_act.resize(w, 0.0f);
+    }
     width = w;
     slots = l;
-    part.assign(l * w, 0.0f);
-    part_sq.assign(w, 0.0f);
-    part_act.assign(w, 0.0f);
-    sums.assign(l * w, 0.0);
     sq.assign(w, 0.0);
     act.assign(w, 0.0);
+    folded.assign(l, 0);
     pending.assign(l, 0);
     counts.assign(l, 0);
     pending_rows = 0;
   }
 
-  static void fold(std::vector<float>& from, std::vector<double>& into, int64_t at, int64_t n) {
-    float* __restrict p = from.data() + at;
-    double* __restrict s = into.data() + at;
+  // Zero every partial (before a tile is summed again, scaled).
+  void clear() {
+    std::fill(part.begin(), part.begin() + slots * width, 0.0f);
+    std::fill(part_sq.begin(), part_sq.begin() + width, 0.0f);
+    std::fill(part_act.begin(), part_act.begin() + width, 0.0f);
+    reset(width, slots);
+  }
+
+  static void fold(float* __restrict p, double* __restrict s, int64_t n) {
     for (int64_t j = 0; j < n; ++j) {
       s[j] += p[j];
       p[j] = 0.0f;
@@ -96,20 +107,37 @@ struct TileSums {
   }
 
   void fold_slot(int64_t l) {
-    fold(part, sums, l * width, width);
+    float* __restrict p = part.data() + l * width;
+    double* __restrict s = sums.data() + l * width;
+    if (folded[l]) {
+      fold(p, s, width);
+    } else {
+      for (int64_t j = 0; j < width; ++j) {
+        s[j] = p[j];
+        p[j] = 0.0f;
+      }
+      folded[l] = 1;
+    }
     pending[l] = 0;
   }
 
   void fold_rows() {
-    fold(part_sq, sq, 0, width);
-    fold(part_act, act, 0, width);
+    fold(part_sq.data(), sq.data(), width);
+    fold(part_act.data(), act.data(), width);
     pending_rows = 0;
   }
 
-  void fold_all() {
-    for (int64_t l = 0; l < slots; ++l)
-      if (pending[l]) fold_slot(l);
-    if (pending_rows) fold_rows();
+  // Slot l's sums, scaled, into class (may be null) and total (may be null), leaving its partials zero.
+  void drain(int64_t l, const double* __restrict scale, double* __restrict into, double* __restrict total) {
+    float* __restrict p = part.data() + l * width;
+    const double* __restrict s = sums.data() + l * width;
+    const bool carried = folded[l];
+    for (int64_t j = 0; j < width; ++j) {
+      const double v = carried ? s[j] + p[j] : static_cast<double>(p[j]);
+      p[j] = 0.0f;
+      if (total) total[j] += v;
+      if (into) into[j] += v * scale[j];
+    }
   }
 };
 
@@ -319,7 +347,7 @@ void sum_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, co
       batch.finish(rows, f, j0, w, *batches, g);
     }
   }
-  t.fold_all();
+  if (t.pending_rows) t.fold_rows();
 }
 
 // The NaN and infinite values of one tile's kept rows, per column (only for a tile where they show).
@@ -347,6 +375,8 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
   if (class_only) {
     sum_tile<false, false>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, nullptr, nullptr,
                            nullptr);
+    for (int64_t l = 0; l < slots; ++l)
+      t.drain(l, scale.data(), l < classes ? out.class_sum + l * f + j0 : nullptr, nullptr);
   } else {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     thread_local std::vector<float> mn, mx;
@@ -369,15 +399,17 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
     if (scaled) {  // rare: values beyond 2^30 of the shift; sum the tile again, divided by scale
       std::vector<float> inv(w), ignored_mn(w), ignored_mx(w);
       for (int64_t j = 0; j < w; ++j) inv[j] = static_cast<float>(1.0 / scale[j]);
-      t.reset(w, slots);
+      t.clear();
       sum_tile<true, true>(rows, n, f, j0, w, labels, dropped, slots, shift, inv.data(), t, ignored_mn.data(),
                            ignored_mx.data(), nullptr);
     }
+    thread_local std::vector<double> total;
+    total.assign(w, 0.0);
+    for (int64_t l = 0; l < slots; ++l)
+      t.drain(l, scale.data(), l < classes ? out.class_sum + l * f + j0 : nullptr, total.data());
     for (int64_t j = 0; j < w; ++j) {
       const int64_t k = j0 + j;
-      double total = 0.0;
-      for (int64_t l = 0; l < slots; ++l) total += t.sums[l * w + j];
-      out.sum[k] += total * scale[j];
+      out.sum[k] += total[j] * scale[j];
       out.sum_sq[k] += t.sq[j] * (scale[j] * scale[j]);
       out.minimum[k] = nan_min(out.minimum[k], mn[j]);
       out.maximum[k] = nan_max(out.maximum[k], mx[j]);
@@ -385,12 +417,8 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
       out.nonfinite[k] += static_cast<double>(nans[j] + infs[j]);
     }
   }
-  for (int64_t l = 0; l < classes; ++l) {
-    double* cs = out.class_sum + l * f + j0;
-    const double* s = t.sums.data() + l * w;
-    for (int64_t j = 0; j < w; ++j) cs[j] += s[j] * scale[j];
-    if (count_classes) out.class_count[l] += static_cast<double>(t.counts[l]);
-  }
+  if (count_classes)
+    for (int64_t l = 0; l < classes; ++l) out.class_count[l] += static_cast<double>(t.counts[l]);
 }
 
 void check_accumulator(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
