@@ -94,6 +94,7 @@ class Moments:
     class_count: torch.Tensor = field(init=False)
     class_sum: torch.Tensor = field(init=False)
     batches: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    _accumulators: tuple | None = field(default=None, init=False, repr=False)  # the kernel's argument tail
 
     def __post_init__(self) -> None:
         f, c, dev = self.num_features, self.num_classes, self.device
@@ -159,6 +160,34 @@ class Moments:
             self.nonfinite += (bad if dropped is None else bad & ~dropped).sum(0)
         if self.keep_batches and segments:
             self._update_batches(rows, segments)
+
+    def fold_batch(self, ops: Any, rows: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """:meth:`update` of one labelled, unmasked batch without per-batch rows by a kernel that
+        gives them (the C++ one: ``ops.per_batch``), with the kernel's arguments built once: the
+        hook's hot path."""
+        if ops is None or self.shift is None or self.keep_batches or not ops.per_batch:
+            self.update(rows, labels)
+            return
+        self.count += rows.shape[0]
+        if self.class_only and labels is None:
+            return
+        if self._accumulators is None:
+            self._accumulators = (
+                self.num_classes,
+                self.class_only,
+                self.sum,
+                self.sum_sq,
+                self.minimum,
+                self.maximum,
+                self.active,
+                self.nonfinite,
+                self.class_count,
+                self.class_sum,
+                None,
+                None,
+                None,
+            )
+        ops.fold_chunk(rows.contiguous(), self.shift, labels, None, *self._accumulators)
 
     def _fold_fused(
         self,
@@ -705,19 +734,29 @@ class PhaseStats:
     def fold_now(self, layer: str, rows: torch.Tensor, samples: int, inputs: bool, batch: Batch) -> None:
         """Fold one batch's rows into the layer's running sums at once (see :meth:`folds_now`);
         the batch's labels are still stored in the chunk, where they are counted."""
-        if self._chunk is None:
-            self._chunk = self.pool.acquire()
+        if torch.is_inference_mode_enabled() or torch.is_autocast_enabled("cpu"):
+            with plain_tensor_mode(rows.device):  # running sums made here must not be inference tensors
+                self.fold_into(
+                    self._layer_moments(layer, rows.shape[1], rows.device, inputs), rows, samples, batch
+                )
+        else:  # no autograd either way: rows are detached and the kernel writes plain tensors
+            self.fold_into(
+                self._layer_moments(layer, rows.shape[1], rows.device, inputs), rows, samples, batch
+            )
+
+    def fold_into(self, moments: Moments, rows: torch.Tensor, samples: int, batch: Batch) -> None:
+        """:meth:`fold_now` into ``moments``, the layer's (or its input's) running sums. A hook's
+        planned call (``tap._Plan``) keeps them and calls this directly: they exist and have their
+        shift, so the kernel only writes them in place (no tensor is made, in inference mode or not)."""
         chunk = self._chunk
+        if chunk is None:
+            chunk = self._chunk = self.pool.acquire()
         if batch.index not in chunk.label_runs:
             self._store_labels(batch, rows.device)
         batch.placed = True
         self.has_rows = True
         labels = self._batch_row_labels(batch, rows.shape[0], samples)
-        if torch.is_inference_mode_enabled() or torch.is_autocast_enabled("cpu"):
-            with plain_tensor_mode(rows.device):  # running sums made here must not be inference tensors
-                self._layer_moments(layer, rows.shape[1], rows.device, inputs).update(rows, labels)
-        else:  # no autograd either way: rows are detached and the kernel writes plain tensors
-            self._layer_moments(layer, rows.shape[1], rows.device, inputs).update(rows, labels)
+        moments.fold_batch(kernels.fused_ops(rows), rows, labels)
 
     def _layer_moments(self, layer: str, width: int, device: torch.device, inputs: bool) -> Moments:
         """The running sums of a layer's outputs (or with ``inputs`` of its input), made on first use."""

@@ -54,7 +54,7 @@ from .layers import (
     unrecordable_reason,
 )
 from .signature import call_key
-from .stats import Batch, LabelFaults, PhaseStats
+from .stats import Batch, LabelFaults, Moments, PhaseStats
 
 log = logging.getLogger(__name__)
 _NO_PASS = object()  # no forward of the whole model is running
@@ -141,6 +141,8 @@ class _Plan:
 
     stats: PhaseStats
     neurons: int
+    moments: Moments  # the layer's running sums in ``stats``
+    input_moments: Moments | None  # its input's, when recorded
     input_width: int  # 0: the layer's input is not recorded
 
 
@@ -455,7 +457,9 @@ class HookTap:
         ):
             return False
         first = args[0] if plan.input_width and args else None
-        if plan.input_width and not (isinstance(first, Tensor) and first.shape[-1] == plan.input_width):
+        if plan.input_width and not (
+            isinstance(first, Tensor) and first.shape[-1] == plan.input_width and first.dtype == torch.float32
+        ):
             return False
         rows = output.detach().reshape(-1, plan.neurons)
         if not stats.folds_now(rows, batch):
@@ -463,9 +467,9 @@ class HookTap:
         samples = shape[0]
         state.calls[key] = 1
         state.matched = True
-        stats.fold_now(key, rows, samples, False, batch)
+        stats.fold_into(plan.moments, rows, samples, batch)
         if first is not None:
-            stats.add(key, first.detach().reshape(-1, plan.input_width), samples, inputs=True, batch=batch)
+            stats.fold_into(plan.input_moments, first.detach().reshape(-1, plan.input_width), samples, batch)
         state.fired.add(key)
         return True
 
@@ -570,10 +574,13 @@ class HookTap:
             and out.shape[0] == _given(batch)
             and stats.folds_now(out, batch)
         )
-        if not folded:
+        moments, input_moments = stats.layer_moments().get(key), stats.layer_moments(inputs=True).get(key)
+        with_input = inputs is not None and inputs.dtype == torch.float32 and input_moments is not None
+        if not folded or moments is None or (inputs is not None and not with_input):
             self._plans.pop(key, None)
             return
-        self._plans[key] = _Plan(stats, layout.neurons, 0 if inputs is None else inputs.shape[-1])
+        width = inputs.shape[-1] if with_input else 0
+        self._plans[key] = _Plan(stats, layout.neurons, moments, input_moments if with_input else None, width)
 
     def _add(self, item: _Deferred, batch_dim: int | None, why: str) -> None:
         """Buffer one output (and a Linear's input) with the batch in ``batch_dim``; without one (an
