@@ -290,6 +290,12 @@ class Moments:
                 self.sum += n * d
         self.shift = shift
 
+    @property
+    def nbytes(self) -> int:
+        """The running sums' size (the host copy at ``end_epoch`` is about as large)."""
+        f, c = self.num_features, self.num_classes
+        return 8 * (4 * f + c + c * f) + 4 * 2 * f
+
     def observations(self) -> int:
         """How many observations (rows not masked out) were folded in."""
         return self.count + (0 if self.kept is None else round(float(self.kept)))
@@ -343,13 +349,15 @@ def _activations(
     """Each layer's :class:`ActivationStats` (views), from all layers' sums finished at once:
     ``mean = shift + S1 / n``, ``std = sqrt(max(S2 / n - (S1 / n)^2, 0))``, NaN where ``n`` is 0."""
     count = np.repeat(n, widths)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_centred = values["sum"] / count  # 0 / 0: NaN without observations
-        var = np.maximum(values["sum_sq"] / count - mean_centred * mean_centred, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # in place in the host buffer: at width it is large
+        mean_centred = np.divide(values["sum"], count, out=values["sum"])  # 0 / 0: NaN without observations
+        var = np.divide(values["sum_sq"], count, out=values["sum_sq"])
+        var -= mean_centred * mean_centred
+        np.maximum(var, 0.0, out=var)
         # torch's sqrt, as before on the CPU (numpy's differs by an ulp on ~1% of values)
         std = torch.from_numpy(var).sqrt_().numpy()
-        mean = mean_centred + shift[: len(count)]
-        active = values["active"] / count
+        mean = np.add(mean_centred, shift[: len(count)], out=mean_centred)
+        active = np.divide(values["active"], count, out=values["active"])
     nonfinite = np.round(values["nonfinite"]).astype(np.int64)
     low, high = values["minimum"].astype(np.float32), values["maximum"].astype(np.float32)
     if not n.all():
@@ -972,6 +980,10 @@ class PhaseStats:
         """Running sums (count 0) for the layers that saw only empty batches."""
         for layer, (width, device) in self._empty.items():
             self._layer_moments(layer, width, device, inputs=False)
+
+    def nbytes(self) -> int:
+        """The size of every layer's running sums in this phase."""
+        return sum(m.nbytes for m in (*self.moments.values(), *self.inputs.values()))
 
     def layer_moments(self, inputs: bool = False) -> dict[str, Moments]:
         """Each layer's running sums (of its outputs, or with ``inputs`` of a Linear's inputs)."""

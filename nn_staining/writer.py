@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,11 @@ class EpochWriter:
     def submit_metrics(self, key: str, values: dict[str, Any]) -> None:
         """Queue ``log_metrics`` values (appended to the metrics log after the epochs already queued)."""
         self._jobs.append(self._run(self.store.append_metrics, key, values))
+
+    def wait(self) -> None:
+        """Wait until the queued writes are done, without raising their errors (they are raised as
+        before, by :meth:`raise_finished_errors`, :meth:`flush` or :meth:`close`)."""
+        futures_wait(self._jobs)
 
     def raise_finished_errors(self) -> None:
         """Re-raise the error of a write that has already failed (without waiting for running ones)."""
@@ -150,6 +156,9 @@ class NoWriter:
 
     def submit_metrics(self, key: str, values: dict[str, Any]) -> None:
         """Drop the metrics: rank 0 keeps them."""
+
+    def wait(self) -> None:
+        """Nothing to wait for."""
 
     def raise_finished_errors(self) -> None:
         """Nothing is written here, so nothing can fail."""
