@@ -74,7 +74,8 @@ class Moments:
     float32 within a chunk and accumulated across chunks in float64:
     ``mean = shift + S1 / n`` and ``std = sqrt(S2 / n - (S1 / n)^2)`` (population). A neuron whose
     chunk strays more than 2^30 from its shift is summed divided by a power of two (exact), so its
-    squares cannot overflow float32 (they would from |x - shift| ≈ 1.8e19).
+    squares cannot overflow float32 (they would from |x - shift| ≈ 1.8e19). The accumulator tensors
+    are only ever updated in place (:meth:`fold_batch` keeps them as the kernel's arguments).
     """
 
     num_features: int
