@@ -331,6 +331,8 @@ class NetworkTrace:
         if not phases:
             self._writer.raise_finished_errors()
             return
+        for stats in phases:
+            stats.reduce_pending()  # buffered batches count towards the epoch's size
         if sum(stats.nbytes() for stats in phases) >= LARGE_EPOCH_BYTES:
             self._writer.wait()  # one large epoch in memory at a time: the last is written first
         records = tuple(r for r in (stats.finish() for stats in phases) if r.outputs)

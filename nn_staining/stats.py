@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -184,7 +184,7 @@ class Moments:
                 self.nonfinite,
                 self.class_count,
                 self.class_sum,
-                None,
+                None,  # starts, lengths, offsets: no per-batch rows
                 None,
                 None,
             )
@@ -291,11 +291,12 @@ class Moments:
                 self.sum += n * d
         self.shift = shift
 
-    @property
     def nbytes(self) -> int:
-        """The running sums' size (the host copy at ``end_epoch`` is about as large)."""
+        """The size of the running sums and of the per-batch rows kept so far: about what
+        ``end_epoch`` copies to the host."""
         f, c = self.num_features, self.num_classes
-        return 8 * (4 * f + c + c * f) + 4 * 2 * f
+        kept = sum(rows.numel() * rows.element_size() for _, rows in self.batches)
+        return 8 * (4 * f + c + c * f) + 4 * 2 * f + kept
 
     def observations(self) -> int:
         """How many observations (rows not masked out) were folded in."""
@@ -743,20 +744,18 @@ class PhaseStats:
     def fold_now(self, layer: str, rows: torch.Tensor, samples: int, inputs: bool, batch: Batch) -> None:
         """Fold one batch's rows into the layer's running sums at once (see :meth:`folds_now`);
         the batch's labels are still stored in the chunk, where they are counted."""
-        if torch.is_inference_mode_enabled() or torch.is_autocast_enabled("cpu"):
-            with plain_tensor_mode(rows.device):  # running sums made here must not be inference tensors
-                self.fold_into(
-                    self._layer_moments(layer, rows.shape[1], rows.device, inputs), rows, samples, batch
-                )
-        else:  # no autograd either way: rows are detached and the kernel writes plain tensors
+        user_mode = torch.is_inference_mode_enabled() or torch.is_autocast_enabled("cpu")
+        # running sums made here must not be inference tensors
+        with plain_tensor_mode(rows.device) if user_mode else nullcontext():
             self.fold_into(
                 self._layer_moments(layer, rows.shape[1], rows.device, inputs), rows, samples, batch
             )
 
     def fold_into(self, moments: Moments, rows: torch.Tensor, samples: int, batch: Batch) -> None:
         """:meth:`fold_now` into ``moments``, the layer's (or its input's) running sums. A hook's
-        planned call (``tap._Plan``) keeps them and calls this directly: they exist and have their
-        shift, so the kernel only writes them in place (no tensor is made, in inference mode or not)."""
+        planned call (``tap._Plan``) keeps them and calls this directly, in whatever mode the
+        user's forward runs: they exist and have their shift, so the kernel only updates them in
+        place (the batch's row labels made here are temporaries)."""
         chunk = self._chunk
         if chunk is None:
             chunk = self._chunk = self.pool.acquire()
@@ -983,8 +982,9 @@ class PhaseStats:
             self._layer_moments(layer, width, device, inputs=False)
 
     def nbytes(self) -> int:
-        """The size of every layer's running sums in this phase."""
-        return sum(m.nbytes for m in (*self.moments.values(), *self.inputs.values()))
+        """The size of every layer's running sums (and per-batch rows) in this phase, once the
+        buffered batches are folded (:meth:`reduce_pending`)."""
+        return sum(m.nbytes() for m in (*self.moments.values(), *self.inputs.values()))
 
     def layer_moments(self, inputs: bool = False) -> dict[str, Moments]:
         """Each layer's running sums (of its outputs, or with ``inputs`` of a Linear's inputs)."""

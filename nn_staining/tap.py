@@ -134,16 +134,16 @@ class _Deferred:
 
 @dataclass(frozen=True)
 class _Plan:
-    """A layer that a steady pass of ``stats`` folded straight from its hook: a batch-first
-    ``(batch, …, neurons)`` float32 output of a labelled pass (and, with ``input_width``, a Linear's
-    input) that needed nothing learnt, deferred or masked. Later calls that match it skip the
-    general path (:meth:`HookTap._record_planned`); any other call takes it."""
+    """How the general path recorded a first call of a layer in a phase: a batch-first
+    ``(batch, …, neurons)`` float32 output of a labelled, unmasked pass, folded straight from the
+    hook (with a Linear's input of ``input_width`` features when classes are recorded), that needed
+    nothing learnt or deferred. Later calls of the layer in that phase that match it take the short
+    path (:meth:`HookTap._record_planned`); any other call takes the general one."""
 
-    stats: PhaseStats
     neurons: int
-    moments: Moments  # the layer's running sums in ``stats``
-    input_moments: Moments | None  # its input's, when recorded
-    input_width: int  # 0: the layer's input is not recorded
+    moments: Moments  # the layer's running sums in the phase
+    input_moments: Moments | None  # its input's; None: the general path records no input for it
+    input_width: int
 
 
 @dataclass
@@ -206,7 +206,7 @@ class HookTap:
         self._pre_handles: list[torch.utils.hooks.RemovableHandle] = []  # only while the graph is learnt
         self._window_means: set[str] = set()  # convolutions whose spatial means may come from their input
         self._compiled_calls: list[tuple[str, Tensor | None, Any]] = []  # kept by hooks inside torch.compile
-        self._plans: dict[str, _Plan] = {}  # layer -> how its steady calls are folded
+        self._plans: dict[tuple[Any, str], _Plan] = {}  # (phase statistics, layer) -> its short path
 
     def __deepcopy__(self, memo: dict) -> HookTap:
         """A deep copy of the hooked model keeps hooks bound to this tap, which ignores its modules."""
@@ -428,50 +428,64 @@ class HookTap:
                 _refuse_replica(module)
                 return
             with self._lock:
-                plan = self._plans.get(key)
-                if plan is None or not self._record_planned(key, plan, args, output):
+                state = self._thread()
+                plan = self._plans.get((state.stats, key))
+                if plan is None or not self._record_planned(key, plan, state, args, output):
                     self._record(key, module, linear, args, output)
 
         return hook
 
-    def _record_planned(self, key: str, plan: _Plan, args: tuple, output: Any) -> bool:
-        """Fold a call of ``key`` the way its plan says, when the call matches it: the first call of
-        the layer in a pass of the plan's phase that learns nothing, a float32 output of the plan's
-        width whose first dimension holds the labelled, unmasked batch's samples (the layer's known
-        batch dimension), and the Linear's input of the plan's width. Returns False (nothing done)
-        otherwise, and the general :meth:`_record` decides. The hot path of a recorded epoch: it
-        does what :meth:`_record` does for such a call, with nothing else checked."""
-        state = self._thread()
-        stats, batch = state.stats, state.batch
-        if stats is not plan.stats or state.learn or key in state.calls or not isinstance(output, Tensor):
+    def _record_planned(self, key: str, plan: _Plan, state: _ThreadPass, args: tuple, output: Any) -> bool:
+        """Fold a call of ``key`` as its plan says when the call matches it (:meth:`_planned_rows`),
+        doing what :meth:`_record` does for such a call; returns False, with nothing done, for any
+        other call. The hot path of a recorded epoch."""
+        rows, input_rows = self._planned_rows(key, plan, state, args, output)
+        if rows is None:
             return False
-        labels = batch.labels
-        shape = output.shape
-        if (
-            labels is None
-            or len(shape) < 2
-            or shape[-1] != plan.neurons
-            or shape[0] != labels.shape[0]
-            or output.dtype != torch.float32
-            or self.batch_dims.get(key) != 0
-        ):
-            return False
-        first = args[0] if plan.input_width and args else None
-        if plan.input_width and not (
-            isinstance(first, Tensor) and first.shape[-1] == plan.input_width and first.dtype == torch.float32
-        ):
-            return False
-        rows = output.detach().reshape(-1, plan.neurons)
-        if not stats.folds_now(rows, batch):
-            return False
-        samples = shape[0]
+        stats, batch, samples = state.stats, state.batch, output.shape[0]
         state.calls[key] = 1
         state.matched = True
         stats.fold_into(plan.moments, rows, samples, batch)
-        if first is not None:
-            stats.fold_into(plan.input_moments, first.detach().reshape(-1, plan.input_width), samples, batch)
+        if input_rows is not None:
+            stats.fold_into(plan.input_moments, input_rows, samples, batch)
         state.fired.add(key)
         return True
+
+    def _planned_rows(
+        self, key: str, plan: _Plan, state: _ThreadPass, args: tuple, output: Any
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The output's rows and the recorded input's (None when it is not recorded) when the call
+        matches ``plan``: the layer's first call in a pass that learns nothing, a float32 output of
+        the plan's width whose first dimension, the layer's known batch dimension, holds the samples
+        of the pass's labels, at least one row, no mask, and the Linear's input given positionally,
+        float32, of the plan's width. (None, None) otherwise."""
+        batch = state.batch
+        if state.learn or key in state.calls or not isinstance(output, Tensor) or batch.labels is None:
+            return None, None
+        shape = output.shape
+        if (
+            len(shape) < 2
+            or shape[-1] != plan.neurons
+            or shape[0] != batch.labels.shape[0]
+            or output.dtype != torch.float32
+            or self.batch_dims.get(key) != 0
+        ):
+            return None, None
+        rows, input_rows = output.detach().reshape(-1, plan.neurons), None
+        if plan.input_moments is not None:
+            first = args[0] if args else None
+            if not (
+                isinstance(first, Tensor)
+                and first.dtype == torch.float32
+                and first.shape[-1] == plan.input_width
+            ):
+                return None, None
+            input_rows = first.detach().reshape(-1, plan.input_width)
+            if not input_rows.shape[0]:
+                return None, None
+        if not rows.shape[0] or not state.stats.folds_now(rows, batch):
+            return None, None  # no rows: the general path notes an empty batch; a mask: the chunk
+        return rows, input_rows
 
     def _record_compiled_calls(self) -> None:
         """Record the layer outputs a compiled forward kept (in the order of the pass), eagerly: the
@@ -545,7 +559,7 @@ class HookTap:
         else:
             self._add(_Deferred(key, layout, out, inputs, batch, stats, means), batch_dim, why)
             if call == 1 and not (direct or learn or compiled) and batch_dim == 0 and why == "":
-                self._plan(key, layout, out, inputs, means, batch, stats)
+                self._plan(key, linear, layout, out, inputs, means, batch, stats)
         if learn:
             self._learn(key, module, args, raw, state, sources)
         elif compiled:
@@ -556,6 +570,7 @@ class HookTap:
     def _plan(
         self,
         key: str,
+        linear: bool,
         layout: OutputLayout,
         out: Tensor,
         inputs: Tensor | None,
@@ -563,24 +578,31 @@ class HookTap:
         batch: Batch,
         stats: PhaseStats,
     ) -> None:
-        """After the general path recorded a first call of ``key`` with its batch in dimension 0:
-        remember it as a :class:`_Plan` when its output was folded at once as a batch-first row
-        layout, so the layer's next matching calls take :meth:`_record_planned`."""
+        """After the general path recorded a first call of ``key`` in a pass of ``stats`` with its
+        batch in dimension 0: keep a :class:`_Plan` for the layer in that phase when its output (and
+        a Linear's input, when classes are recorded) was folded at once as batch-first float32 rows,
+        so its next matching calls take :meth:`_record_planned`."""
         folded = (
             means is None
             and not layout.channel_first
             and out.dim() >= 2
-            and out.dtype == torch.float32
             and out.shape[0] == _given(batch)
+            and out.dtype == torch.float32
+            and out.numel() > 0
             and stats.folds_now(out, batch)
         )
         moments, input_moments = stats.layer_moments().get(key), stats.layer_moments(inputs=True).get(key)
-        with_input = inputs is not None and inputs.dtype == torch.float32 and input_moments is not None
-        if not folded or moments is None or (inputs is not None and not with_input):
-            self._plans.pop(key, None)
+        if not folded or moments is None:
             return
-        width = inputs.shape[-1] if with_input else 0
-        self._plans[key] = _Plan(stats, layout.neurons, moments, input_moments if with_input else None, width)
+        if not (linear and stats.num_classes):
+            self._plans[(stats, key)] = _Plan(layout.neurons, moments, None, 0)
+        elif (
+            inputs is not None
+            and inputs.dtype == torch.float32
+            and inputs.numel()
+            and input_moments is not None
+        ):
+            self._plans[(stats, key)] = _Plan(layout.neurons, moments, input_moments, inputs.shape[-1])
 
     def _add(self, item: _Deferred, batch_dim: int | None, why: str) -> None:
         """Buffer one output (and a Linear's input) with the batch in ``batch_dim``; without one (an

@@ -1,8 +1,9 @@
 """A layer's steady calls take a short path from its hook (nn_staining.tap.HookTap._record_planned)
-once the general path has folded one like them. The trace must not depend on it: an epoch that
-mixes calls the plan matches with calls it does not (unlabelled, masked, one sample, a second call
-of a module, a module called on its own, a pass in eval mode, a sequence output) is recorded with
-plans and without, and every table must be identical, value for value."""
+once the general path has folded one like them in the same phase. The trace must not depend on it:
+an epoch that mixes calls a plan matches with calls it must not take (unlabelled, masked, no rows,
+a second call of a module, a module called on its own, a keyword call of a Linear, a bfloat16
+input, a time-major pass whose first dimension also has the batch's size) is recorded with plans
+and without, and every table must be identical, value for value, in the train and eval phases."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from nn_staining import NetworkTrace, kernels, load_trace
 from nn_staining.tap import HookTap
 
 CLASSES = 3
+BATCH = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,45 +27,63 @@ def kernel() -> None:
         pytest.skip(f"plans fold with the C++ kernel: {kernels.backend().why}")
 
 
+class Widening(nn.Linear):
+    """A Linear that takes any float input (it computes in float32): its input may be bfloat16
+    while its output is float32."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name for it)
+        return super().forward(input.float())
+
+
 class Net(nn.Module):
-    """An MLP whose ``again`` passes call its second Linear twice (a second call is a layer of its own)."""
+    """An MLP whose passes vary as ``mode`` says."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 6)
+        self.fc1, self.act, self.fc2 = Widening(5, 6), nn.ReLU(), nn.Linear(6, 6)
         self.head = nn.Linear(6, CLASSES)
-        self.again = False
+        self.mode = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc2(self.act(self.fc1(x)))
-        if self.again:
+        h = self.fc1(input=x) if self.mode == "keyword call" else self.fc1(x)
+        h = self.fc2(self.act(h))
+        if self.mode == "fc2 twice":  # the second call is a layer of its own
             h = self.fc2(h)
         return self.head(h)
 
 
 def passes() -> list[dict]:
-    """An epoch's passes, each named by its ``kind``."""
+    """An epoch's passes: (kind, input, labels, mask); the input's shape is (BATCH, 5) unless said."""
     g = torch.Generator().manual_seed(3)
 
-    def labelled(kind: str, n: int = 8, **extra) -> dict:
-        x, y = torch.randn(n, 5, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+    def labelled(kind: str, shape: tuple[int, ...] = (BATCH, 5), **extra) -> dict:
+        x, y = torch.randn(shape, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
         return {"kind": kind, "x": x, "y": y, **extra}
 
     return [
         *(labelled("plain") for _ in range(3)),
         labelled("unlabelled", y=None),
-        labelled("masked", mask=torch.tensor([True, False] * 4)),
-        labelled("one sample", 1),  # its batch dimension is not learnt from it
-        labelled("fc2 twice", again=True),  # the second call is a layer of its own
-        labelled("eval", eval=True),  # not recorded
+        labelled("masked", mask=torch.tensor([True, False] * (BATCH // 2))),
+        {**labelled("one sample", (1, 5)), "y": torch.tensor([1])},
+        labelled("fc2 twice"),
+        labelled("eval", eval=True),
         labelled("fc1 alone", direct=True),  # called on its own, outside a pass of the model
-        labelled("sequence", sequence=True),  # (batch, 4, features) outputs: four rows per sample
-        *(labelled("plain") for _ in range(2)),
+        labelled("sequence", (BATCH, 4, 5)),  # four rows per sample
+        labelled("no rows", (BATCH, 0, 5)),
+        labelled("keyword call"),  # fc1(input=x): the hook sees no positional input
+        labelled("bfloat16 input", x_dtype=torch.bfloat16),
+        labelled("time-major", (3, BATCH, 5)),  # the layers learn batch dimension 1
+        labelled("time-major square", (BATCH, BATCH, 5)),  # dimension 0 has the batch's size too
+        labelled("plain"),
+        labelled("inference mode", inference=True),
+        labelled("plain"),
         {**labelled("ignored labels"), "y": torch.tensor([0, 1, 2, -1, -1, 0, 1, 2])},
     ]
 
 
-def record(store: Path, planned: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str, int]]:
+def record(
+    store: Path, planned: bool, monkeypatch: pytest.MonkeyPatch, record_eval: bool = False
+) -> list[tuple[int, str, int]]:
     """Two recorded epochs of :func:`passes`; returns (epoch, kind, calls folded by the short path)
     for each pass."""
     taken = {"planned": 0}
@@ -81,62 +101,73 @@ def record(store: Path, planned: bool, monkeypatch: pytest.MonkeyPatch) -> list[
             m.setattr(HookTap, "_plan", lambda self, *args: None)
         torch.manual_seed(0)
         model = Net()
-        with NetworkTrace(model, store, num_classes=CLASSES, overwrite=True) as trace:
+        with NetworkTrace(
+            model, store, num_classes=CLASSES, overwrite=True, record_eval=record_eval
+        ) as trace:
             for epoch in range(2):
                 trace.start_epoch(epoch)
                 for p in passes():
-                    model.again = p.get("again", False)
+                    model.mode = p["kind"]
                     model.train(not p.get("eval", False))
-                    x = p["x"].unsqueeze(1).expand(-1, 4, -1) if p.get("sequence") else p["x"]
-                    if p["y"] is not None:
+                    x = p["x"].to(p.get("x_dtype", torch.float32))
+                    if p["kind"].startswith("time-major"):
+                        trace.set_targets(p["y"])
+                    elif p["y"] is not None:
                         trace.set_targets(p["y"], mask=p.get("mask"))
                     before = taken["planned"]
-                    with torch.no_grad():
+                    mode = torch.inference_mode() if p.get("inference") else torch.no_grad()
+                    with mode:
                         (model.fc1 if p.get("direct") else model)(x)
                     counts.append((epoch, p["kind"], taken["planned"] - before))
                 trace.end_epoch()
+                assert not trace._tap._plans  # dropped with the epoch: they hold its statistics
     return counts
 
 
-def tables(store: Path) -> dict[str, pd.DataFrame]:
-    t = load_trace(store)
-    return {
-        "neurons": t.to_dataframe(),
-        "classes": t.classes(),
-        "inputs": t.inputs(),
-    }
+def tables(store: Path, phase: str) -> dict[str, pd.DataFrame]:
+    t = load_trace(store, phase=phase)
+    return {"neurons": t.to_dataframe(), "classes": t.classes(), "inputs": t.inputs()}
 
 
-def test_plans_change_no_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with_plans = record(tmp_path / "planned", True, monkeypatch)
-    without = record(tmp_path / "general", False, monkeypatch)
+@pytest.mark.parametrize("record_eval", [False, True])
+def test_plans_change_no_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_eval: bool) -> None:
+    with_plans = record(tmp_path / "planned", True, monkeypatch, record_eval)
+    without = record(tmp_path / "general", False, monkeypatch, record_eval)
     assert sum(n for _, _, n in without) == 0
     assert sum(n for _, _, n in with_plans) > 0
-    planned, general = tables(tmp_path / "planned"), tables(tmp_path / "general")
-    for name, frame in general.items():
-        assert len(frame) > 0, name
-        pd.testing.assert_frame_equal(planned[name], frame, check_exact=True, obj=name)
+    for phase in ("train", "eval") if record_eval else ("train",):
+        planned, general = tables(tmp_path / "planned", phase), tables(tmp_path / "general", phase)
+        for name, frame in general.items():
+            assert len(frame) > 0, (phase, name)
+            pd.testing.assert_frame_equal(planned[name], frame, check_exact=True, obj=f"{phase} {name}")
 
 
 def test_the_short_path_takes_only_calls_like_the_planned_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Plans are made afresh each epoch (by its first plain pass, once the passes that learn the
-    layer graph are over). From then on every labelled, unmasked pass of batch-first outputs folds
-    all four layers on the short path (a second call of fc2 takes the general one); unlabelled,
-    masked and one-sample passes, a module called on its own and an eval pass never do."""
+    """Plans are made afresh each epoch (by its first plain pass once the passes that learn the
+    layer graph are over) and kept for the epoch. A labelled, unmasked pass of batch-first float32
+    outputs then folds all four layers on the short path (a one-sample pass and inference mode
+    included; a second call of fc2 takes the general one). fc1 falls back when its input comes by
+    keyword or in bfloat16; every layer falls back in unlabelled, masked and empty passes, for a
+    module called on its own, and while the layers' batch dimension is 1 (time-major)."""
     counts = record(tmp_path / "t", True, monkeypatch)
     epoch_1 = {kind: n for epoch, kind, n in counts if epoch == 1 and kind != "plain"}
     assert epoch_1 == {
         "unlabelled": 0,
         "masked": 0,
-        "one sample": 0,
+        "one sample": 4,
         "fc2 twice": 4,
-        "eval": 0,
+        "eval": 0,  # not recorded
         "fc1 alone": 0,
         "sequence": 4,
+        "no rows": 0,
+        "keyword call": 3,
+        "bfloat16 input": 3,
+        "time-major": 0,
+        "time-major square": 0,
+        "inference mode": 4,
         "ignored labels": 4,
     }
     plain_1 = [n for epoch, kind, n in counts if epoch == 1 and kind == "plain"]
-    assert plain_1 == [0, 4, 4, 4, 4]  # the first plans the layers
-    assert all(n == 0 for epoch, kind, n in counts if epoch == 0 and kind in ("unlabelled", "masked", "eval"))
+    assert plain_1 == [0, 4, 4, 0, 4]  # the first plans the layers; the one after time-major re-plans them

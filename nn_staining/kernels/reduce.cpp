@@ -30,6 +30,7 @@ namespace {
 constexpr int64_t TILE = 128;  // columns per tile (512 bytes of each row)
 constexpr int FOLD = 64;       // rows summed in float32 before a fold into float64
 constexpr int64_t AHEAD = 24;  // rows a tile's reads are prefetched ahead
+constexpr int64_t WARM_BYTES = 256 * 1024;  // accumulators read ahead of the tiles up to this size (warm)
 
 struct Outputs {
   double* sum;
@@ -89,6 +90,13 @@ struct TileSums {
     pending.assign(l, 0);
     counts.assign(l, 0);
     pending_rows = 0;
+  }
+
+  // Zero every partial float32 sum the vectors hold: after an exception left a tile half done.
+  void scrub() {
+    std::fill(part.begin(), part.end(), 0.0f);
+    std::fill(part_sq.begin(), part_sq.end(), 0.0f);
+    std::fill(part_act.begin(), part_act.end(), 0.0f);
   }
 
   // Zero every partial (before a tile is summed again, scaled).
@@ -363,12 +371,11 @@ void count_nonfinite(const float* rows, int64_t n, int64_t f, int64_t j0, int64_
   }
 }
 
-void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const int64_t* labels,
-                 const bool* dropped, int64_t classes, const float* shift_all, bool class_only,
-                 bool count_classes, const Outputs& out, const Batches* batches) {
+void fold_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const int64_t* labels,
+               const bool* dropped, int64_t classes, const float* shift_all, bool class_only, bool count_classes,
+               const Outputs& out, const Batches* batches, TileSums& t) {
   const int64_t slots = classes + 1;
   const float* shift = shift_all + j0;
-  thread_local TileSums t;
   thread_local std::vector<double> scale;
   t.reset(w, slots);
   scale.assign(w, 1.0);
@@ -421,12 +428,28 @@ void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w,
     for (int64_t l = 0; l < classes; ++l) out.class_count[l] += static_cast<double>(t.counts[l]);
 }
 
-// Read one value of each cache line of the accumulators before the tiles run. They were last
-// touched a whole forward pass ago, and the tiles read them only at their end, line by line across
-// class rows f apart: waiting there for each line costs more than this sequential read, which the
-// hardware prefetchers follow.
+// One tile of columns [j0, j0 + w) folded into the accumulators, with this thread's TileSums. An
+// exception (an allocation failing) leaves them zeroed again, so later folds on this thread are right.
+void reduce_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, const int64_t* labels,
+                 const bool* dropped, int64_t classes, const float* shift_all, bool class_only,
+                 bool count_classes, const Outputs& out, const Batches* batches) {
+  thread_local TileSums t;
+  try {
+    fold_tile(rows, n, f, j0, w, labels, dropped, classes, shift_all, class_only, count_classes, out, batches, t);
+  } catch (...) {
+    t.scrub();
+    throw;
+  }
+}
+
+// Read one value of each cache line of the accumulators before the tiles run, when they fit in
+// WARM_BYTES. They were last touched a whole forward pass ago, and the tiles read them only at their
+// end, line by line across class rows f apart: waiting there for each line costs more than this
+// sequential read, which the hardware prefetchers follow. Larger accumulators would leave the
+// cache again before the tiles reach them, so the read would only add memory traffic.
 void warm(const Outputs& out, int64_t f, int64_t classes, bool class_only) {
   constexpr int64_t LINE = 64 / sizeof(double);
+  if ((classes + (class_only ? 0 : 4)) * f * static_cast<int64_t>(sizeof(double)) > WARM_BYTES) return;
   double sink = 0.0;
   auto read = [&](const double* p, int64_t n) {
     for (int64_t i = 0; i < n; i += LINE) sink += p[i];
