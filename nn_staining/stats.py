@@ -172,6 +172,12 @@ class Moments:
         self.count += rows.shape[0]
         if self.class_only and labels is None:
             return
+        no_runs = (None, None, None)  # starts, lengths, offsets: no per-batch rows
+        ops.fold_chunk(rows.contiguous(), self.shift, labels, None, *self._kernel_accumulators(), *no_runs)
+
+    def _kernel_accumulators(self) -> tuple:
+        """The kernels' arguments after rows, shift, labels and dropped rows: the class count, whether
+        only class sums are wanted, and the accumulators (built once; they are updated in place)."""
         if self._accumulators is None:
             self._accumulators = (
                 self.num_classes,
@@ -184,11 +190,8 @@ class Moments:
                 self.nonfinite,
                 self.class_count,
                 self.class_sum,
-                None,  # starts, lengths, offsets: no per-batch rows
-                None,
-                None,
             )
-        ops.fold_chunk(rows.contiguous(), self.shift, labels, None, *self._accumulators)
+        return self._accumulators
 
     def _fold_fused(
         self,
@@ -213,16 +216,7 @@ class Moments:
             self.shift.contiguous(),
             None if labels is None else labels.contiguous(),
             None if dropped is None else dropped.reshape(-1).contiguous(),
-            self.num_classes,
-            self.class_only,
-            self.sum,
-            self.sum_sq,
-            self.minimum,
-            self.maximum,
-            self.active,
-            self.nonfinite,
-            self.class_count,
-            self.class_sum,
+            *self._kernel_accumulators(),
             *(runs[1:] if runs else (None, None, None)),
         )
         if runs:
