@@ -135,17 +135,18 @@ struct TileSums {
     pending_rows = 0;
   }
 
-  // Slot l's sums, scaled, into class (may be null) and total (may be null), leaving its partials zero.
-  void drain(int64_t l, const double* __restrict scale, double* __restrict into, double* __restrict total) {
-    float* __restrict p = part.data() + l * width;
-    const double* __restrict s = sums.data() + l * width;
-    const bool carried = folded[l];
-    for (int64_t j = 0; j < width; ++j) {
-      const double v = carried ? s[j] + p[j] : static_cast<double>(p[j]);
-      p[j] = 0.0f;
-      if (total) total[j] += v;
-      if (into) into[j] += v * scale[j];
-    }
+  // Slot l's sums into ``into`` (may be null; times ``scale`` when ``scaled``) and ``total`` (may be
+  // null), leaving its partials zero.
+  void drain(int64_t l, const double* __restrict scale, bool scaled, double* __restrict into,
+             double* __restrict total) {
+    fold_slot(l);  // the slot's whole sums in float64, its partials zero: simple loops that vectorise
+    const double* __restrict v = sums.data() + l * width;
+    if (total)
+      for (int64_t j = 0; j < width; ++j) total[j] += v[j];
+    if (into && scaled)
+      for (int64_t j = 0; j < width; ++j) into[j] += v[j] * scale[j];
+    else if (into)
+      for (int64_t j = 0; j < width; ++j) into[j] += v[j];
   }
 };
 
@@ -383,7 +384,7 @@ void fold_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, c
     sum_tile<false, false>(rows, n, f, j0, w, labels, dropped, slots, shift, nullptr, t, nullptr, nullptr,
                            nullptr);
     for (int64_t l = 0; l < slots; ++l)
-      t.drain(l, scale.data(), l < classes ? out.class_sum + l * f + j0 : nullptr, nullptr);
+      t.drain(l, scale.data(), false, l < classes ? out.class_sum + l * f + j0 : nullptr, nullptr);
   } else {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     thread_local std::vector<float> mn, mx;
@@ -413,7 +414,7 @@ void fold_tile(const float* rows, int64_t n, int64_t f, int64_t j0, int64_t w, c
     thread_local std::vector<double> total;
     total.assign(w, 0.0);
     for (int64_t l = 0; l < slots; ++l)
-      t.drain(l, scale.data(), l < classes ? out.class_sum + l * f + j0 : nullptr, total.data());
+      t.drain(l, scale.data(), scaled, l < classes ? out.class_sum + l * f + j0 : nullptr, total.data());
     for (int64_t j = 0; j < w; ++j) {
       const int64_t k = j0 + j;
       out.sum[k] += total[j] * scale[j];
