@@ -481,8 +481,6 @@ class HookTap:
             ):
                 return None, None
             input_rows = first.detach().reshape(-1, plan.input_width)
-            if not input_rows.shape[0]:
-                return None, None
         if not rows.shape[0] or not state.stats.folds_now(rows, batch):
             return None, None  # no rows: the general path notes an empty batch; a mask: the chunk
         return rows, input_rows

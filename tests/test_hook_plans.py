@@ -2,8 +2,9 @@
 once the general path has folded one like them in the same phase. The trace must not depend on it:
 an epoch that mixes calls a plan matches with calls it must not take (unlabelled, masked, no rows,
 a second call of a module, a module called on its own, a keyword call of a Linear, a bfloat16
-input, a time-major pass whose first dimension also has the batch's size) is recorded with plans
-and without, and every table must be identical, value for value, in the train and eval phases."""
+input, a time-major pass whose first dimension also has the batch's size, a convolution with as
+many channels as columns) is recorded with plans and without, and every table must be identical,
+value for value, in the train and eval phases."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from nn_staining import NetworkTrace, kernels, load_trace
+from nn_staining import stats as stats_module
 from nn_staining.tap import HookTap
 
 CLASSES = 3
@@ -42,9 +44,14 @@ class Net(nn.Module):
         super().__init__()
         self.fc1, self.act, self.fc2 = Widening(5, 6), nn.ReLU(), nn.Linear(6, 6)
         self.head = nn.Linear(6, CLASSES)
+        # (batch, 4, 1, 4): as many channels as columns; more input channels than output ones, so
+        # its spatial means are taken from its output (not from its input's window sums)
+        self.conv = nn.Conv2d(8, 4, kernel_size=1)
         self.mode = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0]:  # channel-first: its neurons are channels, never last-dim rows
+            self.conv(x[:, :4].float().repeat(1, 8).reshape(x.shape[0], 8, 1, 4))
         h = self.fc1(input=x) if self.mode == "keyword call" else self.fc1(x)
         h = self.fc2(self.act(h))
         if self.mode == "fc2 twice":  # the second call is a layer of its own
@@ -61,6 +68,7 @@ def passes() -> list[dict]:
         return {"kind": kind, "x": x, "y": y, **extra}
 
     return [
+        labelled("first sequence", (BATCH, 4, 5)),  # epoch 1's plans are made from (batch, 4, …) outputs
         *(labelled("plain") for _ in range(3)),
         labelled("unlabelled", y=None),
         labelled("masked", mask=torch.tensor([True, False] * (BATCH // 2))),
@@ -97,6 +105,9 @@ def record(
 
     with monkeypatch.context() as m:
         m.setattr(HookTap, "_record_planned", counted)
+        m.setattr(
+            stats_module, "MAX_BATCHES_PER_CHUNK", 2
+        )  # chunks reduced often: the conv's sums exist early
         if not planned:
             m.setattr(HookTap, "_plan", lambda self, *args: None)
         torch.manual_seed(0)
@@ -145,15 +156,17 @@ def test_plans_change_no_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
 def test_the_short_path_takes_only_calls_like_the_planned_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Plans are made afresh each epoch (by its first plain pass once the passes that learn the
-    layer graph are over) and kept for the epoch. A labelled, unmasked pass of batch-first float32
-    outputs then folds all four layers on the short path (a one-sample pass and inference mode
-    included; a second call of fc2 takes the general one). fc1 falls back when its input comes by
-    keyword or in bfloat16; every layer falls back in unlabelled, masked and empty passes, for a
-    module called on its own, and while the layers' batch dimension is 1 (time-major)."""
+    """Plans are made afresh each epoch (in epoch 1 by its first pass, of sequences; in epoch 0
+    once the passes that learn the layer graph are over) and kept for the epoch. A labelled,
+    unmasked pass of batch-first float32 outputs then folds the four Linear and ReLU layers on the
+    short path (a one-sample pass and inference mode included; a second call of fc2 takes the
+    general one), never the convolution. fc1 falls back when its input comes by keyword or in
+    bfloat16; every layer falls back in unlabelled, masked and empty passes, for a module called on
+    its own, and while the layers' batch dimension is 1 (time-major)."""
     counts = record(tmp_path / "t", True, monkeypatch)
     epoch_1 = {kind: n for epoch, kind, n in counts if epoch == 1 and kind != "plain"}
     assert epoch_1 == {
+        "first sequence": 0,
         "unlabelled": 0,
         "masked": 0,
         "one sample": 4,
@@ -170,4 +183,4 @@ def test_the_short_path_takes_only_calls_like_the_planned_one(
         "ignored labels": 4,
     }
     plain_1 = [n for epoch, kind, n in counts if epoch == 1 and kind == "plain"]
-    assert plain_1 == [0, 4, 4, 0, 4]  # the first plans the layers; the one after time-major re-plans them
+    assert plain_1 == [4, 4, 4, 0, 4]  # the one after the time-major passes re-plans the layers
