@@ -184,3 +184,5 @@ def test_the_short_path_takes_only_calls_like_the_planned_one(
     }
     plain_1 = [n for epoch, kind, n in counts if epoch == 1 and kind == "plain"]
     assert plain_1 == [4, 4, 4, 0, 4]  # the one after the time-major passes re-plans the layers
+    plain_0 = [n for epoch, kind, n in counts if epoch == 0 and kind == "plain"]
+    assert plain_0 == [0, 0, 4, 0, 4]  # the first two passes learn the layer graph, the next plans
