@@ -135,15 +135,14 @@ class _Deferred:
 @dataclass(frozen=True)
 class _Plan:
     """How the general path recorded a first call of a layer in a phase: a batch-first
-    ``(batch, …, neurons)`` float32 output of a labelled, unmasked pass, folded straight from the
-    hook (with a Linear's input of ``input_width`` features when classes are recorded), that needed
-    nothing learnt or deferred. Later calls of the layer in that phase that match it take the short
-    path (:meth:`HookTap._record_planned`); any other call takes the general one."""
+    ``(batch, …, neurons)`` output of a labelled, unmasked pass, folded straight from the hook
+    into ``moments`` (and a Linear's input into ``input_moments`` when classes are recorded). Later
+    calls of the layer in that phase that match it take the short path
+    (:meth:`HookTap._record_planned`); any other call takes the general one. The widths are the
+    running sums' (``num_features``)."""
 
-    neurons: int
     moments: Moments  # the layer's running sums in the phase
     input_moments: Moments | None  # its input's; None: the general path records no input for it
-    input_width: int
 
 
 @dataclass
@@ -462,25 +461,21 @@ class HookTap:
         batch = state.batch
         if state.learn or key in state.calls or not isinstance(output, Tensor) or batch.labels is None:
             return None, None
-        shape = output.shape
+        shape, neurons = output.shape, plan.moments.num_features
         if (
             len(shape) < 2
-            or shape[-1] != plan.neurons
+            or shape[-1] != neurons
             or shape[0] != batch.labels.shape[0]
             or output.dtype != torch.float32
             or self.batch_dims.get(key) != 0
         ):
             return None, None
-        rows, input_rows = output.detach().reshape(-1, plan.neurons), None
+        rows, input_rows = output.detach().reshape(-1, neurons), None
         if plan.input_moments is not None:
-            first = args[0] if args else None
-            if not (
-                isinstance(first, Tensor)
-                and first.dtype == torch.float32
-                and first.shape[-1] == plan.input_width
-            ):
+            first, width = args[0] if args else None, plan.input_moments.num_features
+            if not (isinstance(first, Tensor) and first.dtype == torch.float32 and first.shape[-1] == width):
                 return None, None
-            input_rows = first.detach().reshape(-1, plan.input_width)
+            input_rows = first.detach().reshape(-1, width)
         if not rows.shape[0] or not state.stats.folds_now(rows, batch):
             return None, None  # no rows: the general path notes an empty batch; a mask: the chunk
         return rows, input_rows
@@ -557,7 +552,7 @@ class HookTap:
         else:
             self._add(_Deferred(key, layout, out, inputs, batch, stats, means), batch_dim, why)
             if call == 1 and not (direct or learn or compiled) and batch_dim == 0 and why == "":
-                self._plan(key, linear, layout, out, inputs, means, batch, stats)
+                self._plan(key, linear, layout, out, means, batch, stats)
         if learn:
             self._learn(key, module, args, raw, state, sources)
         elif compiled:
@@ -571,36 +566,22 @@ class HookTap:
         linear: bool,
         layout: OutputLayout,
         out: Tensor,
-        inputs: Tensor | None,
         means: Tensor | None,
         batch: Batch,
         stats: PhaseStats,
     ) -> None:
         """After the general path recorded a first call of ``key`` in a pass of ``stats`` with its
-        batch in dimension 0: keep a :class:`_Plan` for the layer in that phase when its output (and
-        a Linear's input, when classes are recorded) was folded at once as batch-first float32 rows,
-        so its next matching calls take :meth:`_record_planned`."""
-        folded = (
-            means is None
-            and not layout.channel_first
-            and out.dim() >= 2
-            and out.shape[0] == _given(batch)
-            and out.dtype == torch.float32
-            and out.numel() > 0
-            and stats.folds_now(out, batch)
-        )
-        moments, input_moments = stats.layer_moments().get(key), stats.layer_moments(inputs=True).get(key)
-        if not folded or moments is None:
+        batch in dimension 0: keep a :class:`_Plan` for the layer in that phase when its output was
+        folded at once as rows (a row layout, no spatial means from the input, a batch the kernel
+        folds from the hook) and, for a Linear whose input the general path records, its input
+        was too. What else a call must be, :meth:`_planned_rows` checks on each one."""
+        if means is not None or layout.channel_first or not stats.folds_now(out, batch):
             return
-        if not (linear and stats.num_classes):
-            self._plans[(stats, key)] = _Plan(layout.neurons, moments, None, 0)
-        elif (
-            inputs is not None
-            and inputs.dtype == torch.float32
-            and inputs.numel()
-            and input_moments is not None
-        ):
-            self._plans[(stats, key)] = _Plan(layout.neurons, moments, input_moments, inputs.shape[-1])
+        moments, input_moments = stats.layer_moments().get(key), stats.layer_moments(inputs=True).get(key)
+        records_input = linear and bool(stats.num_classes)
+        if moments is None or (records_input and input_moments is None):
+            return
+        self._plans[(stats, key)] = _Plan(moments, input_moments if records_input else None)
 
     def _add(self, item: _Deferred, batch_dim: int | None, why: str) -> None:
         """Buffer one output (and a Linear's input) with the batch in ``batch_dim``; without one (an
