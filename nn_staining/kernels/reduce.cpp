@@ -99,11 +99,9 @@ struct TileSums {
     std::fill(part_act.begin(), part_act.end(), 0.0f);
   }
 
-  // Zero every partial (before a tile is summed again, scaled).
+  // Zero every partial and start the tile again (before it is summed again, scaled: rare).
   void clear() {
-    std::fill(part.begin(), part.begin() + slots * width, 0.0f);
-    std::fill(part_sq.begin(), part_sq.begin() + width, 0.0f);
-    std::fill(part_act.begin(), part_act.begin() + width, 0.0f);
+    scrub();
     reset(width, slots);
   }
 
