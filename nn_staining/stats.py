@@ -730,10 +730,17 @@ class PhaseStats:
         the hook's output is still in cache, instead of being copied into the chunk and read again
         when it is reduced: CPU float32 rows of a pass whose labels are known, with no mask and no
         per-batch rows (those need the chunk's runs)."""
-        if batch is None or batch.labels is None or batch.mask is not None or self.keep_batches:
+        if batch is None or batch.labels is None or rows.device.type != "cpu":
             return False
-        ops = kernels.fused_ops(rows) if rows.device.type == "cpu" else None
-        return ops is not None and ops.per_batch
+        return rows.dtype == torch.float32 and self.hook_ops(batch) is not None
+
+    def hook_ops(self, batch: Batch) -> Any | None:
+        """The CPU kernel that folds float32 rows of ``batch`` from the hook (:meth:`folds_now`),
+        or None when the pass has a mask, the phase keeps per-batch rows or no such kernel exists."""
+        if batch.mask is not None or self.keep_batches:
+            return None
+        ops = kernels.cpu_ops()
+        return ops if ops is not None and ops.per_batch else None
 
     def fold_now(self, layer: str, rows: torch.Tensor, samples: int, inputs: bool, batch: Batch) -> None:
         """Fold one batch's rows into the layer's running sums at once (see :meth:`folds_now`);
@@ -741,15 +748,14 @@ class PhaseStats:
         user_mode = torch.is_inference_mode_enabled() or torch.is_autocast_enabled("cpu")
         # running sums made here must not be inference tensors
         with plain_tensor_mode(rows.device) if user_mode else nullcontext():
-            self.fold_into(
-                self._layer_moments(layer, rows.shape[1], rows.device, inputs), rows, samples, batch
-            )
+            moments = self._layer_moments(layer, rows.shape[1], rows.device, inputs)
+            self.fold_into(moments, rows, samples, batch, self.hook_ops(batch))
 
-    def fold_into(self, moments: Moments, rows: torch.Tensor, samples: int, batch: Batch) -> None:
-        """:meth:`fold_now` into ``moments``, the layer's (or its input's) running sums. A hook's
-        planned call (``tap._Plan``) keeps them and calls this directly, in whatever mode the
-        user's forward runs: they exist and have their shift, so the kernel only updates them in
-        place (the batch's row labels made here are temporaries)."""
+    def fold_into(self, moments: Moments, rows: torch.Tensor, samples: int, batch: Batch, ops: Any) -> None:
+        """:meth:`fold_now` into ``moments``, the layer's (or its input's) running sums, by ``ops``
+        (:meth:`hook_ops`). A hook's planned call (``tap._Plan``) keeps them and calls this directly,
+        in whatever mode the user's forward runs: they exist and have their shift, so the kernel
+        only updates them in place (the batch's row labels made here are temporaries)."""
         chunk = self._chunk
         if chunk is None:
             chunk = self._chunk = self.pool.acquire()
@@ -758,7 +764,7 @@ class PhaseStats:
         batch.placed = True
         self.has_rows = True
         labels = self._batch_row_labels(batch, rows.shape[0], samples)
-        moments.fold_batch(kernels.fused_ops(rows), rows, labels)
+        moments.fold_batch(ops, rows, labels)
 
     def _layer_moments(self, layer: str, width: int, device: torch.device, inputs: bool) -> Moments:
         """The running sums of a layer's outputs (or with ``inputs`` of its input), made on first use."""

@@ -435,50 +435,49 @@ class HookTap:
         return hook
 
     def _record_planned(self, key: str, plan: _Plan, state: _ThreadPass, args: tuple, output: Any) -> bool:
-        """Fold a call of ``key`` as its plan says when the call matches it (:meth:`_planned_rows`),
-        doing what :meth:`_record` does for such a call; returns False, with nothing done, for any
-        other call. The hot path of a recorded epoch."""
-        rows, input_rows = self._planned_rows(key, plan, state, args, output)
-        if rows is None:
-            return False
-        stats, batch, samples = state.stats, state.batch, output.shape[0]
-        state.calls[key] = 1
-        state.matched = True
-        stats.fold_into(plan.moments, rows, samples, batch)
-        if input_rows is not None:
-            stats.fold_into(plan.input_moments, input_rows, samples, batch)
-        state.fired.add(key)
-        return True
-
-    def _planned_rows(
-        self, key: str, plan: _Plan, state: _ThreadPass, args: tuple, output: Any
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """The output's rows and the recorded input's (None when it is not recorded) when the call
-        matches ``plan``: the layer's first call in a pass that learns nothing, a float32 output of
-        the plan's width whose first dimension, the layer's known batch dimension, holds the samples
-        of the pass's labels, at least one row, no mask, and the Linear's input given positionally,
-        float32, of the plan's width. (None, None) otherwise."""
+        """Fold a call of ``key`` as its plan says when the call matches it, doing what :meth:`_record`
+        does for such a call; returns False, with nothing done, for any other call. A call matches
+        when it is the layer's first in a labelled pass that learns nothing, its output a float32 CPU
+        tensor of the plan's width whose first dimension, the layer's known batch dimension, holds
+        the samples of the pass's labels, with at least one row, the pass unmasked and folded by the
+        kernel from the hook, and the Linear's input given positionally, float32, of the plan's
+        width. The hot path of a recorded epoch: each check is made once, in one frame."""
         batch = state.batch
-        if state.learn or key in state.calls or not isinstance(output, Tensor) or batch.labels is None:
-            return None, None
-        shape, neurons = output.shape, plan.moments.num_features
+        labels = batch.labels
+        if state.learn or labels is None or key in state.calls or not isinstance(output, Tensor):
+            return False
+        shape, moments = output.shape, plan.moments
         if (
             len(shape) < 2
-            or shape[-1] != neurons
-            or shape[0] != batch.labels.shape[0]
+            or shape[-1] != moments.num_features
+            or shape[0] != labels.shape[0]
             or output.dtype != torch.float32
+            or not output.is_cpu
             or self.batch_dims.get(key) != 0
         ):
-            return None, None
-        rows, input_rows = output.detach().reshape(-1, neurons), None
-        if plan.input_moments is not None:
-            first, width = args[0] if args else None, plan.input_moments.num_features
-            if not (isinstance(first, Tensor) and first.dtype == torch.float32 and first.shape[-1] == width):
-                return None, None
-            input_rows = first.detach().reshape(-1, width)
-        if not rows.shape[0] or not state.stats.folds_now(rows, batch):
-            return None, None  # no rows: the general path notes an empty batch; a mask: the chunk
-        return rows, input_rows
+            return False
+        stats = state.stats
+        ops = stats.hook_ops(batch)
+        if ops is None:  # a mask or per-batch rows: the chunk takes the pass
+            return False
+        rows = output.detach().reshape(-1, shape[-1])
+        if not rows.shape[0]:  # the general path notes an empty batch
+            return False
+        inputs, input_rows = plan.input_moments, None
+        if inputs is not None:
+            first = args[0] if args else None
+            if not (
+                isinstance(first, Tensor) and first.dtype == torch.float32 and first.shape[-1] == inputs.num_features
+            ):
+                return False
+            input_rows = first.detach().reshape(-1, inputs.num_features)
+        state.calls[key] = 1
+        state.matched = True
+        stats.fold_into(moments, rows, shape[0], batch, ops)
+        if input_rows is not None:
+            stats.fold_into(inputs, input_rows, shape[0], batch, ops)
+        state.fired.add(key)
+        return True
 
     def _record_compiled_calls(self) -> None:
         """Record the layer outputs a compiled forward kept (in the order of the pass), eagerly: the
@@ -574,7 +573,7 @@ class HookTap:
         batch in dimension 0: keep a :class:`_Plan` for the layer in that phase when its output was
         folded at once as rows (a row layout, no spatial means from the input, a batch the kernel
         folds from the hook) and, for a Linear whose input the general path records, its input
-        was too. What else a call must be, :meth:`_planned_rows` checks on each one."""
+        was too. What else a call must be, :meth:`_record_planned` checks on each one."""
         if means is not None or layout.channel_first or not stats.folds_now(out, batch):
             return
         moments, input_moments = stats.layer_moments().get(key), stats.layer_moments(inputs=True).get(key)

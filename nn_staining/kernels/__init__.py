@@ -109,11 +109,16 @@ def fused_ops(rows: torch.Tensor) -> Any | None:
         return None
     device = rows.device.type
     if device == "cpu":
-        chosen = _backend if _backend is not None else backend()
-        return cuda_backend().ops if chosen.interpreted_triton else chosen.ops
+        return cpu_ops()
     if device == "cuda":
         return (_cuda_backend if _cuda_backend is not None else cuda_backend()).ops
     return None
+
+
+def cpu_ops() -> Any | None:
+    """The kernel that folds CPU float32 rows (:func:`fused_ops` of such rows), or None."""
+    chosen = _backend if _backend is not None else backend()
+    return cuda_backend().ops if chosen.interpreted_triton else chosen.ops
 
 
 class CppOps:
