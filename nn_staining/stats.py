@@ -772,7 +772,8 @@ class PhaseStats:
         return self.add_layer(layer, width, device, inputs) if moments is None else moments
 
     def _batch_row_labels(self, batch: Batch, n: int, samples: int) -> torch.Tensor | None:
-        """Each of a batch's ``n`` rows' class, as :meth:`_row_labels` gives it for a chunk (kept on
+        """Each of a batch's ``n`` rows' class, as :meth:`_row_labels` gives it for a chunk, for the
+        C++ kernel, which takes a label outside ``0..num_classes - 1`` as no class itself (kept on
         the batch: the layers of a pass share them)."""
         if not self.num_classes:
             return None
@@ -780,7 +781,7 @@ class PhaseStats:
         labels = batch.row_labels.get(key)
         if labels is None:
             labels = self._labels_per_row(batch.labels.to("cpu"), n, samples, "cpu")
-            labels = batch.row_labels[key] = self._valid_labels(labels.to(torch.int64)).contiguous()
+            labels = batch.row_labels[key] = labels.to(torch.int64).contiguous()
         return labels
 
     def add_mean(

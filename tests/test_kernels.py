@@ -164,12 +164,15 @@ def test_kernel_nan_and_infinite_values_stay_in_their_neurons(kernel) -> None:
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-6, equal_nan=True, err_msg=name)
 
 
-def test_kernel_empty_classes_and_rows_without_a_class(kernel) -> None:
-    """Classes no row has stay at count 0 (mean NaN); labels -1 or ≥ classes count for no class."""
+@pytest.mark.parametrize("per_batch", [True, False], ids=["row-by-row", "four-rows"])
+def test_kernel_empty_classes_and_rows_without_a_class(kernel, per_batch: bool) -> None:
+    """Classes no row has stay at count 0 (mean NaN); labels below 0 or ≥ classes count for no
+    class (the hooks hand the kernel labels as given: -100 is cross-entropy's ignore_index)."""
     rng = np.random.default_rng(2)
     chunks = [rng.normal(0.0, 1.0, (30, 6)).astype(np.float32)]
-    labels = [np.where(np.arange(30) % 3 == 0, -1, np.where(np.arange(30) % 3 == 1, 0, 9)).astype(np.int64)]
-    got = columns(fold("cpp", chunks, labels, [None], 5))
+    outside = np.array([-1, -100, 5, 9, 2**40])[np.arange(30) % 5]
+    labels = [np.where(np.arange(30) % 3 == 1, 0, outside).astype(np.int64)]
+    got = columns(fold("cpp", chunks, labels, [None], 5, keep_batches=per_batch))
     np.testing.assert_array_equal(got["class_count"], [10, 0, 0, 0, 0])
     assert np.isnan(got["class_mean"][1:]).all()
     np.testing.assert_allclose(got["class_mean"][0], chunks[0][1::3].astype(np.float64).mean(0), rtol=1e-5)
