@@ -689,16 +689,6 @@ class PhaseStats:
         self._current = Batch(self._batch, labels, mask)
         return self._current
 
-    def drop_labels(self) -> None:
-        """Forget the labels given for the current batch (they did not fit it)."""
-        if self._current is not None:
-            self._current.labels = None
-
-    def pending_labels(self) -> int | None:
-        """The number of labels given for the current batch and not yet stored, or None."""
-        batch = self._current
-        return None if batch is None or batch.placed or batch.labels is None else batch.labels.shape[0]
-
     def add(
         self,
         layer: str,
@@ -756,10 +746,7 @@ class PhaseStats:
         (:meth:`hook_ops`). A hook's planned call (``tap._Plan``) keeps them and calls this directly,
         in whatever mode the user's forward runs: they exist and have their shift, so the kernel
         only updates them in place (the batch's row labels made here are temporaries)."""
-        chunk = self._chunk
-        if chunk is None:
-            chunk = self._chunk = self.pool.acquire()
-        if batch.index not in chunk.label_runs:
+        if batch.index not in self._chunk.label_runs:  # the pass's chunk: start_batch made it
             self._store_labels(batch, rows.device)
         batch.placed = True
         self.has_rows = True

@@ -2,8 +2,8 @@
 once the general path has folded one like them in the same phase. The trace must not depend on it:
 an epoch that mixes calls a plan matches with calls it must not take (unlabelled, masked, no rows,
 a second call of a module, a module called on its own, a keyword call of a Linear, a bfloat16
-input, a time-major pass whose first dimension also has the batch's size, a convolution with as
-many channels as columns) is recorded with plans and without, and every table must be identical,
+input, bfloat16 outputs, an output narrower than the layer, a time-major pass whose first
+dimension also has the batch's size, a convolution with as many channels as columns) is recorded with plans and without, and every table must be identical,
 value for value, in the train and eval phases."""
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ class Net(nn.Module):
         if x.dim() == 2 and x.shape[0]:  # channel-first: its neurons are channels, never last-dim rows
             self.conv(x[:, :4].float().repeat(1, 8).reshape(x.shape[0], 8, 1, 4))
         h = self.fc1(input=x) if self.mode.endswith("keyword call") else self.fc1(x)
-        h = self.fc2(self.act(h))
+        if self.mode == "narrow act":  # act's one call gives (batch, 5): not rows of its six neurons
+            self.act(h[:, :5])
+            h = self.fc2(h)
+        else:
+            h = self.fc2(self.act(h))
         if self.mode == "fc2 twice":  # the second call is a layer of its own
             h = self.fc2(h)
         return self.head(h)
@@ -81,6 +85,8 @@ def passes() -> list[dict]:
         labelled("no rows", (BATCH, 0, 5)),
         labelled("keyword call"),  # fc1(input=x): the hook sees no positional input
         labelled("bfloat16 input", x_dtype=torch.bfloat16),
+        labelled("bfloat16 outputs", autocast=True),  # every Linear and ReLU output in bfloat16
+        labelled("narrow act"),
         labelled("time-major", (3, BATCH, 5)),  # the layers learn batch dimension 1
         labelled("time-major square", (BATCH, BATCH, 5)),  # dimension 0 has the batch's size too
         labelled("plain"),
@@ -128,7 +134,8 @@ def record(
                         trace.set_targets(p["y"], mask=p.get("mask"))
                     before = taken["planned"]
                     mode = torch.inference_mode() if p.get("inference") else torch.no_grad()
-                    with mode:
+                    cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.get("autocast", False))
+                    with mode, cast:
                         (model.fc1 if p.get("direct") else model)(x)
                     counts.append((epoch, p["kind"], taken["planned"] - before))
                 trace.end_epoch()
@@ -180,6 +187,8 @@ def test_the_short_path_takes_only_calls_like_the_planned_one(
         "no rows": 0,
         "keyword call": 3,
         "bfloat16 input": 3,
+        "bfloat16 outputs": 0,
+        "narrow act": 3,
         "time-major": 0,
         "time-major square": 0,
         "inference mode": 4,
