@@ -467,7 +467,9 @@ class HookTap:
         if inputs is not None:
             first = args[0] if args else None
             if not (
-                isinstance(first, Tensor) and first.dtype == torch.float32 and first.shape[-1] == inputs.num_features
+                isinstance(first, Tensor)
+                and first.dtype == torch.float32
+                and first.shape[-1] == inputs.num_features
             ):
                 return False
             input_rows = first.detach().reshape(-1, inputs.num_features)

@@ -3,8 +3,9 @@ once the general path has folded one like them in the same phase. The trace must
 an epoch that mixes calls a plan matches with calls it must not take (unlabelled, masked, no rows,
 a second call of a module, a module called on its own, a keyword call of a Linear, a bfloat16
 input, bfloat16 outputs, an output narrower than the layer, a time-major pass whose first
-dimension also has the batch's size, a convolution with as many channels as columns) is recorded with plans and without, and every table must be identical,
-value for value, in the train and eval phases."""
+dimension also has the batch's size, a convolution with as many channels as columns) is recorded
+with plans and without, and every table must be identical, value for value, in the train and eval
+phases."""
 
 from __future__ import annotations
 
