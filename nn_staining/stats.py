@@ -746,7 +746,10 @@ class PhaseStats:
         (:meth:`hook_ops`). A hook's planned call (``tap._Plan``) keeps them and calls this directly,
         in whatever mode the user's forward runs: they exist and have their shift, so the kernel
         only updates them in place (the batch's row labels made here are temporaries)."""
-        if batch.index not in self._chunk.label_runs:  # the pass's chunk: start_batch made it
+        chunk = self._chunk
+        if chunk is None:  # reduced since the batch started (reduce_pending), as _room allows
+            chunk = self._chunk = self.pool.acquire()
+        if batch.index not in chunk.label_runs:
             self._store_labels(batch, rows.device)
         batch.placed = True
         self.has_rows = True

@@ -145,3 +145,24 @@ def test_a_first_batch_in_inference_mode_leaves_ordinary_accumulators() -> None:
     got = stats.finish().outputs["layer"]
     np.testing.assert_array_equal(got.activations.act_mean, [2.0, 2.0, 2.0])
     np.testing.assert_array_equal(got.classes.mean[:, 0], [1.0, 1.0, 3.0, 3.0])
+
+
+def test_a_layer_folded_after_the_chunk_was_reduced() -> None:
+    """reduce_pending mid-batch leaves no chunk; a later layer of the same labelled batch is still
+    folded from the hook (its labels stored and counted in a new chunk), matching numpy."""
+    rng = np.random.default_rng(7)
+    labels = np.array([0, 1, 2, 0, 3, 1])
+    first, later = (rng.normal(0.0, 1.0, (6, 5)).astype(np.float32) for _ in range(2))
+    stats = PhaseStats(CLASSES)
+    stats.start_batch(torch.from_numpy(labels))
+    stats.add("a", torch.from_numpy(first))
+    stats.reduce_pending()
+    stats.add("b", torch.from_numpy(later))
+    record = stats.finish()
+    for layer, rows in (("a", first), ("b", later)):
+        got = record.outputs[layer]
+        np.testing.assert_allclose(got.activations.act_mean, rows.mean(0), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(got.classes.count, np.bincount(labels, minlength=CLASSES))
+        want = np.stack([rows[labels == c].mean(0) for c in range(CLASSES)])
+        np.testing.assert_allclose(got.classes.mean, want, rtol=1e-6, atol=1e-7)
+    assert stats.label_summary().out_of_range == 0
