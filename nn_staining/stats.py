@@ -708,42 +708,40 @@ class PhaseStats:
         if n == 0:
             self._saw_empty(layer, inputs, rows.shape[1], rows.device)
             return
-        if self.folds_now(rows, batch or self._current):
-            self.fold_now(layer, rows, n if samples is None else samples, inputs, batch or self._current)
+        ops = self.hook_kernel(rows, batch or self._current)
+        if ops is not None:
+            self.fold_now(layer, rows, n if samples is None else samples, inputs, batch or self._current, ops)
             return
         buf = self._room(layer, inputs, n, rows.shape[1], rows.device)
         buf.rows[buf.fill : buf.fill + n].copy_(rows)
         self._filled(buf, batch, n, rows.device, n if samples is None else samples)
 
-    def folds_now(self, rows: torch.Tensor, batch: Batch | None) -> bool:
-        """Whether a batch's rows are folded straight into the running sums by the C++ kernel, while
-        the hook's output is still in cache, instead of being copied into the chunk and read again
-        when it is reduced: CPU float32 rows of a pass whose labels are known, with no mask and no
-        per-batch rows (those need the chunk's runs)."""
-        if batch is None or batch.labels is None or rows.device.type != "cpu":
-            return False
-        return rows.dtype == torch.float32 and self.hook_ops(batch) is not None
-
-    def hook_ops(self, batch: Batch) -> Any | None:
-        """The CPU kernel that folds float32 rows of ``batch`` from the hook (:meth:`folds_now`),
-        or None when the pass has a mask, the phase keeps per-batch rows or no such kernel exists."""
-        if batch.mask is not None or self.keep_batches:
+    def hook_kernel(self, rows: torch.Tensor, batch: Batch | None) -> Any | None:
+        """The C++ kernel when a batch's rows are folded straight into the running sums, while the
+        hook's output is still in cache, instead of being copied into the chunk and read again when
+        it is reduced: CPU float32 rows of a pass whose labels are known, with no mask and no
+        per-batch rows (those need the chunk's runs). None otherwise."""
+        if batch is None or batch.labels is None or batch.mask is not None or self.keep_batches:
+            return None
+        if rows.dtype != torch.float32 or not rows.is_cpu:
             return None
         ops = kernels.cpu_ops()
         return ops if ops is not None and ops.per_batch else None
 
-    def fold_now(self, layer: str, rows: torch.Tensor, samples: int, inputs: bool, batch: Batch) -> None:
-        """Fold one batch's rows into the layer's running sums at once (see :meth:`folds_now`);
-        the batch's labels are still stored in the chunk, where they are counted."""
+    def fold_now(
+        self, layer: str, rows: torch.Tensor, samples: int, inputs: bool, batch: Batch, ops: Any
+    ) -> None:
+        """Fold one batch's rows into the layer's running sums at once by ``ops`` (see
+        :meth:`hook_kernel`); the batch's labels are still stored in the chunk, where they are counted."""
         user_mode = torch.is_inference_mode_enabled() or torch.is_autocast_enabled("cpu")
         # running sums made here must not be inference tensors
         with plain_tensor_mode(rows.device) if user_mode else nullcontext():
             moments = self._layer_moments(layer, rows.shape[1], rows.device, inputs)
-            self.fold_into(moments, rows, samples, batch, self.hook_ops(batch))
+            self.fold_into(moments, rows, samples, batch, ops)
 
     def fold_into(self, moments: Moments, rows: torch.Tensor, samples: int, batch: Batch, ops: Any) -> None:
         """:meth:`fold_now` into ``moments``, the layer's (or its input's) running sums, by ``ops``
-        (:meth:`hook_ops`). A hook's planned call (``tap._Plan``) keeps them and calls this directly,
+        (:meth:`hook_kernel`). A hook's planned call (``tap._Plan``) keeps them and calls this directly,
         in whatever mode the user's forward runs: they exist and have their shift, so the kernel
         only updates them in place (the batch's row labels made here are temporaries)."""
         chunk = self._chunk

@@ -451,14 +451,12 @@ class HookTap:
             len(shape) < 2
             or shape[-1] != moments.num_features
             or shape[0] != labels.shape[0]
-            or output.dtype != torch.float32
-            or not output.is_cpu
             or self.batch_dims.get(key) != 0
         ):
             return False
         stats = state.stats
-        ops = stats.hook_ops(batch)
-        if ops is None:  # a mask or per-batch rows: the chunk takes the pass
+        ops = stats.hook_kernel(output, batch)
+        if ops is None:  # not CPU float32, or a mask or per-batch rows: the chunk takes the pass
             return False
         rows = output.detach().reshape(-1, shape[-1])
         if not rows.shape[0]:  # the general path notes an empty batch
@@ -576,7 +574,7 @@ class HookTap:
         folded at once as rows (a row layout, no spatial means from the input, a batch the kernel
         folds from the hook) and, for a Linear whose input the general path records, its input
         was too. What else a call must be, :meth:`_record_planned` checks on each one."""
-        if means is not None or layout.channel_first or not stats.folds_now(out, batch):
+        if means is not None or layout.channel_first or stats.hook_kernel(out, batch) is None:
             return
         moments, input_moments = stats.layer_moments().get(key), stats.layer_moments(inputs=True).get(key)
         records_input = linear and bool(stats.num_classes)
