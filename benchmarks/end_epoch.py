@@ -71,12 +71,12 @@ def run(
     reduce_times: list[float] = []
     original = stats.PhaseStats.finish
 
-    def timed_finish(self):
+    def timed_finish(self, *args, **kwargs):
         start = time.perf_counter()
         self.reduce_pending()  # the last chunk's reduction: work of the epoch, not a fixed cost
         middle = time.perf_counter()
         try:
-            return original(self)
+            return original(self, *args, **kwargs)
         finally:
             reduce_times.append(middle - start)
             finish_times.append(time.perf_counter() - middle)
@@ -101,8 +101,8 @@ def run(
                         torch.cuda.synchronize()
                     if epoch == epochs + 2:  # the last epoch: count, not timed
                         all_ops, finish_ops = CountOps(), CountOps()
-                        stats.PhaseStats.finish = lambda self, mode=finish_ops: _counted(
-                            mode, timed_finish, self
+                        stats.PhaseStats.finish = lambda self, *args, mode=finish_ops, **kwargs: _counted(
+                            mode, timed_finish, self, *args, **kwargs
                         )
                         with all_ops:
                             trace.end_epoch()
@@ -131,10 +131,10 @@ def run(
     }
 
 
-def _counted(mode: CountOps, finish, self):
+def _counted(mode: CountOps, finish, self, *args, **kwargs):
     self.reduce_pending()
     with mode:
-        return finish(self)
+        return finish(self, *args, **kwargs)
 
 
 def _ms(values: list[float]) -> str:

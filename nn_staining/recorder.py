@@ -333,9 +333,10 @@ class NetworkTrace:
             return
         for stats in phases:
             stats.reduce_pending()  # buffered batches count towards the epoch's size
-        if sum(stats.nbytes() for stats in phases) >= LARGE_EPOCH_BYTES:
+        large = sum(stats.nbytes() for stats in phases) >= LARGE_EPOCH_BYTES
+        if large:
             self._writer.wait()  # one large epoch in memory at a time: the last is written first
-        records = tuple(r for r in (stats.finish() for stats in phases) if r.outputs)
+        records = tuple(r for r in (stats.finish(in_place=large) for stats in phases) if r.outputs)
         if records and self._stored_layers is not None:
             self._check_resumed_layers()
         if records:

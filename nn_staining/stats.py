@@ -9,7 +9,8 @@ operations (``index_add_`` gives every per-class sum at once). Reductions run on
 CPU a second thread of tensor work would fight the training's own OpenMP threads). Buffers are
 allocated once and reused every epoch, so memory stays flat. The host sees the statistics once
 per epoch, every layer's in one buffer and one copy (:func:`host_statistics`), finished there by a
-few numpy operations over all layers at once.
+few numpy operations over all layers at once; a large epoch's CPU sums are finished where they lie
+instead, layer by layer, since at width a copy doubles the epoch's memory.
 """
 
 from __future__ import annotations
@@ -304,7 +305,10 @@ class Moments:
 
 
 def host_statistics(
-    outputs: dict[str, Moments], inputs: dict[str, Moments], extra: torch.Tensor | None = None
+    outputs: dict[str, Moments],
+    inputs: dict[str, Moments],
+    extra: torch.Tensor | None = None,
+    in_place: bool = False,
 ) -> tuple[dict[str, LayerStats], dict[str, ClassMeans], np.ndarray | None]:
     """Every layer's statistics on the host from one device-to-host copy (with ``extra``, a float64
     vector, beside them): outputs' :class:`LayerStats`, inputs' :class:`ClassMeans`, ``extra``.
@@ -312,31 +316,92 @@ def host_statistics(
     The sums are queued statistic by statistic, so each statistic of all layers lies in one run of
     the host buffer and is finished for all of them by one numpy operation; each layer's arrays are
     views of those (a few large operations per phase, not a few small ones per layer).
+
+    With ``in_place`` and every sum on the CPU, each layer's statistics are instead finished in its
+    own running sums, layer by layer, with no copy: the sums must not be used again (an epoch's
+    last use). At width the copy is the epoch's largest array, as large as the sums themselves.
     """
-    outs, classed = list(outputs.values()), [*outputs.values(), *inputs.values()]
-    num_classes = classed[0].num_classes if classed else 0
+    outs, ins = list(outputs.values()), list(inputs.values())
+    if in_place and all(m.sum.device.type == "cpu" for m in (*outs, *ins)):
+        groups = [([m], [m], _own_sums(m, output=True)) for m in outs]
+        groups += [([], [m], _own_sums(m, output=False)) for m in ins]
+        finished = [_finish(o, c, sums) for o, c, sums in groups]
+        stats = [s for layers, _, _ in finished for s in layers]
+        means = [m for _, group_means, _ in finished for m in group_means]
+        batches = [b for _, _, group_batches in finished for b in group_batches]
+        seen = None if extra is None else extra.to("cpu", torch.float64).numpy()
+    else:
+        sums, seen = _copied_sums(outs, ins, extra)
+        stats, means, batches = _finish(outs, [*outs, *ins], sums)
+    layers = {key: LayerStats(a, c, b) for key, a, c, b in zip(outputs, stats, means, batches)}
+    return layers, dict(zip(inputs, means[len(outs) :])), seen
+
+
+class _Sums(NamedTuple):
+    """A group of layers' sums on the host, each statistic of all of them in one array
+    (``values[name]``): the layers' shifts, observation counts and per-batch (ids, rows) blocks."""
+
+    values: dict[str, np.ndarray]
+    shift: np.ndarray
+    counts: list[int]
+    batches: list[list[tuple[list[int], np.ndarray]]]
+
+
+_SUM_NAMES = ("sum", "sum_sq", "active", "nonfinite", "minimum", "maximum")
+
+
+def _copied_sums(
+    outs: list[Moments], ins: list[Moments], extra: torch.Tensor | None
+) -> tuple[_Sums, np.ndarray | None]:
+    """All layers' sums (and ``extra``) brought to the host by one :class:`HostTransfer`."""
+    classed = [*outs, *ins]
     transfer = HostTransfer()
-    names = ("sum", "sum_sq", "active", "nonfinite", "minimum", "maximum")
-    runs = {name: [transfer.add(getattr(m, name)) for m in outs] for name in names}
+    runs = {name: [transfer.add(getattr(m, name)) for m in outs] for name in _SUM_NAMES}
     kept = [None if m.kept is None else transfer.add(m.kept) for m in outs]
     shifts = [None if m.shift is None else transfer.add(m.shift) for m in classed]
-    if num_classes:
+    if classed and classed[0].num_classes:
         runs["class_count"] = [transfer.add(m.class_count) for m in classed]
         runs["class_sum"] = [transfer.add_columns([m.class_sum for m in classed])]
     batches = [[(ids, transfer.add(t)) for ids, t in m.batches] for m in outs]
     extra_at = None if extra is None else transfer.add(extra)
     host = transfer.run()
-    values = {name: host.joined(places) for name, places in runs.items()}
-    widths = np.array([m.num_features for m in classed], dtype=np.int64)
+    widths = [m.num_features for m in classed]
     shift = host.joined(shifts) if all(p is not None for p in shifts) else _with_zeros(host, shifts, widths)
-    n = [m.count + (0 if k is None else round(float(host[k][0]))) for m, k in zip(outs, kept)]
-    stats = _activations(values, np.array(n, dtype=np.int64), widths[: len(outs)], shift)
-    means = _class_means(values, num_classes, widths, shift) if num_classes else [None] * len(classed)
-    layers = {
-        key: LayerStats(a, c, _host_batches(host, b, m.num_features))
-        for key, m, a, c, b in zip(outputs, outs, stats, means, batches)
-    }
-    return layers, dict(zip(inputs, means[len(outs) :])), None if extra_at is None else host[extra_at]
+    sums = _Sums(
+        {name: host.joined(places) for name, places in runs.items()},
+        shift,
+        [m.count + (0 if k is None else round(float(host[k][0]))) for m, k in zip(outs, kept)],
+        [[(ids, host[at]) for ids, at in b] for b in batches],
+    )
+    return sums, None if extra_at is None else host[extra_at]
+
+
+def _own_sums(m: Moments, output: bool) -> _Sums:
+    """One layer's sums as numpy views of its own CPU tensors (finishing them overwrites the sums);
+    an input's (``output`` False) only its class sums."""
+    values = {name: getattr(m, name).numpy() for name in (_SUM_NAMES if output else ())}
+    if m.num_classes:
+        values["class_count"] = m.class_count.numpy()
+        values["class_sum"] = m.class_sum.numpy().reshape(-1)
+    shift = np.zeros(m.num_features) if m.shift is None else m.shift.numpy().astype(np.float64)
+    kept = 0 if m.kept is None else round(float(m.kept))
+    batches = [(ids, t.numpy()) for ids, t in m.batches]
+    return _Sums(values, shift, [m.count + kept], [batches])
+
+
+def _finish(
+    outs: list[Moments], classed: list[Moments], sums: _Sums
+) -> tuple[list[ActivationStats], list[ClassMeans | None], list[BatchStats | None]]:
+    """A group's statistics from its sums: outputs' activations and per-batch rows, and the class
+    means of ``classed`` (the outputs, then inputs), all in place in ``sums``' arrays."""
+    num_classes = classed[0].num_classes if classed else 0
+    widths = np.array([m.num_features for m in classed], dtype=np.int64)
+    counts = np.array(sums.counts, dtype=np.int64)
+    stats = _activations(sums.values, counts, widths[: len(outs)], sums.shift) if outs else []
+    no_classes: list[ClassMeans | None] = [None] * len(classed)
+    means = _class_means(sums.values, num_classes, widths, sums.shift) if num_classes else no_classes
+    batches = [_host_batches(b, m.num_features) for m, b in zip(outs, sums.batches)]
+    return stats, means, batches
 
 
 def _activations(
@@ -388,9 +453,9 @@ def _class_means(
     ]
 
 
-def _with_zeros(host: HostValues, places: list[tuple[bool, slice] | None], widths: np.ndarray) -> np.ndarray:
+def _with_zeros(host: HostValues, places: list[tuple[bool, slice] | None], widths: list[int]) -> np.ndarray:
     """The layers' shifts one after the other, 0 for a layer that has none (it saw no rows)."""
-    parts = [np.zeros(f) if p is None else host[p] for p, f in zip(places, widths.tolist())]
+    parts = [np.zeros(f) if p is None else host[p] for p, f in zip(places, widths)]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -486,13 +551,11 @@ def _cat(parts: list[torch.Tensor], dim: int = 0, out: torch.Tensor | None = Non
     return torch.cat(parts, dim=dim) if out is None else torch.cat(parts, dim=dim, out=out)
 
 
-def _host_batches(
-    host: HostValues, batches: list[tuple[list[int], tuple[bool, slice]]], f: int
-) -> BatchStats | None:
-    """Per-batch rows from the host buffer: each chunk's (5, batches, neurons) block, joined."""
+def _host_batches(batches: list[tuple[list[int], np.ndarray]], f: int) -> BatchStats | None:
+    """Per-batch rows on the host: each chunk's (5, batches, neurons) block, joined."""
     if not batches:
         return None
-    blocks = [host[at].reshape(5, len(ids), f) for ids, at in batches]
+    blocks = [values.reshape(5, len(ids), f) for ids, values in batches]
     stacked = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
     ids = np.array([b for ids, _ in batches for b in ids], dtype=np.int32)
     if len(np.unique(ids)) < len(ids):
@@ -997,14 +1060,15 @@ class PhaseStats:
         """Replace the label counts (with those merged across ranks)."""
         self._label_bad, self._label_low, self._label_high = bad, low, high
 
-    def finish(self) -> PhaseRecord:
-        """Reduce what is left and bring the phase's statistics to the host (once per epoch)."""
+    def finish(self, in_place: bool = False) -> PhaseRecord:
+        """Reduce what is left and bring the phase's statistics to the host (once per epoch); with
+        ``in_place``, CPU sums become the statistics where they lie (the phase is not used again)."""
         self._reduce_chunk()
         self._add_empty_layers()
         labels = None
         if self._label_low is not None:
             labels = torch.stack([self._label_bad, self._label_low, self._label_high]).double()
-        outputs, inputs, seen = host_statistics(self.moments, self.inputs, labels)
+        outputs, inputs, seen = host_statistics(self.moments, self.inputs, labels, in_place)
         if seen is not None:
             self._labels_seen = LabelSummary(*(int(v) for v in seen))
         return PhaseRecord(self.phase, outputs, {k: v for k, v in inputs.items() if v is not None})

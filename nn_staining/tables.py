@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from .records import ACTIVATION_COLUMNS, BATCH_COLUMNS, ClassMeans, LayerWeights, PhaseRecord
-from .store import TableSource, build_table
+from .store import SLICE_ROWS, TableSource, build_table
 
 #: The parameter columns of the ``neurons`` table besides the ``weights`` list, in schema order.
 WEIGHT_COLUMNS = ("bias", "weight_norm", "weight_mean", "weight_delta_norm", "grad_norm")
@@ -32,18 +32,38 @@ class _Segment:
     build: Callable[[int, int], dict[str, Any]]
 
 
+def weight_delta_norms(
+    weights: dict[str, LayerWeights], previous: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Each layer's per-neuron ``weight_delta_norm``: the float64 norm of the change of its incoming
+    weights since ``previous`` (the previous recorded epoch's), a slice of rows at a time. A layer
+    without previous weights of the same shape has none. Taken before the epoch's tables are built,
+    so the writer can let go of the previous weights (at width, as large as the epoch's own)."""
+    deltas = {}
+    for key, w in weights.items():
+        matrix, prev = w.weights, previous.get(key)
+        if matrix is None or prev is None or prev.shape != matrix.shape:
+            continue
+        norms = np.empty(matrix.shape[0])
+        for a in range(0, matrix.shape[0], SLICE_ROWS):
+            b = a + SLICE_ROWS
+            norms[a:b] = np.linalg.norm(matrix[a:b].astype(np.float64) - prev[a:b], axis=1)
+        deltas[key] = norms
+    return deltas
+
+
 def epoch_tables(
     record: PhaseRecord,
     layers: Sequence[str],
     weights: dict[str, LayerWeights],
-    previous_weights: dict[str, np.ndarray],
+    weight_deltas: dict[str, np.ndarray],
     num_classes: int,
     record_weights: bool = True,
 ) -> dict[str, TableSource]:
     """The phase's tables (neurons, and classes, inputs, batches when recorded), to be built slice by slice.
 
     ``layers`` is the trace-wide layer order (the ``layer`` dictionary); ``weights`` the epoch's
-    per-layer snapshots and ``previous_weights`` those of the previous recorded epoch.
+    per-layer snapshots and ``weight_deltas`` their :func:`weight_delta_norms`.
     """
     outputs = record.outputs
     order = [k for k in layers if k in outputs]
@@ -57,9 +77,7 @@ def epoch_tables(
                 "record it with record_weights=False"
             )
     segments = [
-        _neuron_segment(
-            code[k], outputs[k].activations, weights.get(k), previous_weights.get(k), with_weights
-        )
+        _neuron_segment(code[k], outputs[k].activations, weights.get(k), weight_deltas.get(k), with_weights)
         for k in order
     ]
     tables = {"neurons": _source("neurons", record.phase, segments, layers)}
@@ -117,13 +135,11 @@ def _neuron_segment(
     code: int,
     acts: Any,
     w: LayerWeights | None,
-    prev: np.ndarray | None,
+    delta: np.ndarray | None,
     with_weights: bool,
 ) -> _Segment:
     """A layer's ``neurons`` rows; parameters the layer lacks are null."""
     matrix = None if w is None else w.weights
-    if matrix is not None and (prev is None or prev.shape != matrix.shape):
-        prev = None
 
     def values(a: int, b: int) -> dict[str, np.ndarray | None]:
         if w is None:
@@ -134,7 +150,7 @@ def _neuron_segment(
             "bias": None if w.bias is None else w.bias[a:b],
             "weight_norm": None if wide is None else np.linalg.norm(wide, axis=1),
             "weight_mean": None if rows is None else rows.mean(axis=1),
-            "weight_delta_norm": None if prev is None else np.linalg.norm(wide - prev[a:b], axis=1),
+            "weight_delta_norm": None if delta is None else delta[a:b],
             "grad_norm": None if w.grad_norm is None else w.grad_norm[a:b],
         }
 

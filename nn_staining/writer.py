@@ -4,9 +4,10 @@ training thread.
 The training thread hands over a complete, immutable record (statistics, weights and the
 ``meta.json`` to write after it) and goes on; one writer thread builds each table's Arrow rows
 one slice at a time and streams them to its part, so a wide layer never exists as a whole Arrow
-table. The writer keeps only what it produced itself (the previous epoch's weights, for
-``weight_delta_norm``): it has no reference to the recorder, so it cannot read training-thread
-state. At most ``max_pending`` epochs wait in memory; after a failed write nothing more is
+table. The writer keeps only the last written epoch's weights, for the next epoch's
+``weight_delta_norm``, and lets go of them once those are taken, before the epoch's tables are
+built (after a failed write the next epoch has none); it has no reference to the recorder, so it
+cannot read training-thread state. At most ``max_pending`` epochs wait in memory; after a failed write nothing more is
 written, so ``meta.json`` never lists an epoch whose parts are missing. After each commit the
 writer adds the epoch to the store's history index; a failure there is only logged, since the
 index is a derived copy and readers fall back to the parts.
@@ -25,7 +26,7 @@ import numpy as np
 from .catalog import Commit
 from .records import EpochRecord
 from .store import TraceWriter, epoch_write_error
-from .tables import epoch_tables
+from .tables import epoch_tables, weight_delta_norms
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +113,15 @@ class EpochWriter:
         neurons: list[Any] = []
         phase = record.phases[0].phase
         try:
+            deltas = weight_delta_norms(record.weights, self._previous_weights)
+            self._previous_weights = {}  # all they were kept for: at width as large as this epoch's
             for phase_record in record.phases:
                 phase = phase_record.phase
                 tables = epoch_tables(
                     phase_record,
                     record.layers,
                     record.weights,
-                    self._previous_weights,
+                    deltas,
                     record.num_classes,
                     self.record_weights,
                 )

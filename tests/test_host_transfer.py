@@ -128,12 +128,13 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["host copy", "in place"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_statistics_are_bit_for_bit_the_device_formulas(masked: bool) -> None:
+def test_statistics_are_bit_for_bit_the_device_formulas(masked: bool, in_place: bool) -> None:
     stats = filled_phase(7, seed=3, masked=masked)
     expected = {k: device_formulas(m) for k, m in stats.layer_moments().items()}
     expected_inputs = {k: device_formulas(m) for k, m in stats.layer_moments(inputs=True).items()}
-    record = stats.finish()
+    record = stats.finish(in_place=in_place)
     assert set(record.outputs) == set(expected)
     for layer, want in expected.items():
         got = record.outputs[layer]
@@ -147,13 +148,35 @@ def test_statistics_are_bit_for_bit_the_device_formulas(masked: bool) -> None:
         assert same_bits(got.count, want["class_count"]) and same_bits(got.mean, want["class_mean"]), layer
 
 
-def test_one_layer_result_is_the_phase_result() -> None:
+@pytest.mark.parametrize("in_place", [False, True], ids=["host copy", "in place"])
+def test_one_layer_result_is_the_phase_result(in_place: bool) -> None:
     stats = filled_phase(3, seed=5, keep_batches=True)
     alone = {k: m.result() for k, m in stats.layer_moments().items()}
-    record = stats.finish()
+    record = stats.finish(in_place=in_place)
     for layer, result in alone.items():
         for name, value in vars(result.activations).items():
             assert same_bits(getattr(record.outputs[layer].activations, name), value), (layer, name)
         if result.batches is not None:
             for name, value in vars(result.batches).items():
                 assert same_bits(getattr(record.outputs[layer].batches, name), value), (layer, name)
+
+
+def test_finishing_in_place_copies_nothing(monkeypatch) -> None:
+    """An epoch's last use of CPU sums (a large epoch's end) finishes them where they lie: no host
+    copy, and the record's statistics are the running sums' own memory."""
+    stats = filled_phase(4, keep_batches=True)
+    outputs, inputs = stats.layer_moments(), stats.layer_moments(inputs=True)
+    cpu_calls = []
+    monkeypatch.setattr(torch.Tensor, "cpu", counted(torch.Tensor.cpu, cpu_calls))
+    record = stats.finish(in_place=True)
+    monkeypatch.undo()
+    assert cpu_calls == []
+    for layer, m in outputs.items():
+        got = record.outputs[layer]
+        assert np.shares_memory(got.activations.act_mean, m.sum.numpy()), layer
+        assert np.shares_memory(got.activations.act_std, m.sum_sq.numpy()), layer
+        assert np.shares_memory(got.classes.mean, m.class_sum.numpy()), layer
+        if len(m.batches) == 1:  # one chunk's per-batch rows; several are joined (a copy)
+            assert np.shares_memory(got.batches.act_mean, m.batches[0][1].numpy()), layer
+    for layer, m in inputs.items():
+        assert np.shares_memory(record.inputs[layer].mean, m.class_sum.numpy()), layer

@@ -35,7 +35,7 @@ from nn_staining.store import (
     build_table,
     part_path,
 )
-from nn_staining.tables import epoch_tables
+from nn_staining.tables import epoch_tables, weight_delta_norms
 from nn_staining.writer import EpochWriter
 
 #: The Arrow allocations of the wide write (a module global: buffers it allocated must not outlive it).
@@ -181,7 +181,7 @@ def test_a_sliced_write_equals_the_whole_table_write(
     sizes = dict(zip(LAYERS, [3, 20_000, 9_000, 1, 40_000]))
     record, weights = phase_record(rng, sizes, 7), layer_weights(rng, sizes)
     previous = {k: rng.normal(size=w.weights.shape).astype(np.float32) for k, w in weights.items()}
-    sources = epoch_tables(record, LAYERS, weights, previous, 7)
+    sources = epoch_tables(record, LAYERS, weights, weight_delta_norms(weights, previous), 7)
     expected = whole_tables(record, LAYERS, weights, previous, 7)
     assert sorted(sources) == sorted(expected) == ["batches", "classes", "inputs", "neurons"]
     rows = TraceWriter(tmp_path / "t").write_epoch(0, "train", sources)

@@ -363,12 +363,15 @@ def test_a_full_disk_names_epoch_table_and_store_and_leaves_no_debris(tmp_path: 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
     errors = []
     with NetworkTrace(model, store, num_classes=3) as trace:
         for epoch in range(5):
             trace.start_epoch(epoch)
             trace.set_targets(y)
-            model(x)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimiser.step()
+            optimiser.zero_grad()
             try:
                 trace.end_epoch()
                 trace.flush()
@@ -387,6 +390,20 @@ def test_a_full_disk_names_epoch_table_and_store_and_leaves_no_debris(tmp_path: 
         f"SELECT count(DISTINCT epoch) FROM read_parquet('{store}/neurons/*/*.parquet')"
     ).fetchall()
     assert parts == [(4,)]  # an engine globbing the folders sees exactly the listed epochs
+    # weight_delta_norm is against the previous epoch written: none for epoch 3 (epoch 2's write
+    # failed, and epoch 1's weights were let go of once epoch 2's changes were taken)
+    t = load_trace(store)
+
+    def delta(epoch: int, layer: str) -> np.ndarray:
+        rows = pq.read_table(store / f"neurons/epoch={epoch}/part-0.parquet").to_pandas()
+        return rows.loc[rows.layer == layer, "weight_delta_norm"].to_numpy()
+
+    for layer in ("L_0", "L_2"):  # the Linear layers
+        assert np.isnan(delta(3, layer)).all()
+        for e in (1, 4):
+            want = np.linalg.norm(t.weights(e, layer).astype(np.float64) - t.weights(e - 1, layer), axis=1)
+            assert (want > 0).any()
+            np.testing.assert_allclose(delta(e, layer), want, rtol=1e-6)
 
 
 def test_a_failed_meta_json_write_leaves_no_temporary(tmp_path: Path, monkeypatch) -> None:

@@ -27,8 +27,9 @@ def run(
 ) -> list[tuple[str, int]]:
     """Record three one-batch epochs with a writer that, given ``gate``, starts no write before the
     gate opens (at most 10 s) and opens it when epoch 1 is copied to the host. Returns the events
-    in order: ("finish", e) when epoch e's statistics are copied to the host, ("written", e) when
-    its write is done."""
+    in order: ("finish", e) when epoch e's statistics are brought to the host (followed by
+    ("in place", e) when they are finished in its running sums instead), ("written", e) when its
+    write is done."""
     events: list[tuple[str, int]] = []
     lock = threading.Lock()
     real_write, real_finish = EpochWriter._write_epoch, PhaseStats.finish
@@ -41,12 +42,14 @@ def run(
         with lock:
             events.append(("written", record.epoch))
 
-    def finish(self):
+    def finish(self, in_place: bool = False):
         with lock:
             events.append(("finish", current["epoch"]))
+            if in_place:
+                events.append(("in place", current["epoch"]))
         if gate is not None and current["epoch"] == 1:
             gate.set()
-        return real_finish(self)
+        return real_finish(self, in_place)
 
     monkeypatch.setattr(EpochWriter, "_write_epoch", gated_write)
     monkeypatch.setattr(PhaseStats, "finish", finish)
@@ -76,6 +79,7 @@ def test_a_large_epoch_waits_for_the_epochs_before_it(
     events = run(tmp_path / "t", monkeypatch, labelled=labelled, drop_batches=drop_batches)
     for epoch in (1, 2):
         assert events.index(("written", epoch - 1)) < events.index(("finish", epoch))
+    assert all(("in place", epoch) in events for epoch in (0, 1, 2)), "no host copy of a large epoch"
     assert load_trace(tmp_path / "t").epochs == [0, 1, 2]
 
 
@@ -84,6 +88,7 @@ def test_small_epochs_do_not_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     it, epoch 1 would reach the host only after the gate's timeout, behind epoch 0's write."""
     events = run(tmp_path / "t", monkeypatch, gate=threading.Event())
     assert events.index(("finish", 1)) < events.index(("written", 0))
+    assert not any(name == "in place" for name, _ in events), "small epochs: one copy of every layer"
     assert load_trace(tmp_path / "t").epochs == [0, 1, 2]
 
 
