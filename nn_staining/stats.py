@@ -420,7 +420,8 @@ def _activations(
         mean = np.add(mean_centred, shift[: len(count)], out=mean_centred)
         active = np.divide(values["active"], count, out=values["active"])
     nonfinite = np.round(values["nonfinite"]).astype(np.int64)
-    low, high = values["minimum"].astype(np.float32), values["maximum"].astype(np.float32)
+    # finished in place the sums' own float32 minimum and maximum, not a copy
+    low, high = (values[name].astype(np.float32, copy=False) for name in ("minimum", "maximum"))
     if not n.all():
         low[count == 0] = high[count == 0] = np.nan
     ends = np.cumsum(widths)

@@ -175,6 +175,7 @@ def test_finishing_in_place_copies_nothing(monkeypatch) -> None:
         got = record.outputs[layer]
         assert np.shares_memory(got.activations.act_mean, m.sum.numpy()), layer
         assert np.shares_memory(got.activations.act_std, m.sum_sq.numpy()), layer
+        assert np.shares_memory(got.activations.act_min, m.minimum.numpy()), layer
         assert np.shares_memory(got.classes.mean, m.class_sum.numpy()), layer
         if len(m.batches) == 1:  # one chunk's per-batch rows; several are joined (a copy)
             assert np.shares_memory(got.batches.act_mean, m.batches[0][1].numpy()), layer
