@@ -8,12 +8,14 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from nn_staining import NetworkTrace, load_trace
 from nn_staining import recorder as recorder_module
+from nn_staining import stats as stats_module
 from nn_staining.stats import Moments, PhaseStats
 from nn_staining.writer import EpochWriter
 
@@ -114,3 +116,41 @@ def test_per_batch_rows_count_towards_the_size() -> None:
     rows = sum(t.numel() for _, t in moments.batches)
     assert rows == 5 * 2 * 7  # count, mean, std, min, max per batch and neuron
     assert stats.nbytes() == Moments(7, 3, torch.device("cpu")).nbytes() + 8 * rows
+
+
+@pytest.mark.parametrize("drop_batches", [True, False], ids=["labelled and unlabelled", "per-batch rows"])
+def test_large_epochs_finished_in_place_write_the_same_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drop_batches: bool
+) -> None:
+    """The same training recorded with every epoch large (statistics finished in the running sums)
+    and with none (one host copy of every layer) gives identical tables, value for value. Chunks
+    of two batches: per-batch rows come from two chunks per epoch."""
+    monkeypatch.setattr(stats_module, "MAX_BATCHES_PER_CHUNK", 2)
+    frames = {}
+    for large in (False, True):
+        monkeypatch.setattr(recorder_module, "LARGE_EPOCH_BYTES", 1 if large else 2**62)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 9), nn.ReLU(), nn.Linear(9, 4))
+        optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+        store = tmp_path / f"large-{large}"
+        with NetworkTrace(model, store, num_classes=4, drop_batches=drop_batches) as trace:
+            for epoch in range(3):
+                trace.start_epoch(epoch)
+                for step in range(4):
+                    x = torch.randn(6, 5) * (1e3 if step == 2 else 1.0)
+                    if step == 1:
+                        x[0, 0] = float("nan")
+                    if step != 3 or not drop_batches:  # an unlabelled batch goes through the chunk
+                        trace.set_targets(torch.randint(0, 4, (6,)))
+                    loss = model(x).nan_to_num().square().mean()
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+                trace.end_epoch()
+        t = load_trace(store)
+        frames[large] = {"neurons": t.to_dataframe(), "classes": t.classes(), "inputs": t.inputs()}
+        if not drop_batches:
+            frames[large]["batches"] = t.batches()
+    for name, frame in frames[False].items():
+        assert len(frame) > 0, name
+        pd.testing.assert_frame_equal(frames[True][name], frame, check_exact=True, obj=name)
