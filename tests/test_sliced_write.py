@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nn_staining import store as store_module
+from nn_staining import tables as tables_module
 from nn_staining.catalog import Commit
 from nn_staining.records import (
     ACTIVATION_COLUMNS,
@@ -314,3 +315,27 @@ def test_a_failure_after_some_slices_leaves_no_part_and_no_commit(
     assert not (root / "epochs.jsonl").exists() or not (root / "epochs.jsonl").read_text()
     writer.submit_epoch(dataclasses.replace(record, epoch=1))
     assert pq.ParquetFile(part_path(root, "classes", 1)).metadata.num_rows == 60_000
+
+
+def test_weight_delta_norms_only_where_the_previous_weights_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer without previous weights, or with weights of another shape, has no delta; the
+    layers after it still have theirs, in float64 over slices of rows (here 3 rows each)."""
+    monkeypatch.setattr(tables_module, "SLICE_ROWS", 3)
+    rng = np.random.default_rng(2)
+    shapes = {"L_new": (4, 3), "L_grown": (5, 2), "L_bias_only": None, "L_kept": (7, 5)}
+    weights = {
+        k: LayerWeights(
+            None if s is None else rng.normal(size=s).astype(np.float32), np.zeros(3, np.float32), None
+        )
+        for k, s in shapes.items()
+    }
+    previous = {
+        "L_grown": rng.normal(size=(5, 3)).astype(np.float32),
+        "L_bias_only": np.zeros((3, 1), np.float32),
+        "L_kept": rng.normal(size=(7, 5)).astype(np.float32),
+    }
+    deltas = weight_delta_norms(weights, previous)
+    assert sorted(deltas) == ["L_kept"]
+    want = np.sqrt(((weights["L_kept"].weights.astype(np.float64) - previous["L_kept"]) ** 2).sum(axis=1))
+    np.testing.assert_allclose(deltas["L_kept"], want, rtol=1e-15)
+    assert deltas["L_kept"].dtype == np.float64
