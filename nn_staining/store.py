@@ -177,12 +177,12 @@ def build_table(table: str, columns: dict[str, Any], layers: Sequence[str]) -> p
     for f in schema:
         value = columns.get(f.name)
         if f.name == "layer":
-            codes = pa.array(np.asarray(value, dtype=np.int32))
-            arrays.append(pa.DictionaryArray.from_arrays(codes, pa.array(list(layers), pa.string())))
-        elif f.name == "phase":
-            arrays.append(pa.repeat(pa.scalar(value, pa.string()), n))
+            codes = _numeric(np.asarray(value, dtype=np.int32), pa.int32())
+            arrays.append(pa.DictionaryArray.from_arrays(codes, _strings(list(layers))))
         elif value is None:
             arrays.append(pa.nulls(n, f.type))
+        elif f.name == "phase":
+            arrays.append(pa.repeat(_strings([value])[0], n))
         elif f.name == "weights":
             offsets, values, missing = value
             if offsets[-1] > np.iinfo(np.int32).max:
@@ -192,9 +192,9 @@ def build_table(table: str, columns: dict[str, Any], layers: Sequence[str]) -> p
                 )
             arrays.append(
                 pa.ListArray.from_arrays(
-                    pa.array(np.asarray(offsets, np.int32)),
-                    pa.array(np.asarray(values, np.float32)),
-                    mask=pa.array(missing) if missing.any() else None,
+                    _numeric(np.asarray(offsets, np.int32), pa.int32()),
+                    _numeric(np.asarray(values, np.float32), _F32),
+                    mask=_booleans(missing) if missing.any() else None,
                 )
             )
         else:
@@ -202,14 +202,40 @@ def build_table(table: str, columns: dict[str, Any], layers: Sequence[str]) -> p
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+# Arrow arrays are made from their buffers, not by ``pa.array``: that imports pandas (about 45 MiB
+# resident) the first time it runs, which a process that only records has no other use for.
 def _column(values: Any, type_: pa.DataType) -> pa.Array:
     """A numpy column as Arrow; ``(values, missing)`` marks nulls (NaN stays NaN in floats)."""
     mask = None
     if isinstance(values, tuple):
         values, mask = values
         mask = mask if mask.any() else None
-    data = np.asarray(values).astype(type_.to_pandas_dtype(), copy=False)
-    return pa.array(data, type=type_, mask=mask)
+    return _numeric(np.asarray(values), type_, mask)
+
+
+def _numeric(values: np.ndarray, type_: pa.DataType, missing: np.ndarray | None = None) -> pa.Array:
+    """A 1-D numpy column as an Arrow array of the fixed-width ``type_`` (no copy when the column
+    already has that dtype and is contiguous); ``missing`` marks nulls."""
+    data = np.ascontiguousarray(values, dtype=type_.to_pandas_dtype())
+    validity = None if missing is None else pa.py_buffer(np.packbits(~missing, bitorder="little"))
+    nulls = 0 if missing is None else int(np.count_nonzero(missing))
+    return pa.Array.from_buffers(type_, len(data), [validity, pa.py_buffer(data)], null_count=nulls)
+
+
+def _booleans(values: np.ndarray) -> pa.Array:
+    """A numpy bool column as an Arrow boolean array (bit-packed)."""
+    bits = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
+    return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(bits)])
+
+
+def _strings(values: Sequence[str]) -> pa.Array:
+    """Python strings as an Arrow string array."""
+    encoded = [v.encode() for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return pa.Array.from_buffers(
+        pa.string(), len(encoded), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+    )
 
 
 class TableSource:
@@ -468,7 +494,7 @@ class TraceWriter:
         data = pa.concat_tables(sources)
         order = np.arange(data.num_rows).reshape(len(sources), block.rows, k).transpose(1, 0, 2).ravel()
         try:
-            _write_table(data.take(order), _temporary(path), INDEX_ROW_GROUP_ROWS)
+            _write_table(data.take(_numeric(order, pa.int64())), _temporary(path), INDEX_ROW_GROUP_ROWS)
             os.replace(_temporary(path), path)
         except BaseException:
             _temporary(path).unlink(missing_ok=True)

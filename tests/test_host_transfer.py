@@ -181,3 +181,7 @@ def test_finishing_in_place_copies_nothing(monkeypatch) -> None:
             assert np.shares_memory(got.batches.act_mean, m.batches[0][1].numpy()), layer
     for layer, m in inputs.items():
         assert np.shares_memory(record.inputs[layer].mean, m.class_sum.numpy()), layer
+    copied = filled_phase(4, keep_batches=True)  # the same batches
+    copied.finish()
+    assert stats.label_summary() == copied.label_summary()
+    assert stats.label_summary().out_of_range > 0

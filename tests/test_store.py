@@ -810,3 +810,42 @@ def test_store_size_counts_metadata_logs_and_parts_only(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x" * size)
     assert store_size(tmp_path) == 1570
     assert store_size(str(tmp_path / "none")) == 0
+
+
+RECORD_WITHOUT_PANDAS = """
+import sys
+import torch
+from torch import nn
+from nn_staining import NetworkTrace
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+with NetworkTrace(model, sys.argv[1], num_classes=3, drop_batches=False, record_eval=True) as trace:
+    for epoch in range(18):  # a history index block after 16
+        trace.start_epoch(epoch)
+        trace.set_targets(torch.tensor([0, 1, 2, 1]))
+        model(torch.randn(4, 4)).sum().backward()
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(3, 4))
+        model.train()
+        trace.end_epoch()
+print(sorted(m for m in ("pandas", "pyarrow.dataset") if m in sys.modules))
+"""
+
+
+def test_recording_does_not_import_pandas(tmp_path: Path) -> None:
+    """A process that only records never imports pandas (about 45 MiB resident): Arrow columns
+    are built from their buffers, since ``pa.array`` imports pandas when it first runs."""
+    import subprocess
+    import sys
+
+    store = tmp_path / "t"
+    out = subprocess.run(
+        [sys.executable, "-c", RECORD_WITHOUT_PANDAS, str(store)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split("\n")[-2] == "[]", out.stdout + out.stderr
+    t = load_trace(store)
+    assert t.epochs == list(range(18)) and (store / "_history").is_dir()
+    assert len(load_trace(store, phase="eval").epochs) == 18
+    assert len(t.batches()) > 0 and t.weights(17, "L_0").shape == (5, 4)
