@@ -182,7 +182,7 @@ def build_table(table: str, columns: dict[str, Any], layers: Sequence[str]) -> p
         elif value is None:
             arrays.append(pa.nulls(n, f.type))
         elif f.name == "phase":
-            arrays.append(pa.repeat(_strings([value])[0], n))
+            arrays.append(_repeated(value, n))
         elif f.name == "weights":
             offsets, values, missing = value
             if offsets[-1] > np.iinfo(np.int32).max:
@@ -226,6 +226,13 @@ def _booleans(values: np.ndarray) -> pa.Array:
     """A numpy bool column as an Arrow boolean array (bit-packed)."""
     bits = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
     return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(bits)])
+
+
+def _repeated(value: str, n: int) -> pa.Array:
+    """``value`` ``n`` times, as an Arrow string array."""
+    encoded = value.encode()
+    offsets = np.arange(n + 1, dtype=np.int32) * np.int32(len(encoded))
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(encoded * n)])
 
 
 def _strings(values: Sequence[str]) -> pa.Array:
