@@ -217,6 +217,8 @@ def _numeric(values: np.ndarray, type_: pa.DataType, missing: np.ndarray | None 
     """A 1-D numpy column as an Arrow array of the fixed-width ``type_`` (no copy when the column
     already has that dtype and is contiguous); ``missing`` marks nulls."""
     data = np.ascontiguousarray(values, dtype=type_.to_pandas_dtype())
+    if missing is not None:
+        missing = np.asarray(missing, dtype=bool)
     validity = None if missing is None else pa.py_buffer(np.packbits(~missing, bitorder="little"))
     nulls = 0 if missing is None else int(np.count_nonzero(missing))
     return pa.Array.from_buffers(type_, len(data), [validity, pa.py_buffer(data)], null_count=nulls)
