@@ -728,6 +728,7 @@ class PhaseStats:
         self._label_bad: torch.Tensor | None = None
         self._labels_seen: LabelSummary | None = None  # read at finish with the statistics
         self.has_rows = False
+        self._spent = False  # finished in place: the running sums now hold the statistics
 
     def set_num_classes(self, num_classes: int) -> None:
         """Fix the number of classes once it is known (before anything was reduced)."""
@@ -742,6 +743,7 @@ class PhaseStats:
         The chunk is reduced first when it holds ``chunk_bytes`` or ``MAX_BATCHES_PER_CHUNK`` batches.
         Returns the pass's :class:`Batch` (also the default of :meth:`add` from now on).
         """
+        self._check_unspent()
         chunk = self._chunk
         if chunk is None:
             chunk = self._chunk = self.pool.acquire()
@@ -1064,6 +1066,8 @@ class PhaseStats:
     def finish(self, in_place: bool = False) -> PhaseRecord:
         """Reduce what is left and bring the phase's statistics to the host (once per epoch); with
         ``in_place``, CPU sums become the statistics where they lie (the phase is not used again)."""
+        self._check_unspent()
+        self._spent = in_place
         self._reduce_chunk()
         self._add_empty_layers()
         labels = None
@@ -1073,6 +1077,12 @@ class PhaseStats:
         if seen is not None:
             self._labels_seen = LabelSummary(*(int(v) for v in seen))
         return PhaseRecord(self.phase, outputs, {k: v for k, v in inputs.items() if v is not None})
+
+    def _check_unspent(self) -> None:
+        if self._spent:
+            raise RuntimeError(
+                f"the {self.phase} phase was finished in place: its running sums hold its statistics now"
+            )
 
     def label_summary(self) -> LabelSummary | None:
         """The labels given this phase (call after :meth:`finish`), or None when none were given."""
