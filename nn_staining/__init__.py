@@ -6,7 +6,13 @@ imported when first used, so recording does not import pandas (about 45 MiB resi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # for type checkers; at run time each is imported when first used (below)
+    from .recorder import NetworkTrace
+    from .trace import Trace, load_trace
 
 __all__ = ["NetworkTrace", "Network_Trace", "Trace", "load_trace", "plots", "staining", "__version__"]
 
@@ -26,3 +32,7 @@ def __getattr__(name: str):
 
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'nn_staining' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

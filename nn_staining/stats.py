@@ -97,6 +97,7 @@ class Moments:
     class_sum: torch.Tensor = field(init=False)
     batches: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
     _accumulators: tuple | None = field(default=None, init=False, repr=False)  # the kernel's argument tail
+    spent: bool = field(default=False, init=False)  # finished in place: the sums hold statistics now
 
     def __post_init__(self) -> None:
         f, c, dev = self.num_features, self.num_classes, self.device
@@ -123,6 +124,7 @@ class Moments:
         rows); ``dropped`` (n, 1) bool marks rows that are not observations (masked positions);
         ``scratch`` holds reusable temporaries (fresh multi-MB allocations cost page faults).
         """
+        self.check_unspent()
         if self.shift is None:
             self.shift = torch.nan_to_num(rows.mean(0), nan=0.0, posinf=0.0, neginf=0.0)
         ops = kernels.fused_ops(rows)
@@ -271,7 +273,13 @@ class Moments:
 
     def class_means(self) -> ClassMeans | None:
         """Per-class counts and means on the host (None without classes)."""
+        self.check_unspent()
         return host_statistics({}, {"": self})[1].get("")
+
+    def check_unspent(self) -> None:
+        """Refuse to read or fold sums that were finished in place (they hold statistics now)."""
+        if self.spent:
+            raise RuntimeError("these running sums were finished in place: they hold statistics now")
 
     def recentre(self, shift: torch.Tensor) -> None:
         """Express the sums around ``shift`` instead of the current one, exactly:
@@ -301,6 +309,7 @@ class Moments:
         """The epoch's statistics as host numpy arrays (one device-to-host transfer).
 
         A layer with no observation (only empty batches) has count 0 and NaN statistics."""
+        self.check_unspent()
         return host_statistics({"": self}, {})[0][""]
 
 
@@ -322,7 +331,7 @@ def host_statistics(
     last use). At width the copy is the epoch's largest array, as large as the sums themselves.
     """
     outs, ins = list(outputs.values()), list(inputs.values())
-    if in_place and all(m.sum.device.type == "cpu" for m in (*outs, *ins)):
+    if in_place and _on_the_cpu([*outs, *ins]):
         groups = [([m], [m], _own_sums(m, output=True)) for m in outs]
         groups += [([], [m], _own_sums(m, output=False)) for m in ins]
         finished = [_finish(o, c, sums) for o, c, sums in groups]
@@ -335,6 +344,10 @@ def host_statistics(
         stats, means, batches = _finish(outs, [*outs, *ins], sums)
     layers = {key: LayerStats(a, c, b) for key, a, c, b in zip(outputs, stats, means, batches)}
     return layers, dict(zip(inputs, means[len(outs) :])), seen
+
+
+def _on_the_cpu(moments: list[Moments]) -> bool:
+    return all(m.sum.device.type == "cpu" for m in moments)
 
 
 class _Sums(NamedTuple):
@@ -770,6 +783,7 @@ class PhaseStats:
         the batch's labels and mask apply only when it equals their sample count. ``batch`` is the
         pass the rows belong to (default: the last one started).
         """
+        self._check_unspent()
         n = rows.shape[0]
         if n == 0:
             self._saw_empty(layer, inputs, rows.shape[1], rows.device)
@@ -845,6 +859,7 @@ class PhaseStats:
 
         The mean is taken in float32 whatever the model's dtype (bf16/fp16 means lose the spread).
         """
+        self._check_unspent()
         n = values.shape[0]
         if n == 0:
             self._saw_empty(layer, False, values.shape[1], values.device)
@@ -1028,6 +1043,7 @@ class PhaseStats:
 
     def reduce_pending(self) -> None:
         """Fold the buffered batches into the running sums now (before a merge across ranks)."""
+        self._check_unspent()
         self._reduce_chunk()
         self._add_empty_layers()
 
@@ -1067,7 +1083,10 @@ class PhaseStats:
         """Reduce what is left and bring the phase's statistics to the host (once per epoch); with
         ``in_place``, CPU sums become the statistics where they lie (the phase is not used again)."""
         self._check_unspent()
-        self._spent = in_place
+        every = [*self.moments.values(), *self.inputs.values()]
+        self._spent = in_place and _on_the_cpu(every)
+        for m in every if self._spent else ():
+            m.spent = True
         self._reduce_chunk()
         self._add_empty_layers()
         labels = None

@@ -219,6 +219,9 @@ def _numeric(values: np.ndarray, type_: pa.DataType, missing: np.ndarray | None 
     data = np.ascontiguousarray(values, dtype=type_.to_pandas_dtype())
     if missing is not None:
         missing = np.asarray(missing, dtype=bool)
+    if data.ndim != 1 or (missing is not None and missing.shape != data.shape):
+        shape = None if missing is None else missing.shape
+        raise ValueError(f"a column must be 1-D with a mask of its length, not {data.shape} (mask {shape})")
     validity = None if missing is None else pa.py_buffer(np.packbits(~missing, bitorder="little"))
     nulls = 0 if missing is None else int(np.count_nonzero(missing))
     return pa.Array.from_buffers(type_, len(data), [validity, pa.py_buffer(data)], null_count=nulls)

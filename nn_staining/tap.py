@@ -279,13 +279,21 @@ class HookTap:
         self._handles.append(self.model.register_forward_hook(end))
 
     def detach(self, epoch: int | None = None) -> None:
-        """Remove every hook; labels not yet used are dropped (with a warning naming ``epoch``)."""
+        """Remove every hook; labels not yet used are dropped (with a warning naming ``epoch``).
+
+        All under the lock: a hook of another thread's pass that is already running finishes first,
+        and one that runs later (it was dispatched before its handle went) finds no pass and no plan,
+        so nothing folds into the epoch's statistics once they are being finished."""
         with self._lock:
             self._record_compiled_calls()  # a compiled submodule called on its own
-        for handle in self._handles:
-            handle.remove()
-        self._remove_pre_hooks()
-        unused = sum(s.targets is not None or s.mask is not None for s in self._threads.values())
+            for handle in self._handles:
+                handle.remove()
+            self._remove_pre_hooks()
+            unused = sum(s.targets is not None or s.mask is not None for s in self._threads.values())
+            self._handles = []
+            self._phases = {}
+            self._threads = {}
+            self._plans = {}  # they hold the epoch's statistics
         if unused and epoch is not None:
             log.warning(
                 "epoch %d: labels given to set_targets were never used (no forward pass of the model "
@@ -293,10 +301,6 @@ class HookTap:
                 epoch,
                 f", in {unused} threads" if unused > 1 else "",
             )
-        self._handles = []
-        self._phases = {}
-        self._threads = {}
-        self._plans = {}  # they hold the epoch's statistics
 
     def report(self, epoch: int, written: bool) -> None:
         """At the end of a recorded epoch: one warning that lists modules skipped for the first time

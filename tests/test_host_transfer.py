@@ -181,9 +181,19 @@ def test_finishing_in_place_copies_nothing(monkeypatch) -> None:
             assert np.shares_memory(got.batches.act_mean, m.batches[0][1].numpy()), layer
     for layer, m in inputs.items():
         assert np.shares_memory(record.inputs[layer].mean, m.class_sum.numpy()), layer
-    for again in (lambda: stats.finish(), lambda: stats.start_batch(None)):
+    spent = outputs["l0"]
+    for again in (
+        lambda: stats.finish(),
+        lambda: stats.start_batch(None),
+        lambda: stats.add("l0", torch.ones(2, spent.num_features)),
+        lambda: stats.add_mean("l0", torch.ones(2, spent.num_features, 3), (2,)),
+        stats.reduce_pending,
+        spent.result,
+        spent.class_means,
+        lambda: spent.update(torch.ones(2, spent.num_features)),
+    ):
         with pytest.raises(RuntimeError, match="finished in place"):
-            again()  # its sums are statistics now: no more folds, no second finish
+            again()  # its sums are statistics now: no more folds, no second finish, no reading
     copied = filled_phase(4, keep_batches=True)  # the same batches
     copied.finish()
     assert stats.label_summary() == copied.label_summary()

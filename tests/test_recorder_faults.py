@@ -7,6 +7,7 @@ captured itself, or checks the error names the bad value."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import re
 import shlex
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -578,3 +580,48 @@ def test_the_printed_query_is_shell_quoted(tmp_path: Path, capsys: pytest.Captur
     assert command[:4] == ["python", "-m", "nn_staining", "query"]
     assert command[4] == str(out / "it's $HOME")
     assert cli.main(command[3:]) == 0
+
+
+def test_a_hook_that_runs_while_end_epoch_detaches_folds_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A hook another thread dispatched before ``end_epoch`` removed it may run while the hooks are
+    being removed, or after: it waits for the removal, then finds no pass and no plan, so nothing
+    folds into statistics that are being finished (in place, at width). Here such a call is made
+    from a thread started in the middle of the removal."""
+    from nn_staining import recorder as recorder_module
+    from nn_staining.tap import HookTap
+
+    monkeypatch.setattr(recorder_module, "LARGE_EPOCH_BYTES", 1)  # finished in the running sums
+    remove_pre_hooks = HookTap._remove_pre_hooks
+    stores, late_calls, threads = {}, [], []
+
+    def remove_and_call_late(tap) -> None:
+        remove_pre_hooks(tap)
+        calls, late_calls[:] = list(late_calls), []
+        for call in calls:
+            thread = threading.Thread(target=call)
+            thread.start()
+            thread.join(timeout=0.5)  # it waits for the lock until the removal is done
+            threads.append(thread)
+
+    for late in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        stores[late] = tmp_path / f"late-{late}"
+        with NetworkTrace(model, stores[late], num_classes=3) as trace:
+            trace.start_epoch(0)
+            for _ in range(3):  # the later passes take the planned path
+                trace.set_targets(y)
+                model(x)
+            if late:
+                hook, layer = trace._tap._make_hook("L_0"), model[0]
+                output = nn.functional.linear(x, layer.weight, layer.bias) + 100.0  # no hook runs
+                late_calls.append(functools.partial(hook, layer, (x,), output))
+                monkeypatch.setattr(HookTap, "_remove_pre_hooks", remove_and_call_late)
+            trace.end_epoch()
+            monkeypatch.setattr(HookTap, "_remove_pre_hooks", remove_pre_hooks)
+    for thread in threads:
+        thread.join(timeout=5)
+    assert len(threads) == 1 and not threads[0].is_alive()
+    frames = [load_trace(stores[late]).to_dataframe() for late in (False, True)]
+    pd.testing.assert_frame_equal(frames[1], frames[0], check_exact=True)

@@ -849,3 +849,14 @@ def test_recording_does_not_import_pandas(tmp_path: Path) -> None:
     assert t.epochs == list(range(18)) and (store / "_history").is_dir()
     assert len(load_trace(store, phase="eval").epochs) == 18
     assert len(t.batches()) > 0 and t.weights(17, "L_0").shape == (5, 4)
+
+
+def test_build_table_refuses_a_2d_column_or_a_mask_of_another_length() -> None:
+    """Columns become Arrow through their buffers: a wrong shape is an error, not flattened rows."""
+    base = {"layer": np.zeros(3, np.int32), "neuron": np.arange(3, dtype=np.int32)}
+    with pytest.raises(ValueError, match=r"1-D with a mask of its length, not \(3, 2\)"):
+        build_table("neurons", base | {"act_mean": np.zeros((3, 2))}, ["L_a"])
+    with pytest.raises(ValueError, match=r"mask \(4,\)"):
+        build_table(
+            "neurons", base | {"act_mean": (np.zeros(3), np.array([False, True, False, False]))}, ["L_a"]
+        )
