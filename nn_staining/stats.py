@@ -1083,16 +1083,16 @@ class PhaseStats:
         """Reduce what is left and bring the phase's statistics to the host (once per epoch); with
         ``in_place``, CPU sums become the statistics where they lie (the phase is not used again)."""
         self._check_unspent()
-        every = [*self.moments.values(), *self.inputs.values()]
-        self._spent = in_place and _on_the_cpu(every)
-        for m in every if self._spent else ():
-            m.spent = True
         self._reduce_chunk()
         self._add_empty_layers()
         labels = None
         if self._label_low is not None:
             labels = torch.stack([self._label_bad, self._label_low, self._label_high]).double()
-        outputs, inputs, seen = host_statistics(self.moments, self.inputs, labels, in_place)
+        every = [*self.moments.values(), *self.inputs.values()]
+        self._spent = in_place and _on_the_cpu(every)
+        for m in every if self._spent else ():
+            m.spent = True  # from here on their tensors are the statistics
+        outputs, inputs, seen = host_statistics(self.moments, self.inputs, labels, self._spent)
         if seen is not None:
             self._labels_seen = LabelSummary(*(int(v) for v in seen))
         return PhaseRecord(self.phase, outputs, {k: v for k, v in inputs.items() if v is not None})

@@ -7,8 +7,9 @@ one slice at a time and streams them to its part, so a wide layer never exists a
 table. The writer keeps only the last written epoch's weights, for the next epoch's
 ``weight_delta_norm``, and lets go of them once those are taken, before the epoch's tables are
 built (after a failed write the next epoch has none); it has no reference to the recorder, so it
-cannot read training-thread state. At most ``max_pending`` epochs wait in memory; after a failed write nothing more is
-written, so ``meta.json`` never lists an epoch whose parts are missing. After each commit the
+cannot read training-thread state. At most ``max_pending`` epochs wait in memory. A failed write
+removes what it wrote and commits nothing, so no log lists an epoch whose parts are missing;
+later epochs are still written. After each commit the
 writer adds the epoch to the store's history index; a failure there is only logged, since the
 index is a derived copy and readers fall back to the parts.
 """

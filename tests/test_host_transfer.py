@@ -198,3 +198,27 @@ def test_finishing_in_place_copies_nothing(monkeypatch) -> None:
     copied.finish()
     assert stats.label_summary() == copied.label_summary()
     assert stats.label_summary().out_of_range > 0
+
+
+def test_finishing_in_place_folds_the_last_chunk_first() -> None:
+    """finish reduces the rows still buffered (here after an earlier reduction made the sums)
+    before it turns the sums into statistics, in place as in the copy: the same numbers."""
+    records = []
+    for in_place in (False, True):
+        torch.manual_seed(0)
+        stats = PhaseStats(CLASSES)
+        stats.start_batch(None)
+        stats.add("a", torch.randn(4, 3))
+        stats.reduce_pending()
+        stats.start_batch(torch.tensor([0, 1, 1, 4]))
+        stats.add("a", torch.randn(4, 3) + 5, inputs=False)
+        stats.start_batch(None, torch.tensor([True, False, True]))
+        stats.add("a", torch.randn(3, 3))
+        stats.add("empty", torch.zeros(0, 2))
+        records.append(stats.finish(in_place=in_place))
+    copied, finished = records
+    assert finished.outputs["a"].activations.act_count[0] == 10
+    for layer, got in finished.outputs.items():
+        for name, value in vars(copied.outputs[layer].activations).items():
+            assert same_bits(getattr(got.activations, name), value), (layer, name)
+        assert same_bits(got.classes.mean, copied.outputs[layer].classes.mean), layer
