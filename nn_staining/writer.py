@@ -9,9 +9,9 @@ table. The writer keeps only the last written epoch's weights, for the next epoc
 built (after a failed write the next epoch has none); it has no reference to the recorder, so it
 cannot read training-thread state. At most ``max_pending`` epochs wait in memory. A failed write
 removes what it wrote and commits nothing, so no log lists an epoch whose parts are missing;
-later epochs are still written. After each commit the
-writer adds the epoch to the store's history index; a failure there is only logged, since the
-index is a derived copy and readers fall back to the parts.
+later epochs are still written. After each commit the writer adds the epoch to the store's
+history index; a failure there is only logged, since the index is a derived copy and readers
+fall back to the parts.
 """
 
 from __future__ import annotations
